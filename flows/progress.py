@@ -1,0 +1,33 @@
+"""Rich progress bars for long work, driven by the engine's (stage, done, total) callbacks."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from merging.inputs import ProgressFn
+
+stderr = Console(stderr=True)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[ProgressFn | None]:
+    """Yields a callback that shows one bar per stage (on stderr, so --json stdout stays clean)."""
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=stderr, transient=False,
+    ) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update

@@ -1,0 +1,148 @@
+"""Lazy, memory-mapped access to a safetensors checkpoint in any of its layouts.
+
+A checkpoint is one of:
+  * a single `.safetensors` file;
+  * a directory holding `model.safetensors`;
+  * a directory holding shards `model-0000k-of-0000n.safetensors` and
+    `model.safetensors.index.json` (the Hugging Face layout).
+Nothing is read beyond the headers until a tensor is asked for, and then only
+that tensor (or a row range of it) comes off the memory map.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from merging.errors import CheckpointError, PickleCheckpointError
+from merging.safetensors_format import DTYPES, TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise PickleCheckpointError(
+        f"{path}: pickled checkpoints can run arbitrary code when loaded and mergeyard refuses them; "
+        "convert to safetensors first (e.g. safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors'))"
+    )
+
+
+def resolve_files(path: Path) -> list[Path]:
+    """The safetensors files that make up the checkpoint at `path`, in shard order."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path)
+        if path.name.endswith(".index.json"):
+            return resolve_files(path.parent)
+        return [path]
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: malformed index (no weight_map); re-save the checkpoint") from exc
+        shard_names = sorted(set(weight_map.values()))
+        for name in shard_names:
+            if Path(name).name != name:
+                raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint directory")
+        missing = [n for n in shard_names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: index names shards that are missing: {', '.join(missing)}")
+        return [path / n for n in shard_names]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    pickles = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not found:
+        _refuse_pickle(pickles[0])
+    if found:
+        raise CheckpointError(
+            f"{path}: {len(found)} .safetensors files but no {INDEX_NAME}; point at one file or add an index"
+        )
+    raise CheckpointError(f"{path}: no safetensors checkpoint in this directory")
+
+
+class Checkpoint:
+    """A read-only view of one checkpoint. Tensors are read one at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = resolve_files(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        self._file_of: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            entries, metadata = read_header(file)
+            self.metadata.update(metadata)
+            for name, entry in entries.items():
+                if name in self.entries:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} appears in more than one shard")
+                self.entries[name] = entry
+                self._file_of[name] = file
+        self._handles: dict[Path, object] = {}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.entries)} tensors)"
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    @cached_property
+    def num_params(self) -> int:
+        return sum(e.numel for e in self.entries.values())
+
+    @cached_property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def _handle(self, name: str):
+        file = self._file_of[name]
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own SafetensorError
+                raise CheckpointError(f"{file}: cannot open as safetensors ({exc})") from exc
+            self._handles[file] = handle
+        return handle
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `name` (or rows `rows` of its first dimension), in its stored dtype."""
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        handle = self._handle(name)
+        entry = self.entries[name]
+        if rows is None or not entry.shape or (rows.start in (0, None) and rows.stop >= entry.shape[0]):
+            return handle.get_tensor(name)
+        return handle.get_slice(name)[rows]
+
+    def iter_raw(self, name: str, block_bytes: int = 64 << 20) -> Iterator[memoryview]:
+        """The stored bytes of one tensor, in blocks (for hashing)."""
+        entry = self.entries[name]
+        with open(self._file_of[name], "rb", buffering=0) as fh:
+            fh.seek(entry.start)
+            remaining = entry.nbytes
+            buf = bytearray(min(block_bytes, max(remaining, 1)))
+            view = memoryview(buf)
+            while remaining > 0:
+                n = fh.readinto(view[: min(len(buf), remaining)])
+                if not n:
+                    raise CheckpointError(f"{self._file_of[name]}: truncated inside tensor {name!r}")
+                remaining -= n
+                yield view[:n]
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.entries[name].dtype]

@@ -1,0 +1,66 @@
+"""The content digest: a checkpoint's identity everywhere in mergeyard.
+
+sha256 over, for each tensor in sorted-name order: its name, dtype, shape and
+raw little-endian bytes, each length-prefixed so no two checkpoints can
+collide by shifting bytes between fields. It ignores file names, sharding and
+safetensors metadata: the same tensors give the same digest however stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+from merging.checkpoint import Checkpoint
+
+DIGEST_VERSION = b"mergeyard-digest-v1"
+
+
+class DigestBuilder:
+    """Feeds tensors, in sorted-name order, into the digest as they are produced."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._h.update(DIGEST_VERSION)
+        self._last: str | None = None
+        self._remaining = 0
+
+    def _field(self, data: bytes) -> None:
+        self._h.update(struct.pack("<Q", len(data)))
+        self._h.update(data)
+
+    def begin_tensor(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+        if self._remaining:
+            raise RuntimeError("previous tensor's bytes are incomplete")
+        if self._last is not None and name <= self._last:
+            raise RuntimeError(f"tensors must be digested in sorted order ({name!r} after {self._last!r})")
+        self._last = name
+        self._field(name.encode("utf-8"))
+        self._field(dtype.encode())
+        self._field(struct.pack(f"<{len(shape)}Q", *shape))
+        self._h.update(struct.pack("<Q", nbytes))
+        self._remaining = nbytes
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._remaining -= len(data)
+        if self._remaining < 0:
+            raise RuntimeError("more bytes than the tensor declared")
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        if self._remaining:
+            raise RuntimeError("last tensor's bytes are incomplete")
+        return "sha256:" + self._h.hexdigest()
+
+
+def checkpoint_digest(source: str | Path | Checkpoint) -> str:
+    """The digest of a checkpoint on disk (any layout)."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    builder = DigestBuilder()
+    for name in ckpt.names:
+        entry = ckpt.entries[name]
+        builder.begin_tensor(name, entry.dtype, entry.shape, entry.nbytes)
+        for block in ckpt.iter_raw(name):
+            builder.update(block)
+    return builder.hexdigest()

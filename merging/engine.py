@@ -1,0 +1,216 @@
+"""The streaming merge engine: a recipe in, a checkpoint directory out.
+
+Inputs are memory-mapped and read one tensor (or row chunk) at a time;
+computation is float32 on the chosen device; output streams into shards in
+sorted-name order, hashed as it goes. Peak memory is a few chunks per input,
+independent of model size.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merging.checkpoint import Checkpoint
+from merging.digest import checkpoint_digest
+from merging.errors import CheckpointError, IncompatibleModelsError, MergeyardError, NonFiniteError
+from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn
+from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
+from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
+from merging.recipe import Recipe
+from merging.safetensors_format import DTYPE_NAMES, DTYPES
+from merging.version import __version__
+
+OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+Resolver = Callable[[str], Path]
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    digest: str
+    files: list[str]
+    method: str
+    recipe_hash: str
+    input_digests: dict[str, str]
+    num_params: int
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir),
+            "digest": self.digest,
+            "files": self.files,
+            "method": self.method,
+            "recipe_hash": self.recipe_hash,
+            "input_digests": self.input_digests,
+            "num_params": self.num_params,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def local_path(ref: str) -> Path:
+    """The default resolver: local paths only (registry URIs need `mergeyard ingest` first)."""
+    if "://" in ref and not ref.startswith("file://"):
+        raise CheckpointError(f"{ref}: only local paths can be merged directly; ingest it into the registry first")
+    return Path(ref.removeprefix("file://"))
+
+
+def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
+    """Every input must have the reference's tensor names, shapes and dtype kinds."""
+    want = reference.entries
+    for ckpt in others:
+        have = ckpt.entries
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        if missing or extra:
+            what = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r}"
+            n = len(missing) + len(extra)
+            raise IncompatibleModelsError(
+                f"{ckpt.path} {what} that {reference.path} does not match ({n} differing name(s)); "
+                "merged models must share one architecture"
+            )
+        for name, entry in want.items():
+            other = have[name]
+            if other.shape != entry.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r}: shape {list(other.shape)} in {ckpt.path} but {list(entry.shape)} in {reference.path}"
+                )
+            if other.is_float != entry.is_float:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r}: dtype {other.dtype} in {ckpt.path} but {entry.dtype} in {reference.path} "
+                    "(a float tensor cannot merge with an integer one)"
+                )
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MergeyardError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeyardError("--device cuda asked for, but torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+           "platform": sys.platform}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    resolve: Resolver = local_path,
+    input_digests: dict[str, str] | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> MergeResult:
+    """Merge as the recipe says and write the result to `out_dir`. All or nothing."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    recipe.check()
+    spec = recipe.method_spec
+    params = recipe.params()
+    dev = _device(device)
+    out_dir = Path(out_dir)
+
+    refs = ([recipe.base] if recipe.base else []) + [m.model for m in recipe.models]
+    paths = {ref: resolve(ref) for ref in refs}
+    for ref, path in paths.items():
+        if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
+            raise MergeyardError(f"--out {out_dir} would overwrite the input {ref}; write the merge elsewhere")
+    checkpoints = {ref: Checkpoint(path) for ref, path in paths.items()}
+    base = checkpoints[recipe.base] if recipe.base else None
+    models = [checkpoints[m.model] for m in recipe.models]
+    reference = base if base is not None else models[0]
+    check_compatible(reference, [c for c in checkpoints.values() if c is not reference])
+
+    # Digests the caller already knows (the registry does) are not recomputed.
+    input_digests = dict(input_digests or {})
+    missing = [ref for ref in checkpoints if ref not in input_digests]
+    t0 = time.perf_counter()
+    for n, ref in enumerate(missing):
+        input_digests[ref] = checkpoint_digest(checkpoints[ref])
+        if progress:
+            progress("digest inputs", n + 1, len(missing))
+    phases["digest_inputs"] = time.perf_counter() - t0
+
+    names = reference.names
+    float_names = [n for n in names if reference.entries[n].is_float]
+    out_dtype = OUT_DTYPES.get(recipe.out_dtype) if recipe.out_dtype else None
+    layout: Layout = [
+        (n, (out_dtype or reference.entries[n].dtype) if reference.entries[n].is_float else reference.entries[n].dtype,
+         reference.entries[n].shape)
+        for n in names
+    ]
+    inputs = MergeInputs(
+        base=base, models=models, weights=[m.weight for m in recipe.models], names=float_names,
+        device=dev, seed=recipe.seed, chunk_elems=chunk_elems, progress=progress,
+    )
+
+    writer = CheckpointWriter(out_dir, layout, max_shard_bytes, overwrite=overwrite,
+                              metadata={"mergeyard.version": __version__, "mergeyard.method": spec.name})
+    try:
+        t0 = time.perf_counter()
+        state = spec.prepare(inputs, params) if spec.prepare else None
+        phases["prepare"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        total_bytes = sum(reference.entries[n].nbytes for n in names)
+        done_bytes = 0
+        out_dtypes = {name: DTYPES[dtype] for name, dtype, _ in layout}
+        for name in names:
+            writer.begin_tensor(name)
+            if reference.entries[name].is_float:
+                for merged in spec.merge(inputs.tensor(name), params, state):
+                    out = merged.to(out_dtypes[name])
+                    if not bool(torch.isfinite(out).all()):
+                        raise NonFiniteError(
+                            f"the merge produced NaN or infinity in tensor {name!r} "
+                            f"(as {DTYPE_NAMES[out_dtypes[name]]}); lower lambda/weights or use out_dtype: float32"
+                        )
+                    writer.write(name, out)
+            else:
+                writer.write(name, reference.read(name))  # integer buffers are copied, not merged
+            done_bytes += reference.entries[name].nbytes
+            if progress:
+                progress("merge", done_bytes, total_bytes)
+        for patch in spec.finalize(state) if spec.finalize else []:
+            writer.patch(patch.name, patch.indices, patch.values)
+        phases["merge"] = time.perf_counter() - t0
+
+        records = ([InputRecord("base", recipe.base, input_digests[recipe.base])] if recipe.base else []) + [
+            InputRecord("model", m.model, input_digests[m.model], m.weight) for m in recipe.models
+        ]
+        # The digest is known only once the shards are complete; the card is written after it.
+        t0 = time.perf_counter()
+        digest, files = writer.commit_with(
+            lambda digest: _card_files(provenance(recipe, records, digest, environment(dev)))
+        )
+        phases["commit"] = time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+    return MergeResult(
+        out_dir=out_dir, digest=digest, files=files, method=spec.name, recipe_hash=recipe.recipe_hash,
+        input_digests=dict(input_digests), num_params=sum(e.numel for e in reference.entries.values()),
+        seconds=time.perf_counter() - started, phases=phases,
+    )
+
+
+def _card_files(record: dict) -> dict[str, str]:
+    return {"README.md": render_model_card(record), "mergeyard.json": provenance_json(record)}

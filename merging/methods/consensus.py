@@ -1,0 +1,34 @@
+"""Sign election and disjoint merging, shared by TIES and DARE-TIES.
+
+Two published variants exist and both are offered, each tested against its
+own reference:
+  * mergekit's (per tensor): sign of the weighted sum, a zero sum counts as
+    positive; the merge divides by the sum of the weights that agree.
+  * the TIES paper's (global): see `merging.methods.ties`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def elect_sign_weighted(weighted: list[torch.Tensor]) -> torch.Tensor:
+    """+1 where Σ_i w_i·τ_i ≥ 0, −1 elsewhere (mergekit's `sum` consensus)."""
+    total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
+    return torch.where(total >= 0, 1.0, -1.0)
+
+
+def disjoint_merge_weighted(
+    weighted: list[torch.Tensor], weights: list[float], elected: torch.Tensor, aggregate: str
+) -> torch.Tensor:
+    """Σ of the w_i·τ_i whose sign matches `elected`; with `mean`, over the agreeing weights."""
+    mixed = torch.zeros_like(elected)
+    divisor = torch.zeros_like(elected)
+    for wt, w in zip(weighted, weights):
+        agree = torch.sign(wt) == elected  # a zero never agrees
+        mixed += torch.where(agree, wt, 0.0)
+        divisor += agree * w
+    if aggregate == "mean":
+        divisor[divisor == 0] = 1.0
+        mixed /= divisor
+    return mixed

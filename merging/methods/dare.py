@@ -1,0 +1,61 @@
+"""DARE: drop and rescale task vectors (Yu et al., ICML 2024), linear or with TIES signs.
+
+Each entry of each task vector is dropped with probability `drop_rate` and the
+survivors are scaled by 1/(1 − drop_rate), which keeps the task vector's
+expectation. The masks come from `merging.random_mask`, keyed by (seed, model
+position in the recipe, tensor name), so a recipe rebuilds bit for bit.
+`dare_linear` then adds the weighted task vectors; `dare_ties` elects signs as
+mergekit's `dare_ties` does (weighted sum, zero counts positive).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal
+
+import torch
+from pydantic import Field
+
+from merging.inputs import TensorInputs
+from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted
+from merging.methods.registry import MethodParams, merge_method
+from merging.random_mask import stream_key, uniform
+
+
+class DareParams(MethodParams):
+    drop_rate: float = Field(0.9, ge=0.0, lt=1.0, description="probability of dropping each task-vector entry")
+    rescale: bool = Field(True, description="scale survivors by 1/(1 − drop_rate)")
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+
+
+class DareTiesParams(DareParams):
+    aggregate: Literal["mean", "sum"] = Field("sum", description="how agreeing entries combine")
+
+
+def dare_task_vectors(tensor: TensorInputs, chunk, params: DareParams) -> list[torch.Tensor]:
+    """w_i · DARE(τ_i) for one chunk."""
+    scale = 1.0 / (1.0 - params.drop_rate) if params.rescale else 1.0
+    out = []
+    for i, (m, w) in enumerate(zip(chunk.models, tensor.weights)):
+        tau = m - chunk.base
+        if params.drop_rate > 0:
+            u = uniform(stream_key(tensor.seed, i, tensor.name), chunk.offset, tau.numel(), tau.device)
+            tau.mul_(u >= params.drop_rate)
+        out.append(tau.mul_(w * scale))
+    return out
+
+
+@merge_method("dare_linear", params=DareParams, paper="https://arxiv.org/abs/2311.03099")
+def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterator[torch.Tensor]:
+    """θ = θ_base + λ·Σ w_i DARE(τ_i)."""
+    for chunk in tensor.chunks():
+        merged = torch.stack(dare_task_vectors(tensor, chunk, params)).sum(0)
+        yield chunk.base + params.lambda_ * merged
+
+
+@merge_method("dare_ties", params=DareTiesParams, paper="https://arxiv.org/abs/2311.03099")
+def dare_ties(tensor: TensorInputs, params: DareTiesParams, state: None) -> Iterator[torch.Tensor]:
+    """DARE's random drop, then TIES's sign election and disjoint merge."""
+    for chunk in tensor.chunks():
+        weighted = dare_task_vectors(tensor, chunk, params)
+        elected = elect_sign_weighted(weighted)
+        yield chunk.base + params.lambda_ * disjoint_merge_weighted(weighted, tensor.weights, elected, params.aggregate)

@@ -1,0 +1,95 @@
+"""Merge methods, registered by name with a parameter model and a paper.
+
+A method is a pure function of (inputs of one tensor, parameters, state) that
+yields the merged tensor chunk by chunk. A method that needs to look at the
+whole model first (global TIES thresholds) supplies `prepare`; one that must
+correct output after seeing every tensor supplies `finalize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from merging.errors import RecipeError
+from merging.inputs import MergeInputs, TensorInputs
+
+
+class MethodParams(BaseModel):
+    """Base of every parameter model: unknown keys are an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Output values to overwrite after the merge pass (flat indices into one tensor)."""
+
+    name: str
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+MergeFn = Callable[[TensorInputs, Any, Any], Iterator[torch.Tensor]]
+PrepareFn = Callable[[MergeInputs, Any], Any]
+FinalizeFn = Callable[[Any], list[Patch]]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    params: type[MethodParams]
+    paper: str
+    summary: str
+    merge: MergeFn
+    requires_base: bool = True
+    prepare: PrepareFn | None = None
+    finalize: FinalizeFn | None = None
+
+    def parse_params(self, raw: dict[str, Any] | None) -> MethodParams:
+        try:
+            return self.params.model_validate(raw or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}" for err in exc.errors()
+            )
+            allowed = ", ".join(f.alias or n for n, f in self.params.model_fields.items())
+            raise RecipeError(f"method {self.name!r}: {problems} (parameters it takes: {allowed})") from None
+
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: type[MethodParams],
+    paper: str,
+    requires_base: bool = True,
+    prepare: PrepareFn | None = None,
+    finalize: FinalizeFn | None = None,
+) -> Callable[[MergeFn], MergeFn]:
+    """Register `fn` as the merge method `name`."""
+
+    def register(fn: MergeFn) -> MergeFn:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _METHODS[name] = MergeMethod(name, params, paper, summary, fn, requires_base, prepare, finalize)
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise RecipeError(f"unknown merge method {name!r}; known: {', '.join(sorted(_METHODS))}") from None
+
+
+def all_methods() -> list[MergeMethod]:
+    return [_METHODS[n] for n in sorted(_METHODS)]

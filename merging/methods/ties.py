@@ -1,0 +1,166 @@
+"""TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023).
+
+Two trim scopes:
+  * `global` — the paper's reference. Each task vector τ_i = θ_i − θ_base,
+    flattened over the whole model (d parameters), keeps the entries with
+    |τ_i| ≥ t_i, t_i being the k-th smallest |τ_i| with k = d − int(d·density)
+    (ties at t_i are kept). The sign of each parameter is elected as
+    sign(Σ_i trimmed τ_i), a zero replaced by the sign of the sum of every
+    elected sign (the majority). The merged τ is the mean (or sum) of the
+    nonzero trimmed entries agreeing with the elected sign; θ = θ_base + λ·τ.
+    Per-model `weight`s scale each trimmed τ_i before election.
+  * `per_tensor` — mergekit's `ties`: top k = int(density·n) entries of |τ_i|
+    within each tensor (ties at the threshold broken by flat index), weighted
+    sign election with a zero sum counted positive, and `mean` dividing by the
+    sum of agreeing weights.
+
+Both stream. Global thresholds come from two histogram passes over every
+tensor (`merging.selection`) instead of an N×d sort. The global majority
+sign is known only after the last tensor; parameters whose elected sign was
+zero are written assuming a positive majority and corrected afterwards
+(`finalize`) if the majority turns out negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+from pydantic import Field
+
+from merging.inputs import MergeInputs, TensorInputs
+from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted
+from merging.methods.registry import MethodParams, Patch, merge_method
+from merging.selection import RankSelector
+
+
+class TiesParams(MethodParams):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
+    trim_scope: Literal["global", "per_tensor"] = Field("global", description="where the top-k is taken")
+    aggregate: Literal["mean", "sum"] = Field("mean", description="how agreeing entries combine")
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+
+
+@dataclass
+class GlobalTiesState:
+    thresholds: list[float] | None  # None: density 1, nothing trimmed
+    sign_total: int = 0  # Σ over parameters of sign(Σ_i trimmed τ_i)
+    # (tensor, flat indices, values if the majority is negative) for zero-sum parameters
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def _global_thresholds(inputs: MergeInputs, density: float) -> list[float] | None:
+    d = inputs.total_elems
+    rank = d - int(d * density)
+    if rank == 0:
+        return None
+    selectors = [RankSelector(rank, d, inputs.device) for _ in inputs.models]
+    for stage, feed, settle in (("ties: thresholds 1/2", "feed_coarse", "settle_coarse"),
+                                ("ties: thresholds 2/2", "feed_fine", "settle_fine")):
+        for n, name in enumerate(inputs.names):
+            for chunk in inputs.tensor(name).chunks():
+                for sel, m in zip(selectors, chunk.models):
+                    getattr(sel, feed)((m - chunk.base).abs_())
+            inputs.report(stage, n + 1, len(inputs.names))
+        for sel in selectors:
+            getattr(sel, settle)()
+    return [sel.value for sel in selectors]
+
+
+def prepare_ties(inputs: MergeInputs, params: TiesParams) -> GlobalTiesState | None:
+    if params.trim_scope != "global":
+        return None
+    return GlobalTiesState(thresholds=_global_thresholds(inputs, params.density))
+
+
+def finalize_ties(state: GlobalTiesState | None) -> list[Patch]:
+    if state is None or state.sign_total > 0:
+        return []
+    # Majority ≤ 0: the paper keeps negative entries where the elected sign was zero.
+    return [Patch(name, idx, values) for name, idx, values in state.pending]
+
+
+def _merge_global(tensor: TensorInputs, params: TiesParams, state: GlobalTiesState) -> Iterator[torch.Tensor]:
+    lam = params.lambda_
+    for chunk in tensor.chunks():
+        taus = []
+        total = torch.zeros_like(chunk.base)
+        for i, (m, w) in enumerate(zip(chunk.models, tensor.weights)):
+            tau = m - chunk.base
+            if state.thresholds is not None:
+                tau.mul_(tau.abs() >= state.thresholds[i])
+            if w != 1.0:
+                tau.mul_(w)
+            total += tau
+            taus.append(tau)
+        state.sign_total += int((total > 0).sum()) - int((total < 0).sum())
+        elected = torch.where(total >= 0, 1.0, -1.0)  # zero sums provisionally positive
+        kept = torch.zeros_like(total)
+        count = torch.zeros_like(total)
+        for tau in taus:
+            agree = (tau * elected) > 0
+            kept += torch.where(agree, tau, 0.0)
+            count += agree
+        merged = kept / count.clamp(min=1.0) if params.aggregate == "mean" else kept
+        undecided = (total == 0) & torch.stack([t != 0 for t in taus]).any(0)
+        if bool(undecided.any()):
+            idx = undecided.nonzero().reshape(-1)
+            sub = torch.stack([t[idx] for t in taus])
+            neg_kept = torch.where(sub < 0, sub, 0.0).sum(0)
+            if params.aggregate == "mean":
+                neg_kept = neg_kept / (sub < 0).sum(0).clamp(min=1)
+            state.pending.append((tensor.name, (idx + chunk.offset).cpu(), (chunk.base[idx] + lam * neg_kept).cpu()))
+        yield chunk.base + lam * merged
+
+
+def _per_tensor_keep_counts(tensor: TensorInputs, k: int) -> tuple[list[float], list[int]]:
+    """Per model: the k-th largest |τ| of this tensor, and how many entries equal to it to keep."""
+    n = tensor.numel
+    selectors = [RankSelector(n - k + 1, n, tensor.device) for _ in tensor.models]
+    for feed in ("feed_coarse", "feed_fine"):
+        for chunk in tensor.chunks():
+            for sel, m in zip(selectors, chunk.models):
+                getattr(sel, feed)((m - chunk.base).abs_())
+        for sel in selectors:
+            (sel.settle_coarse if feed == "feed_coarse" else sel.settle_fine)()
+    return [sel.value for sel in selectors], [k - sel.n_greater for sel in selectors]
+
+
+def _merge_per_tensor(tensor: TensorInputs, params: TiesParams) -> Iterator[torch.Tensor]:
+    n = tensor.numel
+    k = int(params.density * n) if params.density < 1.0 else n
+    thresholds, quotas = _per_tensor_keep_counts(tensor, k) if 0 < k < n else (None, None)
+    for chunk in tensor.chunks():
+        weighted = []
+        for i, (m, w) in enumerate(zip(chunk.models, tensor.weights)):
+            tau = m - chunk.base
+            if k == 0:
+                tau.zero_()
+            elif thresholds is not None:
+                magnitude = tau.abs()
+                keep = magnitude > thresholds[i]
+                if quotas[i] > 0:
+                    # exactly k kept: entries equal to the threshold fill the remainder in flat order
+                    ties_at = (magnitude == thresholds[i]).nonzero().reshape(-1)[: quotas[i]]
+                    keep[ties_at] = True
+                    quotas[i] -= ties_at.numel()
+                tau.mul_(keep)
+            weighted.append(tau.mul_(w))
+        elected = elect_sign_weighted(weighted)
+        merged = disjoint_merge_weighted(weighted, tensor.weights, elected, params.aggregate)
+        yield chunk.base + params.lambda_ * merged
+
+
+@merge_method(
+    "ties",
+    params=TiesParams,
+    paper="https://arxiv.org/abs/2306.01708",
+    prepare=prepare_ties,
+    finalize=finalize_ties,
+)
+def ties(tensor: TensorInputs, params: TiesParams, state: GlobalTiesState | None) -> Iterator[torch.Tensor]:
+    """Trim each task vector to its top entries, elect a sign per parameter, average the agreeing ones."""
+    if params.trim_scope == "global":
+        return _merge_global(tensor, params, state)
+    return _merge_per_tensor(tensor, params)

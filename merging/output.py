@@ -1,0 +1,150 @@
+"""Writing a merged checkpoint: sharded safetensors + index, all or nothing.
+
+Everything goes to a hidden temporary directory beside the destination and is
+renamed into place only once every tensor, the index and the model card are
+written. A failure at any point removes the temporary directory, so no
+half-written output is ever visible under the destination name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merging.checkpoint import INDEX_NAME, SINGLE_NAME
+from merging.digest import DigestBuilder, checkpoint_digest
+from merging.errors import MergeyardError, OutputExistsError
+from merging.safetensors_format import DTYPES, StreamingFileWriter, itemsize, read_header
+
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # Hugging Face's default shard size
+Layout = list[tuple[str, str, tuple[int, ...]]]  # (name, safetensors dtype, shape), sorted by name
+
+
+def plan_shards(layout: Layout, max_shard_bytes: int) -> list[Layout]:
+    """Greedy split in name order; a tensor larger than the limit gets a shard of its own."""
+    if max_shard_bytes <= 0:
+        raise MergeyardError("--max-shard-bytes must be positive")
+    shards: list[Layout] = [[]]
+    size = 0
+    for name, dtype, shape in layout:
+        nbytes = math.prod(shape) * itemsize(dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dtype, shape))
+        size += nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class CheckpointWriter:
+    """Streams tensors (in sorted-name order) into shards under a temporary directory."""
+
+    def __init__(self, out_dir: Path, layout: Layout, max_shard_bytes: int, *, overwrite: bool = False,
+                 metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise OutputExistsError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
+        self.overwrite = overwrite
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir()
+        self._shards = plan_shards(layout, max_shard_bytes)
+        self._file_names = shard_file_names(len(self._shards))
+        self._shard_of = {name: s for s, shard in enumerate(self._shards) for name, _, _ in shard}
+        self._layout = {name: (dtype, shape) for name, dtype, shape in layout}
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._current: StreamingFileWriter | None = None
+        self._current_index = -1
+        self._digest = DigestBuilder()
+        self._digest_valid = True
+        self._total_size = sum(math.prod(s) * itemsize(d) for _, d, s in layout)
+
+    def _file_for(self, name: str) -> StreamingFileWriter:
+        shard = self._shard_of[name]
+        if shard != self._current_index:
+            if self._current is not None:
+                self._current.close()
+            self._current_index = shard
+            self._current = StreamingFileWriter(
+                self.tmp_dir / self._file_names[shard], self._shards[shard], self._metadata
+            )
+        return self._current
+
+    def begin_tensor(self, name: str) -> None:
+        dtype, shape = self._layout[name]
+        self._file_for(name)
+        self._digest.begin_tensor(name, dtype, shape, math.prod(shape) * itemsize(dtype))
+
+    def write(self, name: str, values: torch.Tensor) -> None:
+        """Append a chunk of tensor `name`, already in its output dtype."""
+        data = values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file_for(name).write(name, data.data)
+        self._digest.update(data.data)
+
+    def patch(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite elements of an already written tensor (flat indices)."""
+        if self._current is not None:
+            self._current.close()
+            self._current, self._current_index = None, -1
+        dtype, _ = self._layout[name]
+        path = self.tmp_dir / self._file_names[self._shard_of[name]]
+        start = read_header(path)[0][name].start
+        size = itemsize(dtype)
+        raw = values.to(DTYPES[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+        with open(path, "r+b") as fh:
+            for n, index in enumerate(indices.tolist()):
+                fh.seek(start + index * size)
+                fh.write(raw[n * size:(n + 1) * size])
+        self._digest_valid = False
+
+    def commit(self, extra_files: dict[str, str] | None = None) -> tuple[str, list[str]]:
+        """Finish the shards, write index and extra files, move into place. Returns (digest, file names)."""
+        return self.commit_with(lambda digest: extra_files or {})
+
+    def commit_with(self, extra_files: Callable[[str], dict[str, str]]) -> tuple[str, list[str]]:
+        """As `commit`, with the extra files made from the finished digest."""
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        digest = self._digest.hexdigest() if self._digest_valid else checkpoint_digest(self.tmp_dir)
+        files = list(self._file_names)
+        if len(self._file_names) > 1:
+            index = {
+                "metadata": {"total_size": self._total_size, "mergeyard.digest": digest},
+                "weight_map": {name: self._file_names[s] for name, s in sorted(self._shard_of.items())},
+            }
+            (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            files.append(INDEX_NAME)
+        for fname, text in extra_files(digest).items():
+            (self.tmp_dir / fname).write_text(text)
+            files.append(fname)
+        self._move_into_place()
+        return digest, files
+
+    def _move_into_place(self) -> None:
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out_dir, old)
+        os.rename(self.tmp_dir, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)

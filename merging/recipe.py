@@ -1,0 +1,132 @@
+"""Merge recipes: YAML close to mergekit's, validated by pydantic.
+
+    method: ties
+    base: path/or/uri
+    models:
+      - model: path/or/uri
+        weight: 1.0
+    parameters: {density: 0.2, trim_scope: global, aggregate: mean, lambda: 1.0}
+    out_dtype: float32
+    seed: 0
+
+A recipe's canonical form (parameters completed with their defaults, keys
+sorted) and its hash are what lineage records and reproduction compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from merging.errors import RecipeError
+from merging.methods import MergeMethod, MethodParams, get_method
+
+OutDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    weight: float = 1.0
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    base: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    out_dtype: OutDtype | None = None
+    seed: int = 0
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_strings(cls, value: Any) -> Any:
+        # `models: [a, b]` is shorthand for `models: [{model: a}, {model: b}]`
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @property
+    def method_spec(self) -> MergeMethod:
+        return get_method(self.method)
+
+    def params(self) -> MethodParams:
+        return self.method_spec.parse_params(self.parameters)
+
+    def check(self) -> "Recipe":
+        """Raise RecipeError unless the method exists, takes these parameters and has its base."""
+        spec = self.method_spec
+        self.params()
+        if spec.requires_base and not self.base:
+            raise RecipeError(f"method {self.method!r} needs a `base:` model (the one the others were fine-tuned from)")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "base": self.base,
+            "models": [{"model": m.model, "weight": m.weight} for m in self.models],
+            "parameters": self.params().model_dump(by_alias=True, mode="json"),
+            "out_dtype": self.out_dtype,
+            "seed": self.seed,
+        }
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def recipe_hash(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.canonical(), sort_keys=False)
+
+
+def _format_validation(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in exc.errors())
+
+
+def _resolve_local(ref: str, root: Path) -> str:
+    if ref.startswith("file://"):
+        ref = ref[len("file://"):]
+    if "://" in ref:
+        return ref  # a registry URI; resolved by whoever runs the merge
+    path = Path(ref).expanduser()
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
+def parse_recipe(data: Any, root: Path | None = None) -> Recipe:
+    """A checked Recipe from parsed YAML/JSON; relative paths resolve against `root`."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping with at least `method:` and `models:`")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"invalid recipe: {_format_validation(exc)}") from None
+    if root is not None:
+        recipe = recipe.model_copy(
+            update={
+                "base": _resolve_local(recipe.base, root) if recipe.base else None,
+                "models": [m.model_copy(update={"model": _resolve_local(m.model, root)}) for m in recipe.models],
+            }
+        )
+    return recipe.check()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_recipe(data, root=path.parent.resolve())
