@@ -77,9 +77,10 @@ def resolve_files(path: Path) -> list[Path]:
 class Checkpoint:
     """A read-only view of one checkpoint. Tensors are read one at a time."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, files: list[Path] | None = None):
+        """`files` overrides the layout detection (the writer hashes shards before its index exists)."""
         self.path = Path(path)
-        self.files = resolve_files(self.path)
+        self.files = list(files) if files is not None else resolve_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self._file_of: dict[str, Path] = {}
         self.metadata: dict[str, str] = {}

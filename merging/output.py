@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from merging.checkpoint import INDEX_NAME, SINGLE_NAME
+from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.digest import DigestBuilder, checkpoint_digest
 from merging.errors import MergeyardError, OutputExistsError
 from merging.safetensors_format import DTYPES, StreamingFileWriter, itemsize, read_header
@@ -119,7 +119,10 @@ class CheckpointWriter:
         if self._current is not None:
             self._current.close()
             self._current = None
-        digest = self._digest.hexdigest() if self._digest_valid else checkpoint_digest(self.tmp_dir)
+        if self._digest_valid:
+            digest = self._digest.hexdigest()
+        else:  # patched after streaming: hash the shards as they now are
+            digest = checkpoint_digest(Checkpoint(self.tmp_dir, [self.tmp_dir / f for f in self._file_names]))
         files = list(self._file_names)
         if len(self._file_names) > 1:
             index = {

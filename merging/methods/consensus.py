@@ -14,7 +14,9 @@ import torch
 
 def elect_sign_weighted(weighted: list[torch.Tensor]) -> torch.Tensor:
     """+1 where Σ_i w_i·τ_i ≥ 0, −1 elsewhere (mergekit's `sum` consensus)."""
-    total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
+    total = torch.zeros_like(weighted[0])
+    for wt in weighted:  # summed in model order: bitwise reproducible whatever the backend
+        total += wt
     return torch.where(total >= 0, 1.0, -1.0)
 
 

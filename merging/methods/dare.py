@@ -48,7 +48,9 @@ def dare_task_vectors(tensor: TensorInputs, chunk, params: DareParams) -> list[t
 def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i DARE(τ_i)."""
     for chunk in tensor.chunks():
-        merged = torch.stack(dare_task_vectors(tensor, chunk, params)).sum(0)
+        merged = torch.zeros_like(chunk.base)
+        for wt in dare_task_vectors(tensor, chunk, params):
+            merged += wt
         yield chunk.base + params.lambda_ * merged
 
 

@@ -1,0 +1,90 @@
+"""Shared fixtures: an isolated MERGEYARD_HOME, no network, checkpoint writers.
+
+Checkpoints in tests are written with `safetensors.torch.save_file` and a
+hand-written index, never with mergeyard's own writer, so the reader and the
+writer are each checked against the library rather than against each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Before anything imports huggingface_hub: no test may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    home = tmp_path / "mergeyard-home"
+    monkeypatch.setenv("MERGEYARD_HOME", str(home))
+    from flows.settings import get_settings
+
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+def save_checkpoint(sd: dict[str, torch.Tensor], path: Path, layout: str = "file", shards: int = 2) -> Path:
+    """Write `sd` as a single file, a directory with model.safetensors, or `shards` shards + index."""
+    path = Path(path)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if layout == "file":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path))
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "dir":
+        save_file(sd, str(path / "model.safetensors"))
+        return path
+    assert layout == "sharded"
+    names = sorted(sd)
+    groups = [names[i::shards] for i in range(shards)]  # interleaved: shard order is not name order
+    weight_map = {}
+    for i, group in enumerate(groups, start=1):
+        fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
+        save_file({n: sd[n] for n in group}, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, read with the safetensors library directly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+SHAPES = {"emb.weight": (37, 16), "blk.0.w": (16, 16), "blk.0.b": (16,), "blk.1.conv": (4, 3, 3, 3), "scale": ()}
+
+
+def random_family(n_models: int, seed: int = 0, dtype=torch.float32, spread: float = 0.1, shapes=SHAPES):
+    """A base and n 'fine-tuned' models: base + noise, in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    models = [{k: (v.float() + spread * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+              for _ in range(n_models)]
+    return base, models
+
+
+@pytest.fixture
+def write_family(tmp_path):
+    def write(base, models, layout="file"):
+        suffix = ".safetensors" if layout == "file" else ""
+        base_path = save_checkpoint(base, tmp_path / f"base{suffix}", layout)
+        paths = [save_checkpoint(m, tmp_path / f"model{i}{suffix}", layout) for i, m in enumerate(models)]
+        return base_path, paths
+
+    return write
