@@ -19,6 +19,7 @@ import torch
 
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
+from merging.finite import all_finite
 from merging.errors import CheckpointError, IncompatibleModelsError, MergeyardError, NonFiniteError
 from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn
 from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
@@ -178,7 +179,7 @@ def run_merge(
             if reference.entries[name].is_float:
                 for merged in spec.merge(inputs.tensor(name), params, state):
                     out = merged.to(out_dtypes[name])
-                    if not bool(torch.isfinite(out).all()):
+                    if not all_finite(out):
                         raise NonFiniteError(
                             f"the merge produced NaN or infinity in tensor {name!r} "
                             f"(as {DTYPE_NAMES[out_dtypes[name]]}); lower lambda/weights or use out_dtype: float32"

@@ -16,6 +16,7 @@ import torch
 
 from merging.checkpoint import Checkpoint
 from merging.errors import NonFiniteError
+from merging.finite import all_finite
 
 # Elements per input chunk: 4M float32 = 16 MiB per model; every tensor of a
 # ViT-B/32 fits in one, an LLM embedding matrix takes a few dozen.
@@ -68,7 +69,7 @@ class TensorInputs:
     def _load(self, ckpt: Checkpoint, rows: slice) -> torch.Tensor:
         t = ckpt.read(self.name, None if rows == slice(None) else rows)
         t = t.to(self.device, dtype=torch.float32).reshape(-1)
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise NonFiniteError(f"{ckpt.path}: tensor {self.name!r} holds NaN or infinity; fix or drop this checkpoint")
         return t
 

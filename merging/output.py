@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -49,6 +51,53 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+class _BackgroundIO:
+    """Runs file writes and hashing on one thread, in submission order.
+
+    Both release the GIL, so they overlap with the merge's arithmetic. The
+    queue is bounded: at most `depth` chunks wait, whatever the model size.
+    The first error is re-raised in the caller at its next submit or drain.
+    """
+
+    def __init__(self, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mergeyard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    fn, args = item
+                    fn(*args)
+            except BaseException as exc:  # surfaced in the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        self._queue.put((fn, args))
+
+    def drain(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class CheckpointWriter:
     """Streams tensors (in sorted-name order) into shards under a temporary directory."""
 
@@ -71,6 +120,7 @@ class CheckpointWriter:
         self._digest = DigestBuilder()
         self._digest_valid = True
         self._total_size = sum(math.prod(s) * itemsize(d) for _, d, s in layout)
+        self._io = _BackgroundIO()
 
     def _file_for(self, name: str) -> StreamingFileWriter:
         shard = self._shard_of[name]
@@ -84,18 +134,25 @@ class CheckpointWriter:
         return self._current
 
     def begin_tensor(self, name: str) -> None:
+        self._io.submit(self._begin_tensor, name)
+
+    def _begin_tensor(self, name: str) -> None:
         dtype, shape = self._layout[name]
         self._file_for(name)
         self._digest.begin_tensor(name, dtype, shape, math.prod(shape) * itemsize(dtype))
 
     def write(self, name: str, values: torch.Tensor) -> None:
-        """Append a chunk of tensor `name`, already in its output dtype."""
+        """Append a chunk of tensor `name`, already in its output dtype. The caller must not modify it afterwards."""
         data = values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._io.submit(self._write, name, data)
+
+    def _write(self, name: str, data) -> None:
         self._file_for(name).write(name, data.data)
         self._digest.update(data.data)
 
     def patch(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite elements of an already written tensor (flat indices)."""
+        self._io.drain()
         if self._current is not None:
             self._current.close()
             self._current, self._current_index = None, -1
@@ -116,6 +173,8 @@ class CheckpointWriter:
 
     def commit_with(self, extra_files: Callable[[str], dict[str, str]]) -> tuple[str, list[str]]:
         """As `commit`, with the extra files made from the finished digest."""
+        self._io.drain()
+        self._io.stop()
         if self._current is not None:
             self._current.close()
             self._current = None
@@ -147,6 +206,7 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
+        self._io.stop()
         if self._current is not None:
             self._current.abort()
             self._current = None

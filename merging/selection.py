@@ -35,6 +35,10 @@ class RankSelector:
         self._fine = torch.zeros(_LO_BINS, dtype=torch.int64, device=device)
         self._bin: int | None = None
         self._below = 0
+        # The high halves of the last chunk fed: reused by feed_fine when it is given
+        # the very same tensor (a tensor selected in memory, not streamed).
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._feeds = 0
         self.value: float | None = None
         self.n_less = 0
         self.n_equal = 0
@@ -46,6 +50,8 @@ class RankSelector:
     def feed_coarse(self, abs_values: torch.Tensor) -> None:
         hi = self._bits(abs_values) >> 16
         self._coarse += torch.bincount(hi, minlength=_HI_BINS)
+        self._feeds += 1
+        self._last = (abs_values, hi) if self._feeds == 1 else None
 
     def settle_coarse(self) -> None:
         cum = self._coarse.cumsum(0)
@@ -56,11 +62,17 @@ class RankSelector:
 
     def feed_fine(self, abs_values: torch.Tensor) -> None:
         bits = self._bits(abs_values)
-        in_bin = bits[(bits >> 16) == self._bin]
+        if self._last is not None and self._last[0] is abs_values:
+            hi = self._last[1]
+        else:
+            hi = bits >> 16
+            self._last = None  # streamed: don't hold on to a chunk's worth of bits
+        in_bin = bits[hi == self._bin]
         if in_bin.numel():
             self._fine += torch.bincount(in_bin & 0xFFFF, minlength=_LO_BINS)
 
     def settle_fine(self) -> None:
+        self._last = None
         cum = self._fine.cumsum(0)
         lo = int(torch.searchsorted(cum, torch.tensor(self.rank - self._below, device=cum.device)))
         bits = (self._bin << 16) | lo

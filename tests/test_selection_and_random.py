@@ -70,3 +70,19 @@ def test_uniform_is_chunking_invariant_and_uniform():
     hist = torch.histc(whole, bins=10, min=0, max=1) / whole.numel()
     assert float((hist - 0.1).abs().max()) < 3e-3
     assert not torch.equal(whole[:1000], uniform(stream_key(1, 3, "x"), 0, 1000))
+
+
+def test_all_finite_fast_path_and_overflow_fallback():
+    from merging.finite import all_finite
+
+    assert all_finite(torch.randn(1000))
+    big = torch.full((1000,), 3e38)  # finite, but the sum overflows: must fall back to the exact check
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(1000)
+        t[567] = bad
+        assert not all_finite(t)
+        assert not all_finite(t.half()) and not all_finite(t.bfloat16())
+    mixed = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not all_finite(mixed)
+    assert all_finite(torch.arange(5))  # integers are always finite

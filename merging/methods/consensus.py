@@ -25,12 +25,13 @@ def disjoint_merge_weighted(
 ) -> torch.Tensor:
     """Σ of the w_i·τ_i whose sign matches `elected`; with `mean`, over the agreeing weights."""
     mixed = torch.zeros_like(elected)
-    divisor = torch.zeros_like(elected)
+    divisor = torch.zeros_like(elected) if aggregate == "mean" else None
     for wt, w in zip(weighted, weights):
-        agree = torch.sign(wt) == elected  # a zero never agrees
-        mixed += torch.where(agree, wt, 0.0)
-        divisor += agree * w
-    if aggregate == "mean":
-        divisor[divisor == 0] = 1.0
+        agree = torch.mul(wt, elected) > 0  # elected is ±1; a zero never agrees
+        mixed.add_(torch.where(agree, wt, 0.0))
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1.0)
         mixed /= divisor
     return mixed

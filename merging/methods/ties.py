@@ -114,42 +114,81 @@ def _merge_global(tensor: TensorInputs, params: TiesParams, state: GlobalTiesSta
         yield chunk.base + lam * merged
 
 
-def _per_tensor_keep_counts(tensor: TensorInputs, k: int) -> tuple[list[float], list[int]]:
-    """Per model: the k-th largest |τ| of this tensor, and how many entries equal to it to keep."""
-    n = tensor.numel
-    selectors = [RankSelector(n - k + 1, n, tensor.device) for _ in tensor.models]
-    for feed in ("feed_coarse", "feed_fine"):
-        for chunk in tensor.chunks():
-            for sel, m in zip(selectors, chunk.models):
-                getattr(sel, feed)((m - chunk.base).abs_())
-        for sel in selectors:
-            (sel.settle_coarse if feed == "feed_coarse" else sel.settle_fine)()
-    return [sel.value for sel in selectors], [k - sel.n_greater for sel in selectors]
+class _ExactTopK:
+    """Keeps exactly k entries of one task vector by |τ|, ties at the threshold by flat index.
+
+    `RankSelector` gives the k-th largest |τ| and how many exceed it; the
+    remaining places (`quota`) go to entries equal to it, first come first
+    served across chunks.
+    """
+
+    def __init__(self, selector: RankSelector, k: int):
+        self.threshold = selector.value
+        self.quota = k - selector.n_greater
+        self.keep_all_equal = self.quota == selector.n_equal  # common: no tie to break
+
+    def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        if self.keep_all_equal:
+            return magnitude >= self.threshold
+        keep = magnitude > self.threshold
+        if self.quota > 0:
+            ties_at = (magnitude == self.threshold).nonzero().reshape(-1)[: self.quota]
+            keep[ties_at] = True
+            self.quota -= ties_at.numel()
+        return keep
+
+
+def _select_top_k(magnitudes, n: int, k: int, device) -> _ExactTopK:
+    """Exact top-k selector from a re-iterable of |τ| chunks (two histogram passes)."""
+    selector = RankSelector(n - k + 1, n, device)
+    for a in magnitudes():
+        selector.feed_coarse(a)
+    selector.settle_coarse()
+    for a in magnitudes():
+        selector.feed_fine(a)
+    selector.settle_fine()
+    return _ExactTopK(selector, k)
 
 
 def _merge_per_tensor(tensor: TensorInputs, params: TiesParams) -> Iterator[torch.Tensor]:
     n = tensor.numel
     k = int(params.density * n) if params.density < 1.0 else n
-    thresholds, quotas = _per_tensor_keep_counts(tensor, k) if 0 < k < n else (None, None)
+    trim = 0 < k < n
+    if tensor.single_chunk:
+        # The whole tensor is in memory: compute τ and |τ| once per model, select on them directly.
+        chunk = next(tensor.chunks())
+        weighted = []
+        for m, w in zip(chunk.models, tensor.weights):
+            tau = m - chunk.base
+            if k == 0:
+                tau.zero_()
+            elif trim:
+                magnitude = tau.abs()
+                tau.mul_(_select_top_k(lambda: (magnitude,), n, k, tau.device).mask(magnitude))
+            weighted.append(tau.mul_(w))
+        yield _combine(chunk.base, weighted, tensor.weights, params)
+        return
+    selectors = None
+    if trim:  # one selection pass pair per model over the streamed chunks, then the merge pass
+        selectors = [
+            _select_top_k(lambda i=i: ((c.models[i] - c.base).abs_() for c in tensor.chunks()), n, k, tensor.device)
+            for i in range(len(tensor.models))
+        ]
     for chunk in tensor.chunks():
         weighted = []
         for i, (m, w) in enumerate(zip(chunk.models, tensor.weights)):
             tau = m - chunk.base
             if k == 0:
                 tau.zero_()
-            elif thresholds is not None:
-                magnitude = tau.abs()
-                keep = magnitude > thresholds[i]
-                if quotas[i] > 0:
-                    # exactly k kept: entries equal to the threshold fill the remainder in flat order
-                    ties_at = (magnitude == thresholds[i]).nonzero().reshape(-1)[: quotas[i]]
-                    keep[ties_at] = True
-                    quotas[i] -= ties_at.numel()
-                tau.mul_(keep)
+            elif selectors is not None:
+                tau.mul_(selectors[i].mask(tau.abs()))
             weighted.append(tau.mul_(w))
-        elected = elect_sign_weighted(weighted)
-        merged = disjoint_merge_weighted(weighted, tensor.weights, elected, params.aggregate)
-        yield chunk.base + params.lambda_ * merged
+        yield _combine(chunk.base, weighted, tensor.weights, params)
+
+
+def _combine(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[float], params: TiesParams) -> torch.Tensor:
+    elected = elect_sign_weighted(weighted)
+    return base + params.lambda_ * disjoint_merge_weighted(weighted, weights, elected, params.aggregate)
 
 
 @merge_method(
