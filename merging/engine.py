@@ -21,7 +21,7 @@ from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.finite import all_finite
 from merging.errors import CheckpointError, IncompatibleModelsError, MergeyardError, NonFiniteError
-from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn
+from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn, check_input_finite
 from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
 from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
 from merging.recipe import Recipe
@@ -162,6 +162,7 @@ def run_merge(
     inputs = MergeInputs(
         base=base, models=models, weights=[m.weight for m in recipe.models], names=float_names,
         device=dev, seed=recipe.seed, chunk_elems=chunk_elems, progress=progress,
+        check_finite=not spec.propagates_non_finite,
     )
 
     writer = CheckpointWriter(out_dir, layout, max_shard_bytes, overwrite=overwrite,
@@ -180,6 +181,8 @@ def run_merge(
                 for merged in spec.merge(inputs.tensor(name), params, state):
                     out = merged.to(out_dtypes[name])
                     if not all_finite(out):
+                        for ckpt in checkpoints.values():  # blame an input if one is at fault
+                            check_input_finite(ckpt, name)
                         raise NonFiniteError(
                             f"the merge produced NaN or infinity in tensor {name!r} "
                             f"(as {DTYPE_NAMES[out_dtypes[name]]}); lower lambda/weights or use out_dtype: float32"

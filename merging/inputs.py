@@ -37,6 +37,11 @@ class Chunk:
         return [m - self.base for m in self.models]
 
 
+def check_input_finite(ckpt: Checkpoint, name: str, values: torch.Tensor | None = None) -> None:
+    if not all_finite(ckpt.read(name) if values is None else values):
+        raise NonFiniteError(f"{ckpt.path}: tensor {name!r} holds NaN or infinity; fix or drop this checkpoint")
+
+
 @dataclass
 class TensorInputs:
     """One tensor of every input, read in row chunks."""
@@ -49,6 +54,7 @@ class TensorInputs:
     device: torch.device
     seed: int = 0
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    check_finite: bool = True
     _cached: Chunk | None = field(default=None, repr=False)
 
     @property
@@ -69,8 +75,8 @@ class TensorInputs:
     def _load(self, ckpt: Checkpoint, rows: slice) -> torch.Tensor:
         t = ckpt.read(self.name, None if rows == slice(None) else rows)
         t = t.to(self.device, dtype=torch.float32).reshape(-1)
-        if not all_finite(t):
-            raise NonFiniteError(f"{ckpt.path}: tensor {self.name!r} holds NaN or infinity; fix or drop this checkpoint")
+        if self.check_finite:
+            check_input_finite(ckpt, self.name, t)
         return t
 
     def chunks(self) -> Iterator[Chunk]:
@@ -103,6 +109,7 @@ class MergeInputs:
     device: torch.device
     seed: int = 0
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    check_finite: bool = True
     progress: ProgressFn | None = None
 
     def reference(self) -> Checkpoint:
@@ -118,6 +125,7 @@ class MergeInputs:
             device=self.device,
             seed=self.seed,
             chunk_elems=self.chunk_elems,
+            check_finite=self.check_finite,
         )
 
     @property

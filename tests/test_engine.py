@@ -90,6 +90,19 @@ def test_non_finite_input_fails_after_earlier_tensors_were_written(tmp_path, wri
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_every_method_names_the_input_holding_nan_or_inf(tmp_path, write_family, method, bad):
+    base, models = random_family(2, seed=6)
+    models[1]["blk.0.w"][3, 4] = bad  # a TIES trim or DARE drop could hide it: it must still be refused
+    bp, mps = write_family(base, models)
+    recipe = parse_recipe({"method": method, "base": str(bp), "models": [str(m) for m in mps],
+                           "parameters": {"density": 0.01} if method == "ties" else {}})
+    with pytest.raises(NonFiniteError, match=f"{mps[1]}: tensor 'blk.0.w'"):
+        run_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("problem", ["missing", "extra", "shape", "kind"])
 def test_incompatible_models_are_refused(tmp_path, write_family, problem):
     base, models = random_family(1, seed=4)

@@ -21,16 +21,18 @@ def elect_sign_weighted(weighted: list[torch.Tensor]) -> torch.Tensor:
 
 
 def disjoint_merge_weighted(
-    weighted: list[torch.Tensor], weights: list[float], elected: torch.Tensor, aggregate: str
+    weighted: list[torch.Tensor], weights: list[float], elected: torch.Tensor, aggregate: str,
+    mean_over: str = "weights",
 ) -> torch.Tensor:
-    """Σ of the w_i·τ_i whose sign matches `elected`; with `mean`, over the agreeing weights."""
+    """Σ of the w_i·τ_i whose sign matches `elected`; with `mean`, divided by the agreeing
+    weights (mergekit, `mean_over="weights"`) or by how many agree (the TIES paper, `"count"`)."""
     mixed = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected) if aggregate == "mean" else None
     for wt, w in zip(weighted, weights):
         agree = torch.mul(wt, elected) > 0  # elected is ±1; a zero never agrees
         mixed.add_(torch.where(agree, wt, 0.0))
         if divisor is not None:
-            divisor.add_(agree, alpha=w)
+            divisor.add_(agree, alpha=w if mean_over == "weights" else 1.0)
     if divisor is not None:
         divisor.masked_fill_(divisor == 0, 1.0)
         mixed /= divisor

@@ -44,7 +44,7 @@ def dare_task_vectors(tensor: TensorInputs, chunk, params: DareParams) -> list[t
     return out
 
 
-@merge_method("dare_linear", params=DareParams, paper="https://arxiv.org/abs/2311.03099")
+@merge_method("dare_linear", params=DareParams, paper="https://arxiv.org/abs/2311.03099", propagates_non_finite=True)
 def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i DARE(τ_i)."""
     for chunk in tensor.chunks():

@@ -16,7 +16,8 @@ class AverageParams(MethodParams):
     normalize: bool = Field(True, description="divide by the sum of weights (a weighted mean)")
 
 
-@merge_method("average", params=AverageParams, paper="https://arxiv.org/abs/2203.05482", requires_base=False)
+@merge_method("average", params=AverageParams, paper="https://arxiv.org/abs/2203.05482", requires_base=False,
+              propagates_non_finite=True)
 def average(tensor: TensorInputs, params: AverageParams, state: None) -> Iterator[torch.Tensor]:
     """Weighted mean of the models' weights (model soups); the base is not part of it."""
     total = sum(tensor.weights)
@@ -34,7 +35,8 @@ class TaskArithmeticParams(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the summed task vectors (0.3 is TA8's usual)")
 
 
-@merge_method("task_arithmetic", params=TaskArithmeticParams, paper="https://arxiv.org/abs/2212.04089")
+@merge_method("task_arithmetic", params=TaskArithmeticParams, paper="https://arxiv.org/abs/2212.04089",
+              propagates_non_finite=True)
 def task_arithmetic(tensor: TensorInputs, params: TaskArithmeticParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i (θ_i − θ_base)."""
     lam = params.lambda_

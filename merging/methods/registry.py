@@ -48,6 +48,9 @@ class MergeMethod:
     requires_base: bool = True
     prepare: PrepareFn | None = None
     finalize: FinalizeFn | None = None
+    # True when any NaN/inf in an input reaches the output (0·NaN and 0·inf are NaN): the engine
+    # then checks only the output, and looks for the culprit input only when that check fails.
+    propagates_non_finite: bool = False
 
     def parse_params(self, raw: dict[str, Any] | None) -> MethodParams:
         try:
@@ -71,6 +74,7 @@ def merge_method(
     requires_base: bool = True,
     prepare: PrepareFn | None = None,
     finalize: FinalizeFn | None = None,
+    propagates_non_finite: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register `fn` as the merge method `name`."""
 
@@ -78,7 +82,8 @@ def merge_method(
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _METHODS[name] = MergeMethod(name, params, paper, summary, fn, requires_base, prepare, finalize)
+        _METHODS[name] = MergeMethod(name, params, paper, summary, fn, requires_base, prepare, finalize,
+                                     propagates_non_finite)
         return fn
 
     return register

@@ -94,24 +94,28 @@ def _merge_global(tensor: TensorInputs, params: TiesParams, state: GlobalTiesSta
                 tau.mul_(w)
             total += tau
             taus.append(tau)
-        state.sign_total += int((total > 0).sum()) - int((total < 0).sum())
+        # float64: a sum of ±1 and 0 is exact however large the chunk
+        state.sign_total += int(torch.sign(total).sum(dtype=torch.float64))
         elected = torch.where(total >= 0, 1.0, -1.0)  # zero sums provisionally positive
-        kept = torch.zeros_like(total)
-        count = torch.zeros_like(total)
-        for tau in taus:
-            agree = (tau * elected) > 0
-            kept += torch.where(agree, tau, 0.0)
-            count += agree
-        merged = kept / count.clamp(min=1.0) if params.aggregate == "mean" else kept
-        undecided = (total == 0) & torch.stack([t != 0 for t in taus]).any(0)
-        if bool(undecided.any()):
-            idx = undecided.nonzero().reshape(-1)
-            sub = torch.stack([t[idx] for t in taus])
-            neg_kept = torch.where(sub < 0, sub, 0.0).sum(0)
-            if params.aggregate == "mean":
-                neg_kept = neg_kept / (sub < 0).sum(0).clamp(min=1)
-            state.pending.append((tensor.name, (idx + chunk.offset).cpu(), (chunk.base[idx] + lam * neg_kept).cpu()))
+        merged = disjoint_merge_weighted(taus, tensor.weights, elected, params.aggregate, mean_over="count")
+        _note_zero_sums(tensor.name, chunk, taus, total, params, state)
         yield chunk.base + lam * merged
+
+
+def _note_zero_sums(name, chunk, taus, total, params: TiesParams, state: GlobalTiesState) -> None:
+    """Remember the value each zero-sum parameter takes if the majority sign turns out negative."""
+    zero = (total == 0).nonzero().reshape(-1)  # rare: exact cancellation, or nothing kept
+    if zero.numel() == 0:
+        return
+    sub = torch.stack([t[zero] for t in taus])
+    undecided = (sub != 0).any(0)  # all-zero parameters merge to θ_base either way
+    if not bool(undecided.any()):
+        return
+    idx, sub = zero[undecided], sub[:, undecided]
+    negative = torch.where(sub < 0, sub, 0.0).sum(0)
+    if params.aggregate == "mean":
+        negative = negative / (sub < 0).sum(0).clamp(min=1)
+    state.pending.append((name, (idx + chunk.offset).cpu(), (chunk.base[idx] + params.lambda_ * negative).cpu()))
 
 
 class _ExactTopK:
