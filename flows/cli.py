@@ -52,27 +52,36 @@ def user_errors(fn: Callable) -> Callable:
 @user_errors
 def merge(
     recipe: Path = typer.Argument(..., help="recipe YAML (method, base, models, parameters)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory (must not exist unless --overwrite)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the merged checkpoint here (must not exist unless --overwrite)"),
+    name: Optional[str] = typer.Option(None, help="registry name of the merged model (default merged-METHOD)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: MERGEYARD_DEVICE or cpu)"),
     max_shard_bytes: Optional[int] = typer.Option(None, help="largest output shard in bytes (default 5e9)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory once the merge succeeded"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Merge checkpoints as RECIPE says; print the output's digest."""
-    from merging.engine import run_merge
+    """Merge checkpoints as RECIPE says, register the result with its lineage, print its digest.
+
+    Recipe inputs may be paths or source URIs (ingested first) or registered models (digest, name, NAME@ALIAS).
+    """
+    from flows.merge import merge_and_record
+    from flows.registry_access import open_registry
     from merging.recipe import load_recipe
 
     settings = get_settings()
     parsed = load_recipe(recipe)
+    registry = open_registry(settings)
     with progress_bars(enabled=sys.stderr.isatty() or not as_json) as progress:
-        result = run_merge(
-            parsed, out, device=device or settings.device,
+        recorded = merge_and_record(
+            parsed, registry, out=out, name=name, device=device or settings.device,
             max_shard_bytes=max_shard_bytes or settings.max_shard_bytes, overwrite=overwrite, progress=progress,
         )
+    result = recorded.result
     if as_json:
-        print(json.dumps(result.as_dict(), indent=2))
+        print(json.dumps({**result.as_dict(), "out_dir": str(out) if out else None, "name": recorded.model.name,
+                          "store_path": recorded.model.store_path, "merge_run": recorded.run_id}, indent=2))
     else:
-        stdout.print(f"merged with [bold]{result.method}[/] into {result.out_dir} in {result.seconds:.2f} s")
+        stdout.print(f"merged with [bold]{result.method}[/] in {result.seconds:.2f} s → {recorded.model.name} "
+                     f"(run {recorded.run_id}){f', written to {out}' if out else ''}")
         stdout.print(result.digest, highlight=False)
 
 
@@ -137,6 +146,198 @@ def demo(as_json: bool = typer.Option(False, "--json", help="print the results a
     stdout.print(table)
     stdout.print(f"outputs, each with a model card: {home / 'demo' / 'merged'}")
     stdout.print("next: write a recipe (see README.md) and run `mergeyard merge RECIPE --out DIR`")
+
+
+@app.command()
+@user_errors
+def ingest(
+    uri: str = typer.Argument(..., help="path, file://, hf://ORG/NAME[@REV], open_clip://ARCH[/PRETRAINED], mlflow://NAME/VERSION or NAME@ALIAS"),
+    name: Optional[str] = typer.Option(None, help="registry name (default: derived from the source)"),
+    base: Optional[str] = typer.Option(None, help="declared base MODEL: the checkpoint must match its tensors"),
+    as_json: bool = typer.Option(False, "--json", help="print the model as JSON"),
+) -> None:
+    """Validate a checkpoint and register it by content digest (the same bytes again are a no-op)."""
+    from flows.registry_access import open_registry
+
+    model, created = open_registry().ingest(uri, name=name, base=base)
+    if as_json:
+        print(json.dumps({**model.as_dict(), "created": created}, indent=2))
+    else:
+        verb = "registered" if created else "already registered as"
+        stdout.print(f"{verb} [bold]{model.name}[/] ({model.num_params:,} params, {model.dtype})")
+        stdout.print(model.digest, highlight=False)
+
+
+models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+@user_errors
+def models_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """List registered models."""
+    from flows.registry_access import open_registry
+
+    rows = open_registry().list_models()
+    if as_json:
+        print(json.dumps([m.as_dict() for m in rows], indent=2))
+        return
+    table = Table("digest", "name", "kind", "params", "dtype", "source", "created", title="registered models")
+    for m in rows:
+        table.add_row(m.digest[:19], m.name, m.kind, f"{m.num_params:,}", m.dtype, m.source_uri,
+                      m.created_at.strftime("%Y-%m-%d %H:%M"))
+    stdout.print(table)
+
+
+@app.command()
+@user_errors
+def lineage(
+    model: str = typer.Argument(..., help="digest (or unique prefix), name, or NAME@ALIAS"),
+    fmt: str = typer.Option("tree", "--format", help="tree, json or mermaid"),
+) -> None:
+    """Show a model's ancestors down to the ingested roots, with methods, coefficients and metrics."""
+    from flows.registry_access import open_registry
+    from registry.lineage import lineage as build_lineage
+
+    if fmt not in ("tree", "json", "mermaid"):
+        raise MergeyardError(f"--format {fmt!r}: use tree, json or mermaid")
+    registry = open_registry()
+    info = registry.resolve(model)
+    with registry.Session() as session:
+        graph = build_lineage(session, info.id)
+    if fmt == "json":
+        print(graph.to_json())
+    elif fmt == "mermaid":
+        print(graph.to_mermaid())
+    else:
+        stdout.print(render_tree(graph))
+
+
+def render_tree(graph):
+    from rich.tree import Tree
+
+    def label(node_id, edge=None):
+        n = graph.nodes[node_id]
+        how = f" [cyan]{n.method}[/]" if n.method else f" [dim]{n.source_uri}[/]"
+        role = ""
+        if edge is not None:
+            role = f"[magenta]{edge.role}[/]" + (f" w={edge.weight:g}" if edge.weight is not None else "") + \
+                   (f" step {edge.step}" if edge.step is not None else "") + " "
+        metrics = "".join(f"  {k}={v:.3f}" for k, v in sorted(n.metrics.items()))
+        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{metrics}"
+
+    def grow(tree, node_id, seen):
+        for edge in graph.parents(node_id):
+            branch = tree.add(label(edge.parent, edge))
+            if edge.parent not in seen:
+                grow(branch, edge.parent, seen | {edge.parent})
+
+    root = Tree(label(graph.root))
+    grow(root, graph.root, {graph.root})
+    return root
+
+
+@app.command()
+@user_errors
+def promote(
+    model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
+    to: str = typer.Option(..., "--to", help="alias to move, e.g. staging or production"),
+    gate: Optional[Path] = typer.Option(None, help="gate YAML (default: no rules; the event is still recorded)"),
+    actor: Optional[str] = typer.Option(None, help="who promotes (default: $USER)"),
+    reason: Optional[str] = typer.Option(None, help="why, for the audit log"),
+    as_json: bool = typer.Option(False, "--json", help="print the decision as JSON"),
+) -> None:
+    """Pass MODEL through a gate and, if it passes, move NAME@ALIAS to it. Both outcomes are audit events."""
+    import getpass
+
+    from flows.registry_access import open_registry
+    from registry.promotion import Gate, load_gate, promote as run_promotion
+
+    decision = run_promotion(open_registry(), model, to, load_gate(gate) if gate else Gate(),
+                             actor or getpass.getuser(), reason)
+    if as_json:
+        print(json.dumps(decision.as_dict(), indent=2, default=str))
+    else:
+        table = Table("rule", "observed", "threshold", "", title=f"gate for {decision.model.name}@{to}")
+        for c in decision.checks:
+            table.add_row(c.rule, str(c.observed), str(c.threshold), "[green]pass[/]" if c.passed else f"[red]FAIL[/] {c.detail}")
+        if decision.checks:
+            stdout.print(table)
+        verdict = "[green]promoted[/]" if decision.passed else "[red]refused[/]"
+        stdout.print(f"{verdict} {decision.model.digest[:19]} to {decision.model.name}@{to} (event {decision.event_id})")
+    if not decision.passed:
+        raise typer.Exit(2)
+
+
+@app.command()
+@user_errors
+def audit(
+    model: Optional[str] = typer.Argument(None, help="only events about this model"),
+    alias: Optional[str] = typer.Option(None, help="only events for this alias"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """The promotion history: who moved which model where, when, and the numbers the gate compared."""
+    from flows.registry_access import open_registry
+    from registry.promotion import audit as read_audit
+
+    rows = read_audit(open_registry(), model, alias)
+    if as_json:
+        print(json.dumps([vars(r) for r in rows], indent=2, default=str))
+        return
+    table = Table("event", "time", "alias", "decision", "model", "previous", "actor", "reason", title="promotion audit log")
+    for r in rows:
+        table.add_row(str(r.id), r.time[:19], f"{r.name}@{r.alias}", r.decision, r.model[:19],
+                      (r.previous or "")[:19], r.actor, r.reason or "")
+    stdout.print(table)
+
+
+@app.command()
+@user_errors
+def reproduce(
+    model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """Rebuild a model from its lineage record and compare digests; exit 1 naming differing tensors on mismatch."""
+    from flows.registry_access import open_registry
+    from flows.reproduce import reproduce as run_reproduce
+
+    with progress_bars(enabled=not as_json) as progress:
+        outcome = run_reproduce(open_registry(), model, device=device or get_settings().device, progress=progress)
+    if as_json:
+        print(json.dumps(outcome.as_dict(), indent=2))
+    elif outcome.ok:
+        stdout.print(f"[green]reproduced[/] {outcome.model.name}: {outcome.rebuilt_digest}", highlight=False)
+    if not outcome.ok:
+        names = ", ".join(outcome.differing[:10]) + (" ..." if len(outcome.differing) > 10 else "")
+        stderr.print(f"[bold red]error:[/] rebuilt {outcome.rebuilt_digest} but recorded {outcome.model.digest}; "
+                     f"differing tensors: {names or 'none found (metadata only)'}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+db_app = typer.Typer(help="The lineage database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+@user_errors
+def db_upgrade() -> None:
+    """Apply schema migrations (Alembic) to MERGEYARD_DATABASE_URL."""
+    from registry.db import current_revision, head_revision, make_engine, upgrade
+
+    engine = make_engine(get_settings().lineage_database_url)
+    before = current_revision(engine)
+    upgrade(engine)
+    stdout.print(f"lineage database at schema {head_revision(engine)} (was {before or 'empty'})")
+
+
+@db_app.command("current")
+@user_errors
+def db_current() -> None:
+    """Print the schema revision of the lineage database."""
+    from registry.db import current_revision, make_engine
+
+    print(current_revision(make_engine(get_settings().lineage_database_url)) or "empty")
 
 
 @app.command()

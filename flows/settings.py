@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,11 +19,38 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".mergeyard"), description="root of every file mergeyard writes")
     device: str = Field("cpu", description="default compute device for merges (cpu or cuda)")
     max_shard_bytes: int = Field(5_000_000_000, gt=0, description="largest output shard, in bytes")
+    database_url: str | None = Field(None, description="lineage DB URL (default: SQLite under home)")
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MERGEYARD_MLFLOW_TRACKING_URI"),
+        description="MLflow tracking + registry URI (default: SQLite under home)",
+    )
+    hf_cache: Path | None = Field(None, description="Hugging Face hub cache to read (default: huggingface_hub's)")
 
     @property
     def models_dir(self) -> Path:
         """Merged checkpoints, one directory per model."""
         return self.home / "models"
+
+    @property
+    def lineage_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'lineage.db').resolve()}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def store_dir(self) -> Path:
+        """Content-addressed copies of every registered model."""
+        return self.home / "store"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.home / "tmp"
 
     @property
     def demo_dir(self) -> Path:

@@ -91,7 +91,7 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
                 )
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -127,7 +127,7 @@ def run_merge(
     recipe.check()
     spec = recipe.method_spec
     params = recipe.params()
-    dev = _device(device)
+    dev = resolve_device(device)
     out_dir = Path(out_dir)
 
     refs = ([recipe.base] if recipe.base else []) + [m.model for m in recipe.models]

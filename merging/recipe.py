@@ -95,12 +95,17 @@ def _format_validation(exc: ValidationError) -> str:
 
 
 def _resolve_local(ref: str, root: Path) -> str:
+    """A relative path that exists beside the recipe becomes absolute; anything else (a URI, a
+    registry name or digest, a path that does not exist) is left for whoever runs the merge."""
     if ref.startswith("file://"):
         ref = ref[len("file://"):]
     if "://" in ref:
-        return ref  # a registry URI; resolved by whoever runs the merge
+        return ref
     path = Path(ref).expanduser()
-    return str(path if path.is_absolute() else (root / path).resolve())
+    if path.is_absolute():
+        return str(path)
+    candidate = root / path
+    return str(candidate.resolve()) if candidate.exists() else ref
 
 
 def parse_recipe(data: Any, root: Path | None = None) -> Recipe:

@@ -58,7 +58,7 @@ def test_merge_human_output_prints_the_digest(tmp_path, recipe):
 @pytest.mark.parametrize("mutate,expect", [
     (lambda r: {**r, "method": "nope"}, "unknown merge method 'nope'"),
     (lambda r: {**r, "parameters": {"density": 2}}, "density"),
-    (lambda r: {**r, "models": [{"model": "missing-model"}]}, "no such file or directory"),
+    (lambda r: {**r, "models": [{"model": "missing-model"}]}, "neither a path, a source URI nor a registered model"),
 ])
 def test_user_errors_are_one_line_nonzero_and_leave_nothing(tmp_path, recipe, mutate, expect):
     data = mutate(yaml.safe_load(recipe.read_text()))

@@ -154,11 +154,14 @@ def test_recipe_errors_are_clear(tmp_path):
 
 def test_recipe_paths_resolve_against_the_recipe_and_hash_is_canonical(tmp_path):
     (tmp_path / "sub").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "sub" / "m2").mkdir()
     path = tmp_path / "sub" / "r.yaml"
     path.write_text("method: ties\nbase: ../b\nmodels:\n  - model: m1\n    weight: 2\n  - file://m2\nparameters: {density: 0.5}\n")
     recipe = load_recipe(path)
     assert recipe.base == str((tmp_path / "b").resolve())
     assert recipe.models[1].model == str((tmp_path / "sub" / "m2").resolve())
+    assert recipe.models[0].model == "m1"  # no such file beside the recipe: a registry name, left as is
     same = parse_recipe({"method": "ties", "base": recipe.base,
                          "models": [{"model": recipe.models[0].model, "weight": 2.0}, recipe.models[1].model],
                          "parameters": {"density": 0.5, "trim_scope": "global", "lambda": 1.0}})

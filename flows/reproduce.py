@@ -1,0 +1,77 @@
+"""`mergeyard reproduce`: rebuild a model from its lineage record and compare digests.
+
+A merged model is rebuilt from the run's recipe, whose inputs are digests
+resolved from the store. An ingested model has no recipe: its stored bytes are
+re-hashed against the recorded digest. The outcome is recorded either way, so
+a promotion gate can require a verified rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merging.checkpoint import Checkpoint
+from merging.digest import checkpoint_digest
+from merging.engine import run_merge
+from merging.inputs import ProgressFn
+from merging.recipe import parse_recipe
+from merging.version import __version__
+from flows.merge import store_resolver
+from registry.registry import ModelInfo, Registry
+
+
+@dataclass
+class Reproduction:
+    model: ModelInfo
+    ok: bool
+    rebuilt_digest: str
+    differing: list[str] = field(default_factory=list)
+    run_id: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"model": self.model.digest, "name": self.model.name, "ok": self.ok, "rebuilt_digest": self.rebuilt_digest,
+                "differing_tensors": self.differing, "merge_run": self.run_id}
+
+
+def differing_tensors(a: Path, b: Path) -> list[str]:
+    """Names whose bytes, dtype or shape differ, or that only one side has."""
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    names = sorted(set(ca.entries) | set(cb.entries))
+    out = []
+    for name in names:
+        if name not in ca.entries or name not in cb.entries:
+            out.append(name)
+            continue
+        ea, eb = ca.entries[name], cb.entries[name]
+        if ea.dtype != eb.dtype or ea.shape != eb.shape or b"".join(ca.iter_raw(name)) != b"".join(cb.iter_raw(name)):
+            out.append(name)
+    return out
+
+
+def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: ProgressFn | None = None) -> Reproduction:
+    model = registry.resolve(ref)
+    run = registry.producing_run(model)
+    if run is None:  # ingested: verify the stored bytes still are what was recorded
+        rebuilt = checkpoint_digest(model.store_path)
+        outcome = Reproduction(model, rebuilt == model.digest, rebuilt)
+    else:
+        recipe = parse_recipe(json.loads(run.recipe_json))
+        registry.config.scratch.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="reproduce-", dir=registry.config.scratch))
+        try:
+            result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
+                               progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
+            ok = result.digest == model.digest
+            differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))
+            outcome = Reproduction(model, ok, result.digest, differing, run.id)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    registry.record_reproduction(model, outcome.ok, outcome.rebuilt_digest, {
+        "merge_run": outcome.run_id, "differing_tensors": outcome.differing[:100], "mergeyard_version": __version__,
+        "recorded_mergeyard_version": run.mergeyard_version if run else None,
+    })
+    return outcome

@@ -1,0 +1,127 @@
+"""The MLflow mirror: every registered model and merge run, browsable in the MLflow UI.
+
+The lineage database is the source of truth; MLflow holds one hop at most.
+Each model becomes an MLflow 3 logged model (its safetensors as artifacts, no
+pickle) and a version of a registered model, tagged `mergeyard.digest`,
+`mergeyard.source`, `mergeyard.parents`. Each merge is a run: recipe as params,
+parents as run inputs, the merged model as run output. Promotion moves aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from registry.errors import RegistryError
+
+EXPERIMENT = "mergeyard"
+
+
+def registered_name(name: str) -> str:
+    """MLflow registered-model names: keep them to characters every store and URI accepts."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "--", name).strip("-") or "model"
+
+
+@dataclass(frozen=True)
+class MirroredModel:
+    model_id: str
+    name: str
+    version: str
+
+
+class MlflowMirror:
+    def __init__(self, tracking_uri: str, artifact_root: Path):
+        self.tracking_uri = tracking_uri
+        self.artifact_root = Path(artifact_root)
+
+    @cached_property
+    def client(self):
+        import logging
+
+        import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would drown the CLI's output
+        # create_model_version resolves `models:/<id>` sources through the process-wide tracking URI,
+        # whatever the client was given: both must point at the same store.
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @cached_property
+    def experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(EXPERIMENT)
+        if found is not None:
+            return found.experiment_id
+        self.artifact_root.mkdir(parents=True, exist_ok=True)
+        try:
+            return self.client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root.resolve().as_uri())
+        except MlflowException:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+    def register_model(self, name: str, model_dir: Path, tags: dict[str, str], source_run_id: str | None = None) -> MirroredModel:
+        from mlflow.entities import LoggedModelStatus
+        from mlflow.exceptions import MlflowException
+
+        rname = registered_name(name)
+        try:
+            logged = self.client.create_logged_model(self.experiment_id, name=rname, source_run_id=source_run_id,
+                                                     tags=tags, model_type="safetensors")
+            self.client.log_model_artifacts(logged.model_id, str(model_dir))
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+            try:
+                self.client.create_registered_model(rname)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = self.client.create_model_version(rname, source=f"models:/{logged.model_id}", run_id=source_run_id,
+                                                       tags=tags, model_id=logged.model_id)
+        except MlflowException as exc:
+            raise RegistryError(f"MLflow ({self.tracking_uri}) refused the model: {exc.message.splitlines()[0]}") from None
+        return MirroredModel(logged.model_id, rname, str(version.version))
+
+    def unregister(self, mirrored: MirroredModel) -> None:
+        """Compensate a registration whose database transaction failed."""
+        from mlflow.exceptions import MlflowException
+
+        for undo in (lambda: self.client.delete_model_version(mirrored.name, mirrored.version),
+                     lambda: self.client.delete_logged_model(mirrored.model_id)):
+            try:
+                undo()
+            except MlflowException:
+                pass
+
+    def start_merge_run(self, run_name: str, params: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"mergeyard.kind": "merge"})
+        from mlflow.entities import Param
+
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return run.info.run_id
+
+    def finish_merge_run(self, run_id: str, ok: bool, parent_model_ids: list[str] = (), output_model_id: str | None = None,
+                         metrics: dict[str, float] | None = None) -> None:
+        from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
+        import time
+
+        if parent_model_ids:
+            self.client.log_inputs(run_id, models=[LoggedModelInput(m) for m in parent_model_ids])
+        if output_model_id:
+            self.client.log_outputs(run_id, [LoggedModelOutput(output_model_id, step=0)])
+        if metrics:
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(registered_name(name), alias, version)
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(registered_name(name), alias).version)
+        except MlflowException:
+            return None

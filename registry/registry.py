@@ -1,0 +1,307 @@
+"""The registry: models by digest, merge runs, lineage, evaluations, scores.
+
+Every write is one database transaction, mirrored to MLflow inside it: if the
+mirror fails the transaction rolls back, and if the commit fails the mirror is
+compensated, so neither store claims a model the other does not have. A
+model's bytes live in the content-addressed store.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+import registry.audit  # noqa: F401  (installs the append-only guard)
+from merging.checkpoint import Checkpoint
+from merging.digest import checkpoint_digest
+from registry.db import ensure_schema, make_engine
+from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
+from registry.mlflow_mirror import MirroredModel, MlflowMirror
+from registry.schema import Evaluation, LineageEdge, MergeRun, Model, PromotionEvent, RelevanceScore, Reproduction, utcnow
+from registry.sources import resolve_source
+from registry.store import ModelStore
+from registry.validation import validate_checkpoint
+
+_HEX_PREFIX = re.compile(r"^(sha256:)?([0-9a-f]{8,64})$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A snapshot of one model row (safe to use after its session closed)."""
+
+    id: int
+    digest: str
+    name: str
+    kind: str
+    source_uri: str
+    resolved_revision: str | None
+    files: list[dict]
+    architecture: str | None
+    base_model_id: int | None
+    num_params: int
+    dtype: str
+    size_bytes: int
+    store_path: str
+    mlflow_model_id: str | None
+    mlflow_version: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Model) -> "ModelInfo":
+        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["created_at"] = self.created_at.isoformat()
+        return d
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    database_url: str
+    store_root: Path
+    scratch: Path
+    mlflow_tracking_uri: str | None  # None: no MLflow mirror (library use; the CLI always mirrors)
+    mlflow_artifact_root: Path
+    hf_cache: Path | None = None
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A parent of a merged model, for lineage edges."""
+
+    model: ModelInfo
+    role: str  # base | candidate | selected
+    weight: float | None = None
+    step: int | None = None
+    details: dict | None = None
+
+
+def _dominant_dtype(ckpt: Checkpoint) -> str:
+    counts = Counter()
+    for entry in ckpt.entries.values():
+        counts[entry.dtype] += entry.numel
+    return counts.most_common(1)[0][0]
+
+
+class Registry:
+    def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True):
+        self.config = config
+        self.engine = make_engine(config.database_url)
+        if auto_upgrade:
+            ensure_schema(self.engine)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self.store = ModelStore(config.store_root)
+        self.mirror = MlflowMirror(config.mlflow_tracking_uri, config.mlflow_artifact_root) if config.mlflow_tracking_uri else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- lookups ----------------------------------------------------------------------------
+
+    def find_digest(self, digest: str) -> ModelInfo | None:
+        with self.Session() as s:
+            row = s.scalar(select(Model).where(Model.digest == digest))
+            return ModelInfo.of(row) if row else None
+
+    def get(self, model_id: int) -> ModelInfo:
+        with self.Session() as s:
+            return ModelInfo.of(s.get(Model, model_id))
+
+    def resolve(self, ref: str) -> ModelInfo:
+        """MODEL: a digest or unique prefix (≥ 8 hex), a name (its newest model), or NAME@ALIAS."""
+        with self.Session() as s:
+            if "@" in ref and "://" not in ref:
+                name, _, alias = ref.rpartition("@")
+                holder = self._alias_holder(s, name, alias)
+                if holder is None:
+                    raise ModelNotFoundError(f"no model holds {name}@{alias}; see `mergeyard audit --alias {alias}`")
+                return ModelInfo.of(s.get(Model, holder))
+            match = _HEX_PREFIX.match(ref)
+            if match:
+                rows = s.scalars(select(Model).where(Model.digest.like(f"sha256:{match.group(2)}%")).limit(2)).all()
+                if len(rows) > 1:
+                    raise AmbiguousModelError(f"digest prefix {ref!r} matches several models; give more characters")
+                if rows:
+                    return ModelInfo.of(rows[0])
+            row = s.scalar(select(Model).where(Model.name == ref).order_by(Model.created_at.desc(), Model.id.desc()).limit(1))
+            if row is None:
+                raise ModelNotFoundError(f"no model {ref!r} in the registry (a digest, name or NAME@ALIAS); "
+                                         "`mergeyard models list` shows them")
+            return ModelInfo.of(row)
+
+    def list_models(self) -> list[ModelInfo]:
+        with self.Session() as s:
+            return [ModelInfo.of(r) for r in s.scalars(select(Model).order_by(Model.id))]
+
+    @staticmethod
+    def _alias_holder(s: Session, name: str, alias: str) -> int | None:
+        return s.scalar(
+            select(PromotionEvent.model_id)
+            .where(PromotionEvent.model_name == name, PromotionEvent.alias == alias, PromotionEvent.decision == "promoted")
+            .order_by(PromotionEvent.id.desc()).limit(1)
+        )
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    def ingest(self, uri: str, name: str | None = None, base: str | None = None) -> tuple[ModelInfo, bool]:
+        """Validate, store and record a checkpoint. Returns (model, created); the same bytes again are a no-op."""
+        base_info = self.resolve(base) if base else None
+        with resolve_source(uri, hf_cache=self.config.hf_cache, scratch=self.config.scratch,
+                            mlflow_tracking_uri=self.config.mlflow_tracking_uri) as src:
+            ckpt = Checkpoint(src.path)
+            validate_checkpoint(ckpt, Checkpoint(base_info.store_path) if base_info else None)
+            digest = checkpoint_digest(ckpt)
+            existing = self.find_digest(digest)
+            if existing is not None:
+                return existing, False
+            return self.register(ckpt, digest, kind="ingested", name=name or src.default_name, source_uri=src.uri,
+                                 revision=src.revision, architecture=src.architecture,
+                                 base_model_id=base_info.id if base_info else None)
+
+    def register(self, ckpt: Checkpoint, digest: str, *, kind: str, name: str, source_uri: str,
+                 revision: str | None = None, architecture: str | None = None, base_model_id: int | None = None,
+                 parents: list[Parent] = (), merge_run_id: int | None = None,
+                 in_transaction: Callable[[Session, Model], None] | None = None,
+                 mlflow_run_id: str | None = None) -> tuple[ModelInfo, bool]:
+        """Store the bytes and record the model (and whatever `in_transaction` adds) atomically."""
+        path, files, created = self.store.put(ckpt, digest)
+        mirrored: MirroredModel | None = None
+        try:
+            with self.Session.begin() as s:
+                row = Model(
+                    digest=digest, name=name, kind=kind, source_uri=source_uri, resolved_revision=revision,
+                    files=files, architecture=architecture, base_model_id=base_model_id,
+                    num_params=ckpt.num_params, dtype=_dominant_dtype(ckpt), size_bytes=ckpt.nbytes,
+                    store_path=str(path),
+                )
+                s.add(row)
+                s.flush()  # a concurrent ingest of the same bytes fails here, before anything is mirrored
+                for p in parents:
+                    s.add(LineageEdge(parent_id=p.model.id, child_id=row.id, role=p.role, step=p.step, weight=p.weight,
+                                      details=p.details, merge_run_id=merge_run_id))
+                if in_transaction is not None:
+                    in_transaction(s, row)
+                if self.mirror is not None:
+                    tags = {"mergeyard.digest": digest, "mergeyard.source": source_uri, "mergeyard.kind": kind,
+                            "mergeyard.parents": ",".join(p.model.digest for p in parents)}
+                    mirrored = self.mirror.register_model(name, path, tags, source_run_id=mlflow_run_id)
+                    row.mlflow_model_id, row.mlflow_version = mirrored.model_id, mirrored.version
+                info = ModelInfo.of(row)
+        except IntegrityError:
+            if mirrored is not None:
+                self.mirror.unregister(mirrored)
+            existing = self.find_digest(digest)
+            if existing is None:
+                raise
+            return existing, False
+        except BaseException:
+            if mirrored is not None:
+                self.mirror.unregister(mirrored)
+            if created and self.find_digest(digest) is None:
+                self.store.remove(digest)
+            raise
+        return info, True
+
+    # ---- merge runs -------------------------------------------------------------------------
+
+    def begin_merge_run(self, *, method: str, recipe_json: str, recipe_hash: str, seed: int, mergeyard_version: str,
+                        environment: dict, code_revision: str | None, params: dict[str, str]) -> int:
+        mlflow_run_id = self.mirror.start_merge_run(f"{method}-{recipe_hash[7:19]}", params) if self.mirror else None
+        with self.Session.begin() as s:
+            run = MergeRun(method=method, recipe_json=recipe_json, recipe_hash=recipe_hash, seed=seed,
+                           mergeyard_version=mergeyard_version, code_revision=code_revision, environment=environment,
+                           status="running", mlflow_run_id=mlflow_run_id)
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
+                           seconds: float) -> ModelInfo:
+        """Record the merged model, its lineage edges and the run's success in one transaction."""
+        with self.Session() as s:
+            mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
+
+        def finish(s: Session, row: Model) -> None:
+            run = s.get(MergeRun, run_id)
+            run.status, run.output_model_id = "succeeded", row.id
+            run.finished_at, run.seconds = utcnow(), seconds
+
+        base = next((p.model for p in parents if p.role == "base"), None)
+        info, created = self.register(
+            Checkpoint(out_dir), digest, kind="merged", name=name, source_uri=f"mergeyard://merge-run/{run_id}",
+            architecture=base.architecture if base else None, base_model_id=base.id if base else None,
+            parents=parents, merge_run_id=run_id, in_transaction=finish, mlflow_run_id=mlflow_run_id,
+        )
+        if not created:  # the same bytes were made before: this run made them too
+            with self.Session.begin() as s:
+                run = s.get(MergeRun, run_id)
+                run.status, run.output_model_id = "succeeded", info.id
+                run.finished_at, run.seconds = utcnow(), seconds
+        if self.mirror is not None and mlflow_run_id:
+            self.mirror.finish_merge_run(mlflow_run_id, True, [p.model.mlflow_model_id for p in parents if p.model.mlflow_model_id],
+                                         info.mlflow_model_id)
+        return info
+
+    def fail_merge_run(self, run_id: int, error: str) -> None:
+        with self.Session.begin() as s:
+            run = s.get(MergeRun, run_id)
+            run.status, run.error, run.finished_at = "failed", error[:4000], utcnow()
+            mlflow_run_id = run.mlflow_run_id
+        if self.mirror is not None and mlflow_run_id:
+            self.mirror.finish_merge_run(mlflow_run_id, False)
+
+    def producing_run(self, model: ModelInfo) -> MergeRun | None:
+        """The earliest successful merge run that produced `model` (None for ingested models)."""
+        with self.Session() as s:
+            return s.scalar(select(MergeRun).where(MergeRun.output_model_id == model.id, MergeRun.status == "succeeded")
+                            .order_by(MergeRun.id).limit(1))
+
+    def parents_of(self, model: ModelInfo) -> list[tuple[LineageEdge, ModelInfo]]:
+        with self.Session() as s:
+            rows = s.execute(select(LineageEdge, Model).join(Model, Model.id == LineageEdge.parent_id)
+                             .where(LineageEdge.child_id == model.id).order_by(LineageEdge.id)).all()
+            return [(edge, ModelInfo.of(parent)) for edge, parent in rows]
+
+    # ---- measurements -----------------------------------------------------------------------
+
+    def record_evaluations(self, model: ModelInfo, suite_name: str, suite_digest: str,
+                           rows: list[tuple[str, str, float]], run_id: str | None = None) -> None:
+        """(task, metric, value) rows for one model and suite, in one transaction."""
+        with self.Session.begin() as s:
+            s.add_all([Evaluation(model_id=model.id, suite_name=suite_name, suite_digest=suite_digest, task=task,
+                                  metric=metric, value=float(value), run_id=run_id) for task, metric, value in rows])
+
+    def latest_evaluations(self, model_id: int, suite_name: str, metric: str) -> dict[str, float]:
+        """task → newest value of `metric` for this model on this suite."""
+        with self.Session() as s:
+            rows = s.execute(select(Evaluation.task, Evaluation.value)
+                             .where(Evaluation.model_id == model_id, Evaluation.suite_name == suite_name,
+                                    Evaluation.metric == metric).order_by(Evaluation.id)).all()
+        return {task: value for task, value in rows}
+
+    def record_scores(self, suite_name: str, suite_digest: str, method: str, scores: dict[int, float]) -> None:
+        with self.Session.begin() as s:
+            s.add_all([RelevanceScore(candidate_id=cid, suite_name=suite_name, suite_digest=suite_digest, method=method,
+                                      value=float(v)) for cid, v in scores.items()])
+
+    def record_reproduction(self, model: ModelInfo, ok: bool, rebuilt_digest: str | None, details: dict) -> None:
+        with self.Session.begin() as s:
+            s.add(Reproduction(model_id=model.id, ok=ok, rebuilt_digest=rebuilt_digest, details=details))
+
+    def latest_reproduction(self, model_id: int) -> Reproduction | None:
+        with self.Session() as s:
+            return s.scalar(select(Reproduction).where(Reproduction.model_id == model_id)
+                            .order_by(Reproduction.id.desc()).limit(1))
+
+    def count(self, table) -> int:
+        with self.Session() as s:
+            return s.scalar(select(func.count()).select_from(table))

@@ -1,0 +1,144 @@
+"""The lineage database: SQLAlchemy 2.x models. Alembic migrations own the DDL.
+
+A model is identified by its content digest. Merge runs produce models from
+parents through weighted lineage edges, so a merge of merges is a DAG. The
+promotion event log is append-only (refused in the application here and by
+database triggers created in the migration).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    digest: Mapped[str] = mapped_column(String(80), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "ingested" | "merged"
+    source_uri: Mapped[str] = mapped_column(Text, nullable=False)
+    resolved_revision: Mapped[str | None] = mapped_column(String(255))
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, nullable=False)  # [{path, sha256, bytes}]
+    architecture: Mapped[str | None] = mapped_column(String(255))
+    base_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    num_params: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    dtype: Mapped[str] = mapped_column(String(16), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    store_path: Mapped[str] = mapped_column(Text, nullable=False)
+    mlflow_model_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_version: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    base_model: Mapped[Model | None] = relationship(remote_side=[id])
+
+
+class MergeRun(Base):
+    __tablename__ = "merge_runs"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    method: Mapped[str] = mapped_column(String(64), nullable=False)
+    recipe_json: Mapped[str] = mapped_column(Text, nullable=False)
+    recipe_hash: Mapped[str] = mapped_column(String(80), nullable=False, index=True)
+    seed: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    mergeyard_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    code_revision: Mapped[str | None] = mapped_column(String(64))
+    environment: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)  # running | succeeded | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    output_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), index=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class LineageEdge(Base):
+    __tablename__ = "lineage_edges"
+    __table_args__ = (Index("ix_lineage_child", "child_id"), Index("ix_lineage_parent", "parent_id"))
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False)
+    child_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False)
+    merge_run_id: Mapped[int | None] = mapped_column(ForeignKey("merge_runs.id"))
+    role: Mapped[str] = mapped_column(String(32), nullable=False)  # base | candidate | selected
+    step: Mapped[int | None] = mapped_column(Integer)  # iteration for selected-at-step-k
+    weight: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_model_suite", "model_id", "suite_name"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False)
+    suite_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    suite_digest: Mapped[str] = mapped_column(String(80), nullable=False)
+    task: Mapped[str] = mapped_column(String(128), nullable=False)
+    metric: Mapped[str] = mapped_column(String(64), nullable=False)
+    value: Mapped[float] = mapped_column(Float, nullable=False)
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class RelevanceScore(Base):
+    __tablename__ = "relevance_scores"
+    __table_args__ = (Index("ix_relevance_candidate_suite", "candidate_id", "suite_name"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False)
+    suite_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    suite_digest: Mapped[str] = mapped_column(String(80), nullable=False)
+    method: Mapped[str] = mapped_column(String(64), nullable=False)
+    value: Mapped[float] = mapped_column(Float, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class PromotionEvent(Base):
+    """Append-only: one row per promotion attempt, passed or refused."""
+
+    __tablename__ = "promotion_events"
+    __table_args__ = (Index("ix_promotion_name_alias", "model_name", "alias", "id"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False)
+    model_name: Mapped[str] = mapped_column(String(255), nullable=False)  # aliases are per name: NAME@ALIAS
+    alias: Mapped[str] = mapped_column(String(64), nullable=False)
+    previous_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    decision: Mapped[str] = mapped_column(String(16), nullable=False)  # promoted | refused
+    gate: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)  # rules and the numbers compared
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class Reproduction(Base):
+    """Outcome of `mergeyard reproduce`: gates can require a verified rebuild."""
+
+    __tablename__ = "reproductions"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), nullable=False, index=True)
+    ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    rebuilt_digest: Mapped[str | None] = mapped_column(String(80))
+    details: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)

@@ -1,0 +1,188 @@
+"""Model sources: a URI in, safetensors on local disk out.
+
+    file:///abs/path  or a plain path   a .safetensors file or a checkpoint directory
+    hf://org/name[@revision]            Hugging Face Hub, via huggingface_hub.snapshot_download
+                                        (honours HF_HUB_OFFLINE and the hub cache)
+    open_clip://ARCH[/PRETRAINED]       open_clip.create_model; no PRETRAINED: random init, seed 0
+    mlflow://NAME/VERSION, mlflow://NAME@ALIAS
+                                        a registered model version's artifacts
+
+Identifiers are checked before anything is fetched: no '..', no absolute
+paths, only the characters each service allows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from registry.errors import SourceError
+
+_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
+_OPEN_CLIP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
+_MLFLOW_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "open_clip_config.json"]
+
+
+@dataclass
+class ResolvedSource:
+    uri: str  # canonical form, recorded as the model's source
+    path: Path  # a .safetensors file or a checkpoint directory
+    revision: str | None
+    architecture: str | None
+    default_name: str
+
+
+def _no_traversal(uri: str, part: str) -> None:
+    if ".." in re.split(r"[/\\]", part) or part.startswith("/"):
+        raise SourceError(f"{uri}: path traversal ('..' or an absolute path) is not allowed here")
+
+
+def _architecture_from_config(directory: Path) -> str | None:
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    archs = data.get("architectures") or []
+    return archs[0] if archs else data.get("model_type")
+
+
+def scheme_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+@contextmanager
+def resolve_source(uri: str, *, hf_cache: Path | None = None, scratch: Path | None = None,
+                   mlflow_tracking_uri: str | None = None) -> Iterator[ResolvedSource]:
+    """Resolve `uri` to local safetensors; temporary files are removed on exit."""
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        yield _resolve_file(uri)
+    elif scheme == "hf":
+        yield _resolve_hf(uri, hf_cache)
+    elif scheme == "open_clip":
+        with _resolve_open_clip(uri, hf_cache, scratch) as resolved:
+            yield resolved
+    elif scheme == "mlflow":
+        with _resolve_mlflow(uri, scratch, mlflow_tracking_uri) as resolved:
+            yield resolved
+    else:
+        raise SourceError(f"{uri}: unknown source scheme {scheme!r}; use file://, hf://, open_clip:// or mlflow://")
+
+
+def _resolve_file(uri: str) -> ResolvedSource:
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise SourceError(f"{uri}: no such file or directory")
+    path = path.resolve()
+    directory = path if path.is_dir() else path.parent
+    name = path.name.removesuffix(".safetensors") if path.is_file() else path.name
+    if path.is_file() and path.name == "model.safetensors":
+        name = path.parent.name
+    return ResolvedSource(f"file://{path}", path, None, _architecture_from_config(directory), name)
+
+
+def _resolve_hf(uri: str, hf_cache: Path | None) -> ResolvedSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    rest = uri[len("hf://"):]
+    repo, _, revision = rest.partition("@")
+    if not _HF_REPO.match(repo) or ".." in repo:
+        raise SourceError(f"{uri}: expected hf://ORG/NAME[@REVISION]")
+    if revision and (not _HF_REVISION.match(revision) or ".." in revision.split("/")):
+        raise SourceError(f"{uri}: revision {revision!r} is not a valid branch, tag or commit")
+    try:
+        snapshot = Path(snapshot_download(repo, revision=revision or None, cache_dir=hf_cache,
+                                          allow_patterns=SAFETENSORS_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise SourceError(
+            f"{uri}: not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE is honoured); "
+            "download it once with network access or point MERGEYARD_HF_CACHE at a cache that has it"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise SourceError(f"{uri}: {type(exc).__name__}: check the repository name and revision") from None
+    except HfHubHTTPError as exc:
+        raise SourceError(f"{uri}: hub request failed ({exc})") from None
+    if not list(snapshot.glob("*.safetensors")):
+        raise SourceError(f"{uri}: the snapshot holds no .safetensors files (pickled weights are not ingested)")
+    commit = snapshot.name
+    canonical = f"hf://{repo}@{commit}"
+    return ResolvedSource(canonical, snapshot, commit, _architecture_from_config(snapshot), repo)
+
+
+@contextmanager
+def _scratch_dir(scratch: Path | None) -> Iterator[Path]:
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="source-", dir=scratch))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _resolve_open_clip(uri: str, hf_cache: Path | None, scratch: Path | None) -> Iterator[ResolvedSource]:
+    rest = uri[len("open_clip://"):]
+    arch, _, pretrained = rest.partition("/")
+    if not _OPEN_CLIP_PART.match(arch) or (pretrained and not _OPEN_CLIP_PART.match(pretrained)):
+        raise SourceError(f"{uri}: expected open_clip://ARCH[/PRETRAINED] (letters, digits, _ . - @ :)")
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    if arch not in open_clip.list_models() and not arch.startswith("hf-hub:"):
+        raise SourceError(f"{uri}: open_clip has no model {arch!r}; see open_clip.list_models()")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # no pretrained tag: the same random init every time
+            model = open_clip.create_model(arch, pretrained=pretrained or None,
+                                           cache_dir=str(hf_cache) if hf_cache else None)
+    except RuntimeError as exc:
+        raise SourceError(f"{uri}: open_clip could not create it ({str(exc).splitlines()[0]})") from None
+    with _scratch_dir(scratch) as tmp:
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        canonical = f"open_clip://{arch}" + (f"/{pretrained}" if pretrained else "")
+        yield ResolvedSource(canonical, tmp, pretrained or "random-init-seed-0", f"open_clip/{arch}",
+                             f"open_clip-{arch}" + (f"-{pretrained}" if pretrained else ""))
+
+
+@contextmanager
+def _resolve_mlflow(uri: str, scratch: Path | None, tracking_uri: str | None) -> Iterator[ResolvedSource]:
+    rest = uri[len("mlflow://"):]
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        version = None
+    else:
+        name, _, version = rest.partition("/")
+        alias = None
+    if not _MLFLOW_NAME.match(name) or not ((version and version.isdigit()) or (alias and _MLFLOW_NAME.match(alias))):
+        raise SourceError(f"{uri}: expected mlflow://NAME/VERSION or mlflow://NAME@ALIAS")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise SourceError(f"{uri}: not in the MLflow registry ({exc.message.splitlines()[0]})") from None
+    with _scratch_dir(scratch) as tmp:
+        # The version's source is the logged model (models:/m-...): fetch its artifacts through the same client.
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri))
+        found = sorted(local.rglob("*.safetensors"))
+        if not found:
+            raise SourceError(f"{uri}: the model version's artifacts hold no .safetensors files")
+        yield ResolvedSource(f"mlflow://{name}/{mv.version}", found[0].parent, f"{name}/{mv.version}",
+                             _architecture_from_config(found[0].parent), name)

@@ -1,0 +1,32 @@
+"""Checks a checkpoint passes before anything about it is recorded."""
+
+from __future__ import annotations
+
+import re
+
+from merging.checkpoint import Checkpoint
+from merging.engine import check_compatible
+from merging.finite import all_finite
+from registry.errors import ValidationFailed
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_tensor_name(name: str) -> None:
+    """Tensor names end up in file paths and URIs elsewhere: refuse traversal and control characters."""
+    parts = re.split(r"[/\\]", name)
+    if not name or len(name) > 1024 or _CONTROL.search(name) or name.startswith(("/", "\\")) or ".." in parts:
+        raise ValidationFailed(f"tensor name {name!r} is not allowed (empty, too long, absolute, '..' or control characters)")
+
+
+def validate_checkpoint(ckpt: Checkpoint, base: Checkpoint | None = None) -> None:
+    """Readable headers (checked on open), safe names, finite values, same tensors as the declared base."""
+    if not ckpt.entries:
+        raise ValidationFailed(f"{ckpt.path}: holds no tensors")
+    for name in ckpt.names:
+        check_tensor_name(name)
+    for name in ckpt.names:
+        if ckpt.entries[name].is_float and not all_finite(ckpt.read(name)):
+            raise ValidationFailed(f"{ckpt.path}: tensor {name!r} holds NaN or infinity; nothing was recorded")
+    if base is not None:
+        check_compatible(base, [ckpt])
