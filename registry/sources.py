@@ -149,7 +149,7 @@ def _resolve_open_clip(uri: str, hf_cache: Path | None, scratch: Path | None) ->
             torch.manual_seed(0)  # no pretrained tag: the same random init every time
             model = open_clip.create_model(arch, pretrained=pretrained or None,
                                            cache_dir=str(hf_cache) if hf_cache else None)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise SourceError(f"{uri}: open_clip could not create it ({str(exc).splitlines()[0]})") from None
     with _scratch_dir(scratch) as tmp:
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

@@ -88,3 +88,35 @@ def write_family(tmp_path):
         return base_path, paths
 
     return write
+
+
+from postgres import database_url, pg_cluster  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """One MLflow tracking + registry store per session (its schema takes seconds to create)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}", root / "artifacts"
+
+
+@pytest.fixture
+def registry_config(database_url, mlflow_store, tmp_path):
+    from registry.registry import RegistryConfig
+
+    uri, artifacts = mlflow_store
+    return RegistryConfig(database_url=database_url, store_root=tmp_path / "store", scratch=tmp_path / "scratch",
+                          mlflow_tracking_uri=uri, mlflow_artifact_root=artifacts, hf_cache=tmp_path / "hub")
+
+
+@pytest.fixture
+def registry(registry_config):
+    from registry.db import make_engine, upgrade
+    from registry.registry import Registry
+
+    engine = make_engine(registry_config.database_url)
+    upgrade(engine)  # what `mergeyard db upgrade` does; only embedded SQLite upgrades itself
+    engine.dispose()
+    reg = Registry(registry_config)
+    yield reg
+    reg.close()
