@@ -293,6 +293,15 @@ class Registry:
             s.add_all([RelevanceScore(candidate_id=cid, suite_name=suite_name, suite_digest=suite_digest, method=method,
                                       value=float(v)) for cid, v in scores.items()])
 
+    def scores(self, suite_name: str, method: str | None = None) -> dict[str, float]:
+        """digest → newest relevance score of each candidate for a suite (optionally one scoring method)."""
+        with self.Session() as s:
+            query = (select(Model.digest, RelevanceScore.value).join(Model, Model.id == RelevanceScore.candidate_id)
+                     .where(RelevanceScore.suite_name == suite_name).order_by(RelevanceScore.id))
+            if method:
+                query = query.where(RelevanceScore.method == method)
+            return {digest: value for digest, value in s.execute(query)}
+
     def record_reproduction(self, model: ModelInfo, ok: bool, rebuilt_digest: str | None, details: dict) -> None:
         with self.Session.begin() as s:
             s.add(Reproduction(model_id=model.id, ok=ok, rebuilt_digest=rebuilt_digest, details=details))

@@ -318,3 +318,19 @@ def test_open_clip_source_with_a_tiny_config(registry, tmp_path):
         registry.ingest("open_clip://no-such-arch")
     with pytest.raises(SourceError):
         registry.ingest("open_clip://../../etc")
+
+
+def test_relevance_scores_and_evaluations_round_trip(registry, tmp_path):
+    bp, mps = family(tmp_path, seed=15)
+    a, _ = registry.ingest(str(mps[0]))
+    b, _ = registry.ingest(str(mps[1]))
+    registry.record_scores("suite-a", "sha256:s", "fw-lmo", {a.id: -0.4, b.id: 0.1})
+    registry.record_scores("suite-a", "sha256:s", "fw-lmo", {a.id: -0.5})  # newer score wins
+    registry.record_scores("suite-a", "sha256:s", "task-vector-cosine", {a.id: 0.9})
+    assert registry.scores("suite-a", "fw-lmo") == {a.digest: -0.5, b.digest: 0.1}
+    assert registry.scores("suite-b") == {}
+    registry.record_evaluations(a, "suite-a", "sha256:s", [("t1", "accuracy", 0.5), ("t2", "accuracy", 0.7)])
+    registry.record_evaluations(a, "suite-a", "sha256:s", [("t1", "accuracy", 0.6)])
+    assert registry.latest_evaluations(a.id, "suite-a", "accuracy") == {"t1": 0.6, "t2": 0.7}
+    with registry.Session() as s:
+        assert s.query(Evaluation).count() == 3  # history is kept; "latest" is a view of it
