@@ -315,6 +315,85 @@ def reproduce(
         raise typer.Exit(1)
 
 
+@app.command()
+@user_errors
+def evaluate(
+    model: str = typer.Argument(..., help="digest, name, NAME@ALIAS, or a checkpoint path (ingested first)"),
+    suite: str = typer.Option(..., "--suite", help="ta8-mini, zoo-all or zoo:TASK"),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda"),
+    record: bool = typer.Option(True, help="record the results in the registry and MLflow"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """Score a model on a task suite: accuracy, loss and normalised accuracy per task."""
+    from flows.evaluate import evaluate_model
+    from flows.registry_access import open_registry
+
+    settings = get_settings()
+    with progress_bars(enabled=not as_json) as progress:
+        info, result = evaluate_model(open_registry(settings), model, suite, tasks=tasks,
+                                      zoo_manifest=settings.zoo_dir / "manifest.json", device=device or settings.device,
+                                      record=record, progress=progress)
+    if as_json:
+        print(json.dumps({"model": info.digest, "name": info.name, **result.as_dict()}, indent=2))
+        return
+    table = Table("task", "accuracy", "normalised", "loss", "samples", title=f"{info.name} on {suite} ({result.suite_digest[:19]})")
+    for t in result.tasks:
+        table.add_row(t.task, f"{100 * t.accuracy:.1f}", "" if t.normalized_accuracy is None else f"{100 * t.normalized_accuracy:.1f}",
+                      f"{t.loss:.3f}", str(t.samples))
+    norm = result.average_normalized_accuracy
+    table.add_row("[bold]average[/]", f"[bold]{100 * result.average_accuracy:.1f}[/]", "" if norm is None else f"{100 * norm:.1f}", "", "")
+    stdout.print(table)
+
+
+zoo_app = typer.Typer(help="The offline benchmark zoo (procedural tasks, a small CLIP, its fine-tunes).", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("pretrain")
+@user_errors
+def zoo_pretrain(
+    steps: int = typer.Option(4000, help="contrastive pre-training steps (batch 256)"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="asset directory (default: the one committed in evaluation/zoo/assets)"),
+) -> None:
+    """Pre-train the zoo CLIP deterministically and write it as the float16 asset (tens of CPU minutes)."""
+    import time
+
+    from evaluation.zoo.asset import ASSET_DIR, save_asset
+    from evaluation.zoo.train import pretrain
+
+    started = time.perf_counter()
+    with progress_bars() as progress:
+        clip = pretrain(steps, batch=256, lr=2e-3, per_class=400, noise=10.0, seed=seed, progress=progress)
+    record = save_asset(clip, {"command": f"mergeyard zoo pretrain --steps {steps} --seed {seed}", "steps": steps,
+                               "seed": seed, "seconds": round(time.perf_counter() - started, 1)}, out or ASSET_DIR)
+    stdout.print(f"wrote the zoo CLIP ({record['bytes'] / 1e6:.1f} MB): {record['digest']}")
+
+
+@zoo_app.command("build")
+@user_errors
+def zoo_build(
+    small: bool = typer.Option(False, help="4 tasks, short fine-tunes (about a minute; what the tests use)"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="output directory (default MERGEYARD_HOME/zoo)"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Write the base image tower and one fine-tune per task, with a manifest (reused when unchanged)."""
+    from evaluation.zoo.build import build_zoo
+
+    target = out or get_settings().zoo_dir
+    with progress_bars(enabled=not as_json) as progress:
+        manifest = build_zoo(target, small=small, seed=seed, progress=progress)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    table = Table("task", "zero-shot", "fine-tuned", "digest", title=f"zoo at {target}")
+    for task, entry in manifest["finetuned"].items():
+        table.add_row(task, f"{100 * manifest['zero_shot'][task]:.1f}", f"{100 * entry['accuracy']:.1f}", entry["digest"][:19])
+    stdout.print(table)
+
+
 db_app = typer.Typer(help="The lineage database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         return self.home / "tmp"
 
     @property
+    def zoo_dir(self) -> Path:
+        """The offline benchmark zoo's base and fine-tuned checkpoints."""
+        return self.home / "zoo"
+
+    @property
     def demo_dir(self) -> Path:
         """Checkpoints and outputs of `mergeyard demo`."""
         return self.home / "demo"

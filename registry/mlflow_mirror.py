@@ -115,8 +115,28 @@ class MlflowMirror:
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
+    def log_evaluation(self, model_id: str | None, digest: str, suite: str, suite_digest: str,
+                       metrics: dict[str, float]) -> str:
+        """An MLflow run holding one evaluation: metrics per task, the model as input."""
+        from mlflow.entities import LoggedModelInput, Metric
+        import time
+
+        run = self.client.create_run(self.experiment_id, run_name=f"evaluate-{suite}",
+                                     tags={"mergeyard.kind": "evaluation", "mergeyard.digest": digest,
+                                           "mergeyard.suite": suite, "mergeyard.suite_digest": suite_digest})
+        run_id = run.info.run_id
+        if model_id:
+            self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_name(name), alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(registered_name(name), alias)
 
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException

@@ -141,19 +141,30 @@ def promote(registry: Registry, model_ref: str, alias: str, gate: Gate, actor: s
     """Run the gate and record the event; on success move the alias (DB event + MLflow alias)."""
     model = registry.resolve(model_ref)
     with registry.Session() as s:
-        holder = registry._alias_holder(s, model.name, alias)
+        holder = registry.alias_holder(s, model.name, alias)
     previous = registry.get(holder) if holder is not None else None
     checks = evaluate_gate(registry, model, gate, previous)
     passed = all(c.passed for c in checks)
     record = {"gate": gate.model_dump(), "checks": [asdict(c) for c in checks]}
-    if passed and registry.mirror is not None and model.mlflow_version:
-        registry.mirror.set_alias(model.name, alias, model.mlflow_version)
-    with registry.Session.begin() as s:
-        event = PromotionEvent(model_id=model.id, model_name=model.name, alias=alias, previous_model_id=holder,
-                               decision="promoted" if passed else "refused", gate=record, actor=actor, reason=reason)
-        s.add(event)
-        s.flush()
-        event_id = event.id
+    move_alias = passed and registry.mirror is not None and model.mlflow_version
+    moved = False
+    try:
+        with registry.Session.begin() as s:
+            event = PromotionEvent(model_id=model.id, model_name=model.name, alias=alias, previous_model_id=holder,
+                                   decision="promoted" if passed else "refused", gate=record, actor=actor, reason=reason)
+            s.add(event)
+            s.flush()
+            event_id = event.id
+            if move_alias:  # inside the transaction: if MLflow refuses, no event claims the move
+                registry.mirror.set_alias(model.name, alias, model.mlflow_version)
+                moved = True
+    except BaseException:
+        if moved:  # the event did not commit: put the alias back where the log says it is
+            if previous is not None and previous.mlflow_version:
+                registry.mirror.set_alias(model.name, alias, previous.mlflow_version)
+            else:
+                registry.mirror.delete_alias(model.name, alias)
+        raise
     return Decision(model, alias, passed, checks, previous, event_id)
 
 

@@ -121,7 +121,7 @@ class Registry:
         with self.Session() as s:
             if "@" in ref and "://" not in ref:
                 name, _, alias = ref.rpartition("@")
-                holder = self._alias_holder(s, name, alias)
+                holder = self.alias_holder(s, name, alias)
                 if holder is None:
                     raise ModelNotFoundError(f"no model holds {name}@{alias}; see `mergeyard audit --alias {alias}`")
                 return ModelInfo.of(s.get(Model, holder))
@@ -143,7 +143,7 @@ class Registry:
             return [ModelInfo.of(r) for r in s.scalars(select(Model).order_by(Model.id))]
 
     @staticmethod
-    def _alias_holder(s: Session, name: str, alias: str) -> int | None:
+    def alias_holder(s: Session, name: str, alias: str) -> int | None:
         return s.scalar(
             select(PromotionEvent.model_id)
             .where(PromotionEvent.model_name == name, PromotionEvent.alias == alias, PromotionEvent.decision == "promoted")

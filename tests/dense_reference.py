@@ -72,6 +72,19 @@ def ties_global(base, models, weights, density, aggregate="mean", lam=1.0):
     return unflat(b + lam * merged, base, names)
 
 
+def mergekit_consensus(weighted, weights, aggregate):
+    """mergekit's `sum` consensus: majority sign of the weighted sum (zero counts positive), disjoint merge."""
+    total = loop_sum(weighted)
+    majority = torch.where(total >= 0, 1.0, -1.0)
+    agree = [torch.sign(t) == majority for t in weighted]
+    mixed = loop_sum([t * a for t, a in zip(weighted, agree)])
+    if aggregate == "mean":
+        divisor = loop_sum([a * w for a, w in zip(agree, weights)])
+        divisor[divisor == 0] = 1
+        mixed = mixed / divisor
+    return mixed
+
+
 def ties_per_tensor(base, models, weights, density, aggregate="mean", lam=1.0):
     """mergekit's `ties`: exact top-k per tensor (stable order breaks ties), weighted sign election."""
     out = {}
@@ -87,15 +100,7 @@ def ties_per_tensor(base, models, weights, density, aggregate="mean", lam=1.0):
                 mask[order[:k]] = 1
                 tau = tau * mask
             weighted.append(tau * w)
-        total = loop_sum(weighted)
-        majority = torch.where(total >= 0, 1.0, -1.0)
-        agree = [torch.sign(t) == majority for t in weighted]
-        mixed = loop_sum([t * a for t, a in zip(weighted, agree)])
-        if aggregate == "mean":
-            divisor = loop_sum([a * w for a, w in zip(agree, weights)])
-            divisor[divisor == 0] = 1
-            mixed = mixed / divisor
-        out[n] = (b + lam * mixed).reshape(base[n].shape)
+        out[n] = (b + lam * mergekit_consensus(weighted, weights, aggregate)).reshape(base[n].shape)
     return out
 
 
@@ -125,15 +130,6 @@ def dare(base, models, weights, drop_rate, keys, lam=1.0, ties=False, aggregate=
             keep = torch.tensor([uniform_at(keys[i][n], j) >= drop_rate for j in range(tau.numel())])
             scale = 1 / (1 - drop_rate) if rescale else 1.0
             weighted.append(tau * keep * (w * scale))
-        if ties:
-            majority = torch.where(loop_sum(weighted) >= 0, 1.0, -1.0)
-            agree = [torch.sign(t) == majority for t in weighted]
-            mixed = loop_sum([t * a for t, a in zip(weighted, agree)])
-            if aggregate == "mean":
-                divisor = loop_sum([a * w for a, w in zip(agree, weights)])
-                divisor[divisor == 0] = 1
-                mixed = mixed / divisor
-        else:
-            mixed = loop_sum(weighted)
+        mixed = mergekit_consensus(weighted, weights, aggregate) if ties else loop_sum(weighted)
         out[n] = (b + lam * mixed).reshape(base[n].shape)
     return out

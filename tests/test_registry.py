@@ -334,3 +334,20 @@ def test_relevance_scores_and_evaluations_round_trip(registry, tmp_path):
     assert registry.latest_evaluations(a.id, "suite-a", "accuracy") == {"t1": 0.6, "t2": 0.7}
     with registry.Session() as s:
         assert s.query(Evaluation).count() == 3  # history is kept; "latest" is a view of it
+
+
+def test_a_failed_alias_move_records_no_promotion(registry, tmp_path, monkeypatch):
+    merged, _, _ = recorded_merge(registry, tmp_path, seed=16)
+
+    def refuse(*args, **kwargs):  # MLflow goes away between the gate and the alias move
+        raise ConnectionError("MLflow unreachable")
+
+    monkeypatch.setattr(registry.mirror, "set_alias", refuse)
+    with pytest.raises(ConnectionError):
+        promote(registry, "product", "production", Gate(), actor="ci")
+    assert audit(registry) == []
+    with pytest.raises(ModelNotFoundError):
+        registry.resolve("product@production")
+    monkeypatch.undo()
+    assert promote(registry, "product", "production", Gate(), actor="ci").passed
+    assert registry.mirror.alias_version("product", "production") == merged.model.mlflow_version

@@ -112,7 +112,9 @@ def _note_zero_sums(name, chunk, taus, total, params: TiesParams, state: GlobalT
     if not bool(undecided.any()):
         return
     idx, sub = zero[undecided], sub[:, undecided]
-    negative = torch.where(sub < 0, sub, 0.0).sum(0)
+    negative = torch.zeros(sub.shape[1], dtype=sub.dtype, device=sub.device)
+    for row in torch.where(sub < 0, sub, 0.0):  # in model order, as every other sum of the merge
+        negative += row
     if params.aggregate == "mean":
         negative = negative / (sub < 0).sum(0).clamp(min=1)
     state.pending.append((name, (idx + chunk.offset).cpu(), (chunk.base[idx] + params.lambda_ * negative).cpu()))

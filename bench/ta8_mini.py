@@ -1,0 +1,119 @@
+"""The offline TA8 miniature, measured the way FusionBench reports TA8.
+
+    python bench/ta8_mini.py                 # builds (or reuses) the full zoo under MERGEYARD_HOME/zoo
+    python bench/ta8_mini.py --zoo DIR --lambdas 0.1,0.3,0.5
+
+Prints: zero-shot and individual fine-tuned accuracy per task, the cross-task
+matrix (each fine-tune on every task: forgetting), then weight averaging, task
+arithmetic and TIES (mean and sum) over a λ grid, each merged by the streaming
+engine from the eight target fine-tunes, with the acceptance checks of the
+issue: zero-shot ≤ 65, every fine-tune ≥ 90 on its task, averaging < task
+arithmetic (best λ) < TIES (best λ, both variants), all ≥ zero-shot + 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from evaluation.evaluator import evaluate_checkpoint  # noqa: E402
+from evaluation.suites import load_suite  # noqa: E402
+from evaluation.zoo.build import build_zoo  # noqa: E402
+from evaluation.zoo.tasks import TA8_MINI  # noqa: E402
+from merging.engine import run_merge  # noqa: E402
+from merging.recipe import parse_recipe  # noqa: E402
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:5.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default MERGEYARD_HOME/zoo; built if missing)")
+    ap.add_argument("--lambdas", default=",".join(f"{x / 20:.2f}" for x in range(1, 21)))
+    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--json", type=Path, default=None, help="also write every number here")
+    args = ap.parse_args()
+    from flows.settings import get_settings
+
+    zoo = args.zoo or get_settings().zoo_dir
+    started = time.perf_counter()
+    manifest = build_zoo(zoo)
+    print(f"zoo: {zoo} (built or reused in {time.perf_counter() - started:.0f} s)")
+    suite = load_suite("ta8-mini", str(zoo / "manifest.json"))
+    base = zoo / manifest["base"]["path"]
+    finetuned = {t: zoo / manifest["finetuned"][t]["path"] for t in TA8_MINI}
+
+    def score(path) -> dict[str, float]:
+        return {t.task: t.accuracy for t in evaluate_checkpoint(path, suite).tasks}
+
+    rows: dict[str, dict[str, float]] = {"pre-trained (zero-shot)": score(base)}
+    matrix = {t: score(p) for t, p in finetuned.items()}
+    rows["individual fine-tuned"] = {t: matrix[t][t] for t in TA8_MINI}
+
+    lambdas = [float(x) for x in args.lambdas.split(",")]
+    grid: dict[str, dict[float, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def merge(method: str, params: dict) -> dict[str, float]:
+            recipe = parse_recipe({"method": method, "base": str(base), "models": [str(p) for p in finetuned.values()],
+                                   "parameters": params})
+            out = Path(tmp) / "merged"
+            run_merge(recipe, out, overwrite=True)
+            return score(out)
+
+        rows["weight averaging"] = merge("average", {})
+        for label, method, extra in (("task arithmetic", "task_arithmetic", {}),
+                                     ("TIES (mean)", "ties", {"density": args.density, "aggregate": "mean"}),
+                                     ("TIES (sum)", "ties", {"density": args.density, "aggregate": "sum"})):
+            grid[label] = {lam: merge(method, {**extra, "lambda": lam}) for lam in lambdas}
+    averages = {label: {lam: sum(s.values()) / len(s) for lam, s in g.items()} for label, g in grid.items()}
+    best = {label: max(a, key=a.get) for label, a in averages.items()}
+    for label, lam in best.items():
+        rows[f"{label} (best λ={lam:g})"] = grid[label][lam]
+
+    def avg(scores: dict[str, float]) -> float:
+        return sum(scores.values()) / len(scores)
+
+    header = f"{'method':<34}" + "".join(f"{t[:8]:>9}" for t in TA8_MINI) + f"{'avg':>8}"
+    print("\nta8-mini accuracy (%), as FusionBench's TA8 table\n" + header + "\n" + "-" * len(header))
+    for label, scores in rows.items():
+        print(f"{label:<34}" + "".join(f"{pct(scores[t]):>9}" for t in TA8_MINI) + f"{pct(avg(scores)):>8}")
+    print("\ncross-task matrix: row = fine-tuned on, column = evaluated on (%)\n" + f"{'':<14}" +
+          "".join(f"{t[:8]:>9}" for t in TA8_MINI))
+    for t in TA8_MINI:
+        print(f"{t:<14}" + "".join(f"{pct(matrix[t][u]):>9}" for u in TA8_MINI))
+    print("\naverage accuracy over the λ grid (%)\n" + f"{'λ':<8}" + "".join(f"{label:>16}" for label in averages))
+    for lam in lambdas:
+        print(f"{lam:<8g}" + "".join(f"{pct(a[lam]):>16}" for a in averages.values()))
+
+    zs = avg(rows["pre-trained (zero-shot)"])
+    wa = avg(rows["weight averaging"])
+    ta = averages["task arithmetic"][best["task arithmetic"]]
+    ties = {v: averages[v][best[v]] for v in ("TIES (mean)", "TIES (sum)")}
+    checks = [
+        ("pre-trained zero-shot average ≤ 65%", zs <= 0.65, pct(zs)),
+        ("every fine-tune ≥ 90% on its own task", min(rows["individual fine-tuned"].values()) >= 0.90,
+         pct(min(rows["individual fine-tuned"].values())) + " (lowest)"),
+        ("weight averaging < task arithmetic (best λ)", wa < ta, f"{pct(wa)} < {pct(ta)}"),
+        *[(f"task arithmetic < {v} (best λ)", ta < ties[v], f"{pct(ta)} < {pct(ties[v])}") for v in ties],
+        ("all merges ≥ zero-shot + 10 points", min(wa, ta, *ties.values()) >= zs + 0.10,
+         f"lowest {pct(min(wa, ta, *ties.values()))} vs {pct(zs + 0.10)}"),
+    ]
+    print("\nacceptance")
+    for text, ok, detail in checks:
+        print(f"  [{'x' if ok else ' '}] {text}: {detail}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "matrix": matrix, "grid_averages": averages,
+                                         "checks": [(t, ok, d) for t, ok, d in checks]}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

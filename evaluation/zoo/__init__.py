@@ -1,0 +1,1 @@
+"""The offline benchmark zoo: procedural image tasks, a small CLIP, its fine-tunes."""

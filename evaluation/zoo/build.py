@@ -1,0 +1,88 @@
+"""`mergeyard zoo build`: the base image tower and one fine-tune per task, with a manifest.
+
+Everything derives from the committed pre-trained CLIP asset and a seed; a
+build whose key (generator version, seed, size, asset digest, fine-tune
+settings) matches the manifest already there is reused, not redone. The
+directory appears whole or not at all (temp + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from evaluation.evaluator import evaluate_state
+from evaluation.suites import load_suite
+from evaluation.zoo.asset import load_asset
+from evaluation.zoo.data import GENERATOR_VERSION
+from evaluation.zoo.tasks import TA8_MINI, TASKS
+from evaluation.zoo.train import finetune
+from merging.digest import checkpoint_digest
+
+Progress = Callable[[str, int, int], None] | None
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    steps: int
+    lr: float
+    batch: int
+    per_class: int
+
+
+FULL = FinetuneSettings(steps=300, lr=3e-4, batch=128, per_class=200)
+SMALL = FinetuneSettings(steps=150, lr=5e-4, batch=64, per_class=80)
+SMALL_TASKS = TA8_MINI[:4]
+
+
+def _save_state(state: dict[str, torch.Tensor], directory: Path) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return checkpoint_digest(directory / "model.safetensors")
+
+
+def build_zoo(out_dir: Path, *, small: bool = False, seed: int = 0, progress: Progress = None) -> dict:
+    out_dir = Path(out_dir)
+    clip, asset = load_asset()
+    settings = SMALL if small else FULL
+    tasks = SMALL_TASKS if small else tuple(TASKS)
+    key = {"generator": GENERATOR_VERSION, "seed": seed, "small": small, "asset": asset["digest"],
+           "finetune": asdict(settings), "tasks": list(tasks)}
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key:
+            return manifest
+    started = time.perf_counter()
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        base_state = {k: v.detach().clone() for k, v in clip.visual.state_dict().items()}
+        manifest = {"key": key, "base": {"path": "base", "digest": _save_state(base_state, tmp / "base")},
+                    "zero_shot": {}, "finetuned": {}}
+        for task in tasks:
+            suite = load_suite(f"zoo:{task}", seed=seed)
+            manifest["zero_shot"][task] = evaluate_state(base_state, suite).tasks[0].accuracy
+            state = finetune(clip, task, settings.steps, lr=settings.lr, batch=settings.batch,
+                             per_class=settings.per_class, seed=seed, progress=progress)
+            digest = _save_state(state, tmp / "finetuned" / task)
+            accuracy = evaluate_state(state, suite).tasks[0].accuracy
+            manifest["finetuned"][task] = {"path": f"finetuned/{task}", "digest": digest, "accuracy": accuracy,
+                                           "seed": seed, **asdict(settings)}
+        manifest["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,96 @@
+"""The offline zoo from the committed CLIP asset: a small build, suites, and `mergeyard evaluate`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evaluation.evaluator import evaluate_checkpoint
+from evaluation.objectives import FewShotCrossEntropy
+from evaluation.suites import load_suite
+from evaluation.zoo.asset import asset_paths, load_asset
+from evaluation.zoo.build import SMALL_TASKS, build_zoo
+from merging.digest import checkpoint_digest
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo") / "zoo"
+    started = time.perf_counter()
+    manifest = build_zoo(out, small=True)
+    return out, manifest, time.perf_counter() - started
+
+
+def test_committed_asset_is_small_versioned_and_regenerable():
+    weights, meta = asset_paths()
+    record = json.loads(meta.read_text())
+    assert weights.stat().st_size <= 5 * 1024 * 1024 and record["digest"] == checkpoint_digest(weights)
+    assert record["command"].startswith("mergeyard zoo pretrain")
+    clip, _ = load_asset()
+    assert sum(p.numel() for p in clip.visual.parameters()) > 500_000
+
+
+def test_small_zoo_fine_tunes_beat_zero_shot_and_are_reused(small_zoo):
+    out, manifest, seconds = small_zoo
+    assert set(manifest["finetuned"]) == set(SMALL_TASKS)
+    assert checkpoint_digest(out / "base") == manifest["base"]["digest"]
+    for task, entry in manifest["finetuned"].items():
+        assert checkpoint_digest(out / entry["path"]) == entry["digest"]
+        assert entry["accuracy"] > manifest["zero_shot"][task] + 0.05, task
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    started = time.perf_counter()
+    assert build_zoo(out, small=True) == manifest  # same key: reused, not rebuilt
+    assert time.perf_counter() - started < seconds / 2 and (out / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_suite_digest_is_stable_and_normalised_accuracy_uses_the_manifest(small_zoo):
+    out, manifest, _ = small_zoo
+    a = load_suite("ta8-mini")
+    load_suite.cache_clear()
+    assert load_suite("ta8-mini").digest == a.digest
+    suite = load_suite("ta8-mini", str(out / "manifest.json")).subset(list(SMALL_TASKS))
+    task = SMALL_TASKS[0]
+    result = evaluate_checkpoint(out / manifest["finetuned"][task]["path"], suite)
+    own = next(t for t in result.tasks if t.task == task)
+    assert own.accuracy == pytest.approx(manifest["finetuned"][task]["accuracy"])
+    assert own.normalized_accuracy == pytest.approx(1.0)
+
+
+def test_few_shot_objective_on_the_zoo_suite(small_zoo):
+    out, _, _ = small_zoo
+    suite = load_suite("ta8-mini").subset(list(SMALL_TASKS[:2]))
+    objective = FewShotCrossEntropy(suite)
+    from evaluation.evaluator import load_state
+
+    state = load_state(out / "base")
+    loss, grads = objective.loss_and_grad(state)
+    assert torch.isfinite(torch.tensor(loss)) and set(grads) == set(objective.names)
+    assert all(grads[n].shape == state[n].shape for n in objective.names)
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_evaluate_command_records_rows_and_an_mlflow_run(small_zoo, monkeypatch, mlflow_store):
+    out, manifest, _ = small_zoo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store[0])
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", str(out / "finetuned" / SMALL_TASKS[0]), "--suite", "ta8-mini",
+                                      "--tasks", SMALL_TASKS[0], "--tasks", SMALL_TASKS[1], "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [t["task"] for t in report["tasks"]] == list(SMALL_TASKS[:2])
+    from flows.registry_access import open_registry
+
+    registry = open_registry()
+    model = registry.resolve(report["model"])
+    assert registry.latest_evaluations(model.id, "ta8-mini", "accuracy") == {
+        t["task"]: t["accuracy"] for t in report["tasks"]}
+    run = registry.mirror.client.search_runs([registry.mirror.experiment_id],
+                                            f"tags.`mergeyard.digest` = '{model.digest}'")[0]
+    assert run.data.metrics[f"{SMALL_TASKS[0]}/accuracy"] == pytest.approx(report["tasks"][0]["accuracy"])
+    bad = CliRunner().invoke(app, ["evaluate", model.digest, "--suite", "nope"])
+    assert bad.exit_code == 1 and "unknown suite" in bad.stderr
