@@ -24,5 +24,8 @@ def evaluate_model(registry: Registry, ref: str, suite_name: str, *, tasks: list
             metrics = {f"{task}/{metric}": value for task, metric, value in result.rows()}
             metrics["average/accuracy"] = result.average_accuracy
             run_id = registry.mirror.log_evaluation(model.mlflow_model_id, model.digest, suite.name, suite.digest, metrics)
+            producing = registry.producing_run(model)
+            if producing is not None and producing.mlflow_run_id:  # the merge run shows what it produced scores
+                registry.mirror.log_metrics(producing.mlflow_run_id, {f"{suite.name}/{k}": v for k, v in metrics.items()})
         registry.record_evaluations(model, suite.name, suite.digest, result.rows(), run_id=run_id)
     return model, result

@@ -103,23 +103,20 @@ class MlflowMirror:
 
     def finish_merge_run(self, run_id: str, ok: bool, parent_model_ids: list[str] = (), output_model_id: str | None = None,
                          metrics: dict[str, float] | None = None) -> None:
-        from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
-        import time
+        from mlflow.entities import LoggedModelInput, LoggedModelOutput
 
         if parent_model_ids:
             self.client.log_inputs(run_id, models=[LoggedModelInput(m) for m in parent_model_ids])
         if output_model_id:
             self.client.log_outputs(run_id, [LoggedModelOutput(output_model_id, step=0)])
         if metrics:
-            now = int(time.time() * 1000)
-            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.log_metrics(run_id, metrics)
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
     def log_evaluation(self, model_id: str | None, digest: str, suite: str, suite_digest: str,
                        metrics: dict[str, float]) -> str:
         """An MLflow run holding one evaluation: metrics per task, the model as input."""
-        from mlflow.entities import LoggedModelInput, Metric
-        import time
+        from mlflow.entities import LoggedModelInput
 
         run = self.client.create_run(self.experiment_id, run_name=f"evaluate-{suite}",
                                      tags={"mergeyard.kind": "evaluation", "mergeyard.digest": digest,
@@ -127,10 +124,17 @@ class MlflowMirror:
         run_id = run.info.run_id
         if model_id:
             self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.log_metrics(run_id, metrics)
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Add metrics to an existing run (a merge run gains its output's evaluations)."""
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_name(name), alias, version)

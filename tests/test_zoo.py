@@ -94,3 +94,23 @@ def test_evaluate_command_records_rows_and_an_mlflow_run(small_zoo, monkeypatch,
     assert run.data.metrics[f"{SMALL_TASKS[0]}/accuracy"] == pytest.approx(report["tasks"][0]["accuracy"])
     bad = CliRunner().invoke(app, ["evaluate", model.digest, "--suite", "nope"])
     assert bad.exit_code == 1 and "unknown suite" in bad.stderr
+
+
+def test_evaluating_a_merged_model_annotates_its_merge_run(small_zoo, registry):
+    out, manifest, _ = small_zoo
+    from flows.evaluate import evaluate_model
+    from flows.merge import merge_and_record
+    from merging.recipe import parse_recipe
+
+    recipe = parse_recipe({"method": "task_arithmetic", "base": str(out / "base"), "parameters": {"lambda": 0.3},
+                           "models": [str(out / manifest["finetuned"][t]["path"]) for t in SMALL_TASKS[:2]]})
+    merged = merge_and_record(recipe, registry, name="zoo-ta")
+    model, result = evaluate_model(registry, "zoo-ta", "ta8-mini", tasks=list(SMALL_TASKS[:2]))
+    assert model.id == merged.model.id
+    run = registry.mirror.client.get_run(registry.producing_run(model).mlflow_run_id)
+    assert run.data.metrics[f"ta8-mini/{SMALL_TASKS[0]}/accuracy"] == pytest.approx(result.tasks[0].accuracy)
+    with registry.Session() as s:
+        from registry.lineage import lineage
+
+        graph = lineage(s, model.id)
+    assert graph.nodes[model.id].metrics["ta8-mini/accuracy"] == pytest.approx(result.average_accuracy)
