@@ -8,6 +8,7 @@ a promotion gate can require a verified rebuild.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -37,6 +38,14 @@ class Reproduction:
                 "differing_tensors": self.differing, "merge_run": self.run_id}
 
 
+def _tensor_sha256(ckpt: Checkpoint, name: str) -> str:
+    # iter_raw reuses one buffer per block: hash each block as it comes, never keep the views
+    h = hashlib.sha256()
+    for block in ckpt.iter_raw(name):
+        h.update(block)
+    return h.hexdigest()
+
+
 def differing_tensors(a: Path, b: Path) -> list[str]:
     """Names whose bytes, dtype or shape differ, or that only one side has."""
     ca, cb = Checkpoint(a), Checkpoint(b)
@@ -47,7 +56,7 @@ def differing_tensors(a: Path, b: Path) -> list[str]:
             out.append(name)
             continue
         ea, eb = ca.entries[name], cb.entries[name]
-        if ea.dtype != eb.dtype or ea.shape != eb.shape or b"".join(ca.iter_raw(name)) != b"".join(cb.iter_raw(name)):
+        if ea.dtype != eb.dtype or ea.shape != eb.shape or _tensor_sha256(ca, name) != _tensor_sha256(cb, name):
             out.append(name)
     return out
 

@@ -167,12 +167,9 @@ class CheckpointWriter:
                 fh.write(raw[n * size:(n + 1) * size])
         self._digest_valid = False
 
-    def commit(self, extra_files: dict[str, str] | None = None) -> tuple[str, list[str]]:
-        """Finish the shards, write index and extra files, move into place. Returns (digest, file names)."""
-        return self.commit_with(lambda digest: extra_files or {})
-
     def commit_with(self, extra_files: Callable[[str], dict[str, str]]) -> tuple[str, list[str]]:
-        """As `commit`, with the extra files made from the finished digest."""
+        """Finish the shards, write the index and the extra files (made from the finished digest), move
+        into place. Returns (digest, file names)."""
         self._io.drain()
         self._io.stop()
         if self._current is not None:

@@ -351,3 +351,15 @@ def test_a_failed_alias_move_records_no_promotion(registry, tmp_path, monkeypatc
     monkeypatch.undo()
     assert promote(registry, "product", "production", Gate(), actor="ci").passed
     assert registry.mirror.alias_version("product", "production") == merged.model.mlflow_version
+
+
+def test_differing_tensors_compares_every_block_of_large_tensors(tmp_path):
+    from flows.reproduce import differing_tensors
+
+    big = torch.zeros(20_000_000)  # 80 MB: more than one 64 MiB read block
+    a = save_checkpoint({"big": big, "small": torch.ones(3)}, tmp_path / "a.safetensors")
+    changed = big.clone()
+    changed[100] = 1.0  # in the first block only
+    b = save_checkpoint({"big": changed, "small": torch.ones(3)}, tmp_path / "b.safetensors")
+    assert differing_tensors(a, b) == ["big"]
+    assert differing_tensors(a, a) == []
