@@ -48,7 +48,7 @@ class _SuiteObjective:
         params = {k: v.detach().to(self.device, torch.float32).requires_grad_(k in self.names) for k, v in state.items()}
         total = self._total(params)
         grads = torch.autograd.grad(total, [params[n] for n in self.names], allow_unused=True)
-        return float(total), {n: (g if g is not None else torch.zeros_like(params[n])).detach()
+        return float(total.detach()), {n: (g if g is not None else torch.zeros_like(params[n])).detach()
                               for n, g in zip(self.names, grads)}
 
 

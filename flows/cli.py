@@ -23,12 +23,20 @@ from flows.settings import get_settings
 
 app = typer.Typer(
     name="mergeyard",
-    help="Model merging with lineage: merge safetensors checkpoints, digest them, (soon) register and promote them.",
+    help="Model merging with lineage: ingest, score, merge, evaluate and promote models, reproducibly.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 stdout = Console()
+
+
+@app.callback()
+def _defaults() -> None:
+    """Keep what libraries cache under MERGEYARD_HOME too (matplotlib's font cache, used by the zoo's renderer)."""
+    import os
+
+    os.environ.setdefault("MPLCONFIGDIR", str((Path(get_settings().home) / "cache" / "matplotlib").resolve()))
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -128,24 +136,149 @@ def methods(as_json: bool = typer.Option(False, "--json", help="print as JSON"))
     stdout.print(table)
 
 
+DASK_HELP = "run mapped tasks on Dask: an ADDRESS (tcp://host:8786), or no value for a local cluster"
+
+
+def _run_pipeline(config, dask: Optional[str], refresh: bool) -> dict:
+    """The pipeline flow, in this process, against the configured (or ephemeral) Prefect API."""
+    import os
+
+    from flows.runtime import configure_prefect
+
+    settings = get_settings()
+    configure_prefect(settings)
+    if refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    from flows.pipeline import Env, pipeline_flow
+    from flows.runtime import with_runner
+
+    env = Env.from_settings(settings).model_copy(update={"device": config.device})
+    return with_runner(pipeline_flow, dask)(config, env)
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    from flows.console import promotion_table, render_tree, report_tables
+    from flows.registry_access import open_registry
+    from registry.lineage import lineage as build_lineage
+
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    stdout.print(report_tables(report))
+    promotion = report.get("promotion")
+    if promotion:
+        stdout.print(promotion_table(promotion))
+    registry = open_registry()
+    shown = registry.resolve(promotion["model"] if promotion else report["best"])
+    with registry.Session() as session:
+        stdout.print(f"lineage of {shown.name} {shown.digest[:19]}:")
+        stdout.print(render_tree(build_lineage(session, shown.id)))
+
+
+def _where_next() -> None:
+    import os
+
+    settings = get_settings()
+    stdout.print("[bold]next[/]:")
+    stdout.print(f"  mlflow ui --backend-store-uri {settings.mlflow_uri} --port 5000   [dim]# runs, models, aliases[/]",
+                 highlight=False, soft_wrap=True)
+    if "PREFECT_API_URL" not in os.environ:
+        stdout.print(f"  PREFECT_HOME={os.environ.get('PREFECT_HOME')} prefect server start   [dim]# flow runs and the merge artifacts[/]",
+                     highlight=False, soft_wrap=True)
+    stdout.print("  mergeyard models list; mergeyard audit; mergeyard reproduce MODEL", highlight=False)
+
+
 @app.command()
 @user_errors
-def demo(as_json: bool = typer.Option(False, "--json", help="print the results as JSON")) -> None:
-    """Make a base and four fine-tuned checkpoints under MERGEYARD_HOME/demo and merge them with every method."""
-    from flows.demo import run_demo
+def demo(
+    full: bool = typer.Option(False, help="all 22 zoo fine-tunes and the 8 ta8-mini targets (about 12 CPU minutes to build)"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=DASK_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the pipeline report as JSON"),
+) -> None:
+    """The whole job with no configuration: build the offline zoo, ingest, score, merge with every method,
+    evaluate, promote the best through a gate; print the results, the decision and the promoted model's lineage."""
+    from flows.config import load_pipeline
+    from flows.demo import prepare_demo
 
-    home = get_settings().home
+    settings = get_settings()
     with progress_bars(enabled=not as_json) as progress:
-        rows = run_demo(home, progress=progress)
+        path = prepare_demo(settings, full=full, progress=progress)
+    if not as_json:
+        stdout.print(f"pipeline: {path}")
+    report = _run_pipeline(load_pipeline(path), dask, refresh=False)
+    _print_report(report, as_json)
+    if not as_json:
+        _where_next()
+        stdout.print(f"  mergeyard run {path}   [dim]# again: everything is cached[/]", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def run(
+    pipeline: Path = typer.Argument(..., help="pipeline YAML (name, suite, base, candidates, merges, promotion)"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=DASK_HELP),
+    refresh: bool = typer.Option(False, help="ignore Prefect's caches (the registry still reuses recorded work)"),
+    fail_on_refusal: bool = typer.Option(False, help="exit 2 when the gate refuses the best merge"),
+    as_json: bool = typer.Option(False, "--json", help="print the pipeline report as JSON"),
+) -> None:
+    """Run a pipeline: ingest, score, merge, evaluate, promote (a Prefect flow run)."""
+    from flows.config import load_pipeline
+
+    report = _run_pipeline(load_pipeline(pipeline), dask, refresh)
+    _print_report(report, as_json)
+    if fail_on_refusal and report.get("promotion") and report["promotion"]["decision"] == "refused":
+        raise typer.Exit(2)
+
+
+@app.command()
+@user_errors
+def serve(
+    pipeline: Path = typer.Argument(..., help="pipeline YAML with a `schedule: {cron: ...}`"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=DASK_HELP),
+    limit: Optional[int] = typer.Option(None, help="most concurrent runs"),
+) -> None:
+    """Serve the pipeline as a Prefect deployment on its cron schedule (needs PREFECT_API_URL; runs until stopped)."""
+    from flows.config import load_pipeline
+    from flows.runtime import configure_prefect
+
+    settings = get_settings()
+    config = load_pipeline(pipeline)
+    configure_prefect(settings)
+    from flows.pipeline import Env
+    from flows.runtime import serve_pipeline
+
+    serve_pipeline(config, Env.from_settings(settings).model_copy(update={"device": config.device}), dask, limit)
+
+
+@app.command()
+@user_errors
+def score(
+    candidates: list[str] = typer.Argument(..., help="candidate models: paths, URIs or registered models"),
+    suite: str = typer.Option(..., "--suite", help="ta8-mini, zoo-all or zoo:TASK"),
+    base: str = typer.Option(..., "--base", help="the base the candidates were fine-tuned from"),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable)"),
+    samples: int = typer.Option(100, help="few-shot samples per task for the gradient"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """Relevance of each candidate to a suite: cosine of −∇loss at the base with its task vector, per tensor, averaged."""
+    from flows.merge import resolve_input
+    from flows.registry_access import open_registry
+    from flows.steps import score_candidates, suite_for
+
+    settings = get_settings()
+    registry = open_registry(settings)
+    base_model = resolve_input(registry, base)
+    models = [resolve_input(registry, c) for c in candidates]
+    the_suite = suite_for(suite, tasks, settings.zoo_dir / "manifest.json")
+    scores = score_candidates(registry, the_suite, base_model, models, samples, settings.device)
+    rows = sorted(((m, scores[m.digest]) for m in models), key=lambda r: -r[1])
     if as_json:
-        print(json.dumps([{**r.result.as_dict(), "distance_to_base": r.distance_to_base} for r in rows], indent=2))
+        print(json.dumps([{"digest": m.digest, "name": m.name, "relevance": v} for m, v in rows], indent=2))
         return
-    table = Table("method", "seconds", "‖θ − θ_base‖", "digest", title=f"mergeyard demo ({home / 'demo'})")
-    for r in rows:
-        table.add_row(r.method, f"{r.result.seconds:.2f}", f"{r.distance_to_base:.4f}", r.result.digest[:23] + "…")
+    table = Table("candidate", "digest", "relevance", title=f"relevance to {suite} ({the_suite.digest[:19]})")
+    for m, v in rows:
+        table.add_row(m.name, m.digest[:19], f"{v:+.4f}")
     stdout.print(table)
-    stdout.print(f"outputs, each with a model card: {home / 'demo' / 'merged'}")
-    stdout.print("next: write a recipe (see README.md) and run `mergeyard merge RECIPE --out DIR`")
 
 
 @app.command()
@@ -210,31 +343,9 @@ def lineage(
     elif fmt == "mermaid":
         print(graph.to_mermaid())
     else:
+        from flows.console import render_tree
+
         stdout.print(render_tree(graph))
-
-
-def render_tree(graph):
-    from rich.tree import Tree
-
-    def label(node_id, edge=None):
-        n = graph.nodes[node_id]
-        how = f" [cyan]{n.method}[/]" if n.method else f" [dim]{n.source_uri}[/]"
-        role = ""
-        if edge is not None:
-            role = f"[magenta]{edge.role}[/]" + (f" w={edge.weight:g}" if edge.weight is not None else "") + \
-                   (f" step {edge.step}" if edge.step is not None else "") + " "
-        metrics = "".join(f"  {k}={v:.3f}" for k, v in sorted(n.metrics.items()))
-        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{metrics}"
-
-    def grow(tree, node_id, seen):
-        for edge in graph.parents(node_id):
-            branch = tree.add(label(edge.parent, edge))
-            if edge.parent not in seen:
-                grow(branch, edge.parent, seen | {edge.parent})
-
-    root = Tree(label(graph.root))
-    grow(root, graph.root, {graph.root})
-    return root
 
 
 @app.command()
@@ -425,5 +536,15 @@ def version() -> None:
     print(__version__)
 
 
+def main() -> None:
+    """The console script: `--dask` with no value means a local Dask cluster."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--dask" and (i + 1 == len(args) or args[i + 1].startswith("-") or args[i + 1].endswith((".yaml", ".yml"))):
+            args.insert(i + 1, "local")
+            break
+    app(args=args, prog_name="mergeyard")
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -3,8 +3,10 @@
 The recipe stored for a run names its inputs by content digest, not by path,
 so `reproduce` can rebuild it from the store wherever the original files went.
 A run row says `running` while the merge works and `succeeded` only in the
-transaction that registers the output; a failure marks it `failed`, leaves no
-model row and removes the output directory this merge created.
+transaction that registers the output (and, in a pipeline, its evaluations:
+`stage_merge` → evaluate the staged files → `commit_merge`). A failure at any
+step marks it `failed`, leaves no model row and removes the output directory
+this merge created.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from merging.recipe import Recipe, parse_recipe
 from merging.version import __version__
 from flows.provenance import code_revision
 from registry.errors import ModelNotFoundError, RegistryError
-from registry.registry import ModelInfo, Parent, Registry
+from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
 
 
 @dataclass
@@ -59,12 +61,36 @@ def store_resolver(registry: Registry):
     return resolve
 
 
-def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = None, name: str | None = None,
-                     device: str = "cpu", max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
-                     progress: ProgressFn | None = None) -> RecordedMerge:
+@dataclass
+class StagedMerge:
+    """A merge written to scratch and recorded as a `running` run, not yet a registered model."""
+
+    run_id: int
+    path: Path
+    result: MergeResult
+    recipe: Recipe  # pinned: inputs named by digest
+    base: ModelInfo | None
+    models: list[ModelInfo]
+
+    def parents(self) -> list[Parent]:
+        return ([Parent(self.base, "base")] if self.base else []) + [
+            Parent(m, "candidate", weight=entry.weight, details={"position": i})
+            for i, (m, entry) in enumerate(zip(self.models, self.recipe.models))
+        ]
+
+
+def pin_inputs(recipe: Recipe, registry: Registry) -> tuple[Recipe, ModelInfo | None, list[ModelInfo]]:
+    """Resolve (ingesting where needed) every input and name it by digest."""
     base = resolve_input(registry, recipe.base) if recipe.base else None
     models = [resolve_input(registry, m.model) for m in recipe.models]
-    pinned = pin_recipe(recipe, base, models)
+    return pin_recipe(recipe, base, models), base, models
+
+
+def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, device: str = "cpu",
+                max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
+                progress: ProgressFn | None = None) -> StagedMerge:
+    """Run the merge into `out` (default: scratch) under a `running` run row; a failure marks the run failed."""
+    pinned, base, models = pin_inputs(recipe, registry)
     params = {"method": pinned.method, "seed": str(pinned.seed), "recipe_hash": pinned.recipe_hash,
               "out_dtype": str(pinned.out_dtype), **{f"param.{k}": str(v) for k, v in pinned.params().model_dump(by_alias=True).items()}}
     run_id = registry.begin_merge_run(
@@ -73,23 +99,40 @@ def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = N
         params=params,
     )
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
-    created_output = False
     try:
         result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                            progress=progress, resolve=store_resolver(registry),
                            input_digests={m.digest: m.digest for m in ([base] if base else []) + models})
-        created_output = True
-        parents = ([Parent(base, "base")] if base else []) + [
-            Parent(m, "candidate", weight=entry.weight, details={"position": i})
-            for i, (m, entry) in enumerate(zip(models, pinned.models))
-        ]
-        model = registry.complete_merge_run(run_id, target, result.digest, name or f"merged-{pinned.method}", parents,
-                                            result.seconds)
     except BaseException as exc:
         registry.fail_merge_run(run_id, f"{type(exc).__name__}: {exc}")
-        if created_output:
-            shutil.rmtree(target, ignore_errors=True)
         raise
-    if out is None:
-        shutil.rmtree(target, ignore_errors=True)  # the store holds the registered copy
-    return RecordedMerge(model, result, run_id, out)
+    return StagedMerge(run_id, target, result, pinned, base, models)
+
+
+def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluations: list[SuiteEvaluation] = (),
+                 keep_output: bool = False) -> ModelInfo:
+    """Register the staged output with its lineage and evaluations, and mark the run succeeded, atomically."""
+    try:
+        model = registry.complete_merge_run(staged.run_id, staged.path, staged.result.digest, name, staged.parents(),
+                                            staged.result.seconds, evaluations=evaluations)
+    except BaseException as exc:
+        abort_merge(registry, staged, exc)
+        raise
+    if not keep_output:
+        shutil.rmtree(staged.path, ignore_errors=True)  # the store holds the registered copy
+    return model
+
+
+def abort_merge(registry: Registry, staged: StagedMerge, error: BaseException) -> None:
+    """The run failed after its output was written: mark it failed and remove what it wrote."""
+    registry.fail_merge_run(staged.run_id, f"{type(error).__name__}: {error}")
+    shutil.rmtree(staged.path, ignore_errors=True)
+
+
+def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = None, name: str | None = None,
+                     device: str = "cpu", max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
+                     progress: ProgressFn | None = None) -> RecordedMerge:
+    staged = stage_merge(recipe, registry, out=out, device=device, max_shard_bytes=max_shard_bytes,
+                         overwrite=overwrite, progress=progress)
+    model = commit_merge(registry, staged, name or f"merged-{staged.recipe.method}", keep_output=out is not None)
+    return RecordedMerge(model, staged.result, staged.run_id, out)

@@ -57,8 +57,11 @@ class MlflowMirror:
         if found is not None:
             return found.experiment_id
         self.artifact_root.mkdir(parents=True, exist_ok=True)
+        # A tracking server decides where artifacts go (`--serve-artifacts`); only a local store needs a location.
+        remote = self.tracking_uri.startswith(("http://", "https://", "databricks"))
         try:
-            return self.client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root.resolve().as_uri())
+            return self.client.create_experiment(
+                EXPERIMENT, artifact_location=None if remote else self.artifact_root.resolve().as_uri())
         except MlflowException:  # created meanwhile by another process
             return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 

@@ -92,6 +92,19 @@ def _dominant_dtype(ckpt: Checkpoint) -> str:
     return counts.most_common(1)[0][0]
 
 
+@dataclass(frozen=True)
+class SuiteEvaluation:
+    """One model's scores on one suite: (task, metric, value) rows."""
+
+    suite_name: str
+    suite_digest: str
+    rows: tuple[tuple[str, str, float], ...]
+
+    def rows_for(self, model_id: int, run_id: str | None) -> list[Evaluation]:
+        return [Evaluation(model_id=model_id, suite_name=self.suite_name, suite_digest=self.suite_digest, task=task,
+                           metric=metric, value=float(value), run_id=run_id) for task, metric, value in self.rows]
+
+
 class Registry:
     def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True):
         self.config = config
@@ -225,8 +238,8 @@ class Registry:
             return run.id
 
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
-                           seconds: float) -> ModelInfo:
-        """Record the merged model, its lineage edges and the run's success in one transaction."""
+                           seconds: float, evaluations: list[SuiteEvaluation] = ()) -> ModelInfo:
+        """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction."""
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
 
@@ -234,6 +247,8 @@ class Registry:
             run = s.get(MergeRun, run_id)
             run.status, run.output_model_id = "succeeded", row.id
             run.finished_at, run.seconds = utcnow(), seconds
+            for e in evaluations:
+                s.add_all(e.rows_for(row.id, mlflow_run_id))
 
         base = next((p.model for p in parents if p.role == "base"), None)
         info, created = self.register(
@@ -246,10 +261,23 @@ class Registry:
                 run = s.get(MergeRun, run_id)
                 run.status, run.output_model_id = "succeeded", info.id
                 run.finished_at, run.seconds = utcnow(), seconds
+                for e in evaluations:
+                    if not self._has_evaluation(s, info.id, e.suite_digest):
+                        s.add_all(e.rows_for(info.id, mlflow_run_id))
         if self.mirror is not None and mlflow_run_id:
+            metrics = {f"{e.suite_name}/{task}/{metric}": value for e in evaluations for task, metric, value in e.rows}
             self.mirror.finish_merge_run(mlflow_run_id, True, [p.model.mlflow_model_id for p in parents if p.model.mlflow_model_id],
-                                         info.mlflow_model_id)
+                                         info.mlflow_model_id, metrics=metrics or None)
         return info
+
+    def reusable_merge(self, recipe_hash: str, mergeyard_version: str) -> ModelInfo | None:
+        """The model a succeeded run of this exact pinned recipe (same code version) produced, if one did."""
+        with self.Session() as s:
+            row = s.scalar(select(Model).join(MergeRun, MergeRun.output_model_id == Model.id)
+                           .where(MergeRun.recipe_hash == recipe_hash, MergeRun.status == "succeeded",
+                                  MergeRun.mergeyard_version == mergeyard_version)
+                           .order_by(MergeRun.id).limit(1))
+            return ModelInfo.of(row) if row else None
 
     def fail_merge_run(self, run_id: int, error: str) -> None:
         with self.Session.begin() as s:
@@ -277,8 +305,21 @@ class Registry:
                            rows: list[tuple[str, str, float]], run_id: str | None = None) -> None:
         """(task, metric, value) rows for one model and suite, in one transaction."""
         with self.Session.begin() as s:
-            s.add_all([Evaluation(model_id=model.id, suite_name=suite_name, suite_digest=suite_digest, task=task,
-                                  metric=metric, value=float(value), run_id=run_id) for task, metric, value in rows])
+            s.add_all(SuiteEvaluation(suite_name, suite_digest, tuple(rows)).rows_for(model.id, run_id))
+
+    @staticmethod
+    def _has_evaluation(s: Session, model_id: int, suite_digest: str) -> bool:
+        return s.scalar(select(Evaluation.id).where(Evaluation.model_id == model_id,
+                                                    Evaluation.suite_digest == suite_digest).limit(1)) is not None
+
+    def evaluation_rows(self, model_id: int, suite_digest: str) -> list[tuple[str, str, float]]:
+        """(task, metric, value) of this model's newest evaluation on exactly this suite digest; [] if none."""
+        with self.Session() as s:
+            rows = s.execute(select(Evaluation.task, Evaluation.metric, Evaluation.value)
+                             .where(Evaluation.model_id == model_id, Evaluation.suite_digest == suite_digest)
+                             .order_by(Evaluation.id)).all()
+        newest = {(task, metric): value for task, metric, value in rows}
+        return [(task, metric, value) for (task, metric), value in newest.items()]
 
     def latest_evaluations(self, model_id: int, suite_name: str, metric: str) -> dict[str, float]:
         """task → newest value of `metric` for this model on this suite."""

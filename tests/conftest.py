@@ -13,6 +13,13 @@ from pathlib import Path
 
 # Before anything imports huggingface_hub: no test may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before anything imports Prefect: the session's own Prefect state, never ~/.prefect or a user's server.
+import tempfile  # noqa: E402
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mergeyard-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 
 import pytest
 import torch
@@ -120,3 +127,25 @@ def registry(registry_config):
     reg = Registry(registry_config)
     yield reg
     reg.close()
+
+
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory):
+    """The small zoo (4 fine-tunes), built once per session (about a minute on 2 cores)."""
+    import time
+
+    from evaluation.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "zoo"
+    started = time.perf_counter()
+    manifest = build_zoo(out, small=True)
+    return out, manifest, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test server for the session (18-25 s to start here: a generous timeout)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -96,16 +96,24 @@ def test_methods_lists_every_method_with_paper():
     assert set(listing["ties"]["parameters"]) == {"density", "trim_scope", "aggregate", "lambda"}
 
 
-def test_demo_writes_only_under_mergeyard_home(tmp_path):
+def test_demo_writes_only_under_mergeyard_home(tmp_path, small_zoo):
+    """A fresh checkout's first command, in its own process: ephemeral Prefect, SQLite, MLflow, all under the home."""
+    import shutil
+
     home = tmp_path / "home"
     work = tmp_path / "cwd"
     work.mkdir()
-    proc = run("demo", "--json", cwd=work, env_home=home)
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
-    assert {r["method"] for r in rows} == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
-    for r in rows:
-        assert Path(r["out_dir"]).is_relative_to(home)
-        assert checkpoint_digest(r["out_dir"]) == r["digest"]
-        assert r["distance_to_base"] > 0
+    shutil.copytree(small_zoo[0], home / "zoo")  # the build itself is tested in test_zoo; reused here
+    user_home = tmp_path / "user"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(MERGEYARD_HOME=str(home), HOME=str(user_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([*MERGEYARD, "demo", "--json"], capture_output=True, text=True, cwd=work, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert {m["method"] for m in report["merges"]} == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+    assert report["promotion"]["decision"] == "promoted"
+    for m in report["merges"]:
+        assert m["merged"] and m["average"] > 0
     assert list(work.iterdir()) == []
+    assert not user_home.exists() or not any(user_home.rglob("*"))  # no ~/.prefect, no ~/.cache
+    assert {"lineage.db", "mlflow.db", "prefect", "prefect-results", "store", "zoo", "demo"} <= {p.name for p in home.iterdir()}

@@ -17,14 +17,6 @@ from evaluation.zoo.build import SMALL_TASKS, build_zoo
 from merging.digest import checkpoint_digest
 
 
-@pytest.fixture(scope="module")
-def small_zoo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo") / "zoo"
-    started = time.perf_counter()
-    manifest = build_zoo(out, small=True)
-    return out, manifest, time.perf_counter() - started
-
-
 def test_committed_asset_is_small_versioned_and_regenerable():
     weights, meta = asset_paths()
     record = json.loads(meta.read_text())
@@ -58,6 +50,18 @@ def test_suite_digest_is_stable_and_normalised_accuracy_uses_the_manifest(small_
     own = next(t for t in result.tasks if t.task == task)
     assert own.accuracy == pytest.approx(manifest["finetuned"][task]["accuracy"])
     assert own.normalized_accuracy == pytest.approx(1.0)
+
+
+def test_suite_digest_does_not_depend_on_the_thread_count():
+    """Dask workers run torch with one thread: their suites must be the suites the flow computed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); from evaluation.suites import load_suite; "
+            "print(load_suite('ta8-mini').digest)")
+    digests = {subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True,
+                              timeout=300).stdout.strip() for n in (1, 2)}
+    assert len(digests) == 1 and next(iter(digests)).startswith("sha256:")
 
 
 def test_few_shot_objective_on_the_zoo_suite(small_zoo):

@@ -79,7 +79,15 @@ def zero_shot_head(clip: torch.nn.Module, task_name: str) -> torch.Tensor:
     task = TASKS[task_name]
     tokens = tokenize([task.prompt.format(c=c) for c in task.classes])
     clip.eval()
-    emb = clip.encode_text(tokens)
+    # The head's bytes enter the suite digest, and a matmul's float rounding depends on how many threads
+    # split it (Dask workers run with one): compute it single-threaded so every process agrees.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            emb = clip.encode_text(tokens)
+    finally:
+        torch.set_num_threads(threads)
     return torch.nn.functional.normalize(emb, dim=-1)
 
 

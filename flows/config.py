@@ -1,0 +1,171 @@
+"""A pipeline, as a user writes it in YAML (`mergeyard run PIPELINE.yaml`, `mergeyard serve PIPELINE.yaml`).
+
+    name: nightly-ta8                 # merged models are registered under this name
+    suite: ta8-mini                   # what candidates are scored and merges evaluated on
+    tasks: [digits, letters]          # optional: a subset of the suite's tasks
+    base: file://zoo/base             # a source URI, a path or a registered model
+    candidates:                       # URIs, paths or registered models ...
+      - file://zoo/finetuned/digits
+    candidate_globs:                  # ... and whatever matches these when the run starts
+      - /data/incoming/*.safetensors
+    score: {method: gradient, samples_per_task: 100, min_relevance: 0.0, top_k: null}
+    merges:
+      - {method: task_arithmetic, parameters: {lambda: 0.3}}
+      - {method: ties, parameters: {density: 0.2, lambda: 1.0}}
+    promotion:
+      alias: staging
+      gate: {required_suites: [ta8-mini], min_average: 0.5, max_regression: 0.0}
+    schedule: {cron: "0 2 * * *", timezone: UTC}
+
+Relative paths are taken from the YAML file's directory.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.errors import MergeyardError
+from merging.methods import get_method
+from registry.promotion import Gate, load_gate
+
+
+class ConfigError(MergeyardError):
+    """A pipeline YAML that cannot be run as written."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreConfig(_Strict):
+    method: Literal["gradient", "none"] = Field("gradient", description="gradient alignment at the base, or no scoring")
+    samples_per_task: int = Field(100, gt=0, description="labelled few-shot samples per task for the gradient")
+    min_relevance: float | None = Field(None, description="drop candidates scoring below this from the merges")
+    top_k: int | None = Field(None, gt=0, description="keep only the k most relevant candidates")
+
+
+class MergeSpec(_Strict):
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(None, description="registry name (default: the pipeline's name)")
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        try:
+            get_method(v)
+        except MergeyardError as exc:  # its message lists the known methods
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class PromotionConfig(_Strict):
+    alias: str = Field("staging", min_length=1)
+    gate: Gate | str | None = Field(None, description="a gate inline, or the path of a gate YAML")
+    actor: str = "mergeyard-pipeline"
+
+
+class ScheduleConfig(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ScheduleConfig":
+        self.prefect_schedule()  # Prefect's own validation of the expression and the time zone
+        return self
+
+    def prefect_schedule(self):
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            return CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValidationError as exc:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    suite: str
+    tasks: list[str] | None = None
+    base: str
+    candidates: list[str] = Field(default_factory=list)
+    candidate_globs: list[str] = Field(default_factory=list)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    merges: list[MergeSpec] = Field(min_length=1)
+    promotion: PromotionConfig | None = Field(default_factory=PromotionConfig)
+    schedule: ScheduleConfig | None = None
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _has_candidates(self) -> "PipelineConfig":
+        if not self.candidates and not self.candidate_globs:
+            raise ValueError("give candidates or candidate_globs")
+        return self
+
+    def resolved_candidates(self) -> list[str]:
+        """The listed candidates, then each glob's matches (sorted), without repeats."""
+        found = list(self.candidates)
+        for pattern in self.candidate_globs:
+            found += sorted(glob.glob(pattern))
+        return list(dict.fromkeys(found))
+
+    def gate(self) -> Gate:
+        if self.promotion is None or self.promotion.gate is None:
+            return Gate()
+        if isinstance(self.promotion.gate, Gate):
+            return self.promotion.gate
+        return load_gate(self.promotion.gate)
+
+
+def _rebase(value: str, root: Path) -> str:
+    """A relative path becomes absolute against the YAML's directory; URIs and registry refs stay."""
+    if "://" in value:
+        scheme, _, rest = value.partition("://")
+        if scheme == "file" and not rest.startswith("/"):
+            return f"file://{(root / rest).resolve()}"
+        return value
+    candidate = root / value
+    return str(candidate.resolve()) if candidate.exists() or any(ch in value for ch in "*?[") else value
+
+
+def parse_pipeline(data: Any, root: Path | None = None) -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("a pipeline is a YAML mapping (name, suite, base, candidates, merges, ...)")
+    if root is not None:
+        data = dict(data)
+        for key in ("base",):
+            if isinstance(data.get(key), str):
+                data[key] = _rebase(data[key], root)
+        for key in ("candidates", "candidate_globs"):
+            if isinstance(data.get(key), list):
+                data[key] = [_rebase(v, root) if isinstance(v, str) else v for v in data[key]]
+        promotion = data.get("promotion")
+        if isinstance(promotion, dict) and isinstance(promotion.get("gate"), str):
+            data["promotion"] = {**promotion, "gate": str((root / promotion["gate"]).resolve())}
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'pipeline'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid pipeline: {problems}") from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read pipeline ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return parse_pipeline(data, path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,150 @@
+"""The pipeline's steps as plain functions: what each Prefect task calls, testable without Prefect.
+
+Every step is idempotent against the registry, the source of truth: a
+candidate ingested twice is one model, a model already evaluated on a suite
+digest is not evaluated again, and a pinned recipe that already succeeded under
+this mergeyard version is not merged again. Prefect's caches only save the
+round trip; clearing them never causes repeated or duplicated work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evaluation.evaluator import SuiteResult, evaluate_checkpoint
+from evaluation.objectives import FewShotCrossEntropy
+from evaluation.evaluator import load_state
+from evaluation.suite import Suite
+from evaluation.suites import load_suite
+from merging.checkpoint import Checkpoint
+from merging.recipe import Recipe, parse_recipe
+from merging.relevance import gradient_alignment
+from merging.version import __version__
+from flows.merge import abort_merge, commit_merge, stage_merge
+from registry.registry import ModelInfo, Registry, SuiteEvaluation
+
+
+def suite_for(name: str, tasks: list[str] | None, zoo_manifest: Path | None) -> Suite:
+    suite = load_suite(name, str(zoo_manifest) if zoo_manifest else None)
+    return suite.subset(list(tasks)) if tasks else suite
+
+
+@dataclass
+class Scores:
+    """Accuracy summary of one model on one suite, as the pipeline reports it."""
+
+    digest: str
+    suite_digest: str
+    accuracy: dict[str, float]
+    normalized: dict[str, float] = field(default_factory=dict)
+    reused: bool = False
+
+    @property
+    def average(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+    @classmethod
+    def from_rows(cls, digest: str, suite_digest: str, rows, reused: bool) -> "Scores":
+        acc = {t: v for t, m, v in rows if m == "accuracy"}
+        norm = {t: v for t, m, v in rows if m == "normalized_accuracy"}
+        return cls(digest, suite_digest, acc, norm, reused)
+
+
+def _log_to_mlflow(registry: Registry, model: ModelInfo, suite: Suite, result: SuiteResult) -> str | None:
+    if registry.mirror is None:
+        return None
+    metrics = {f"{task}/{metric}": value for task, metric, value in result.rows()}
+    metrics["average/accuracy"] = result.average_accuracy
+    return registry.mirror.log_evaluation(model.mlflow_model_id, model.digest, suite.name, suite.digest, metrics)
+
+
+def evaluate_or_reuse(registry: Registry, model: ModelInfo, suite: Suite, device: str = "cpu",
+                      progress=None) -> Scores:
+    """The model's scores on exactly this suite digest: read back if recorded, else measured and recorded."""
+    rows = registry.evaluation_rows(model.id, suite.digest)
+    if rows:
+        return Scores.from_rows(model.digest, suite.digest, rows, reused=True)
+    result = evaluate_checkpoint(model.store_path, suite, device=device, progress=progress)
+    registry.record_evaluations(model, suite.name, suite.digest, result.rows(), run_id=_log_to_mlflow(registry, model, suite, result))
+    return Scores.from_rows(model.digest, suite.digest, result.rows(), reused=False)
+
+
+def score_candidates(registry: Registry, suite: Suite, base: ModelInfo, candidates: list[ModelInfo],
+                     samples_per_task: int = 100, device: str = "cpu") -> dict[str, float]:
+    """Gradient alignment of each candidate at the base on the suite's few-shot data; recorded as scores."""
+    objective = FewShotCrossEntropy(suite, samples_per_task=samples_per_task, device=device)
+    _, gradient = objective.loss_and_grad(load_state(base.store_path))
+    scores = gradient_alignment({k: g.cpu() for k, g in gradient.items()}, Checkpoint(base.store_path),
+                                [Checkpoint(c.store_path) for c in candidates]).summary
+    registry.record_scores(suite.name, suite.digest, "gradient", {c.id: s for c, s in zip(candidates, scores)})
+    return {c.digest: s for c, s in zip(candidates, scores)}
+
+
+def select_candidates(scores: dict[str, float], min_relevance: float | None, top_k: int | None) -> list[str]:
+    """Digests to merge, most relevant first: above `min_relevance`, at most `top_k` of them."""
+    ranked = sorted(scores, key=lambda d: -scores[d])
+    if min_relevance is not None:
+        ranked = [d for d in ranked if scores[d] >= min_relevance]
+    return ranked[:top_k] if top_k else ranked
+
+
+@dataclass
+class MergeOutcome:
+    model: ModelInfo
+    scores: Scores
+    merged: bool  # False when a previous run of the same pinned recipe was reused
+
+
+def merge_evaluate_commit(registry: Registry, recipe: Recipe, name: str, suite: Suite, *, device: str = "cpu",
+                          progress=None) -> MergeOutcome:
+    """Merge, evaluate the staged output, then register model + lineage + evaluations in one transaction.
+
+    If evaluating or registering fails, the run is marked failed and nothing
+    claims the model exists: no model row, no lineage edge, no MLflow version.
+    """
+    pinned = parse_recipe(recipe.canonical())
+    previous = registry.reusable_merge(pinned.recipe_hash, __version__)
+    if previous is not None:
+        return MergeOutcome(previous, evaluate_or_reuse(registry, previous, suite, device), merged=False)
+    staged = stage_merge(pinned, registry, device=device, progress=progress)
+    try:
+        result = evaluate_checkpoint(staged.path, suite, device=device, progress=progress)
+    except BaseException as exc:
+        abort_merge(registry, staged, exc)
+        raise
+    evaluation = SuiteEvaluation(suite.name, suite.digest, tuple(result.rows()))
+    model = commit_merge(registry, staged, name, evaluations=[evaluation])
+    return MergeOutcome(model, Scores.from_rows(model.digest, suite.digest, evaluation.rows, reused=False), merged=True)
+
+
+@dataclass
+class PromotionOutcome:
+    decision: str  # promoted | refused | unchanged
+    model: str
+    alias: str
+    name: str
+    checks: list[dict]
+    event_id: int | None
+    previous: str | None
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def promote_if_changed(registry: Registry, digest: str, alias: str, gate, actor: str,
+                       reason: str | None = None) -> PromotionOutcome:
+    """Pass the model through the gate unless it already holds NAME@ALIAS (a re-run adds no event then)."""
+    from dataclasses import asdict
+
+    from registry.promotion import promote
+
+    model = registry.resolve(digest)
+    with registry.Session() as s:
+        holder = registry.alias_holder(s, model.name, alias)
+    if holder == model.id:
+        return PromotionOutcome("unchanged", model.digest, alias, model.name, [], None, model.digest)
+    decision = promote(registry, model.digest, alias, gate, actor, reason)
+    return PromotionOutcome("promoted" if decision.passed else "refused", model.digest, alias, model.name,
+                            [asdict(c) for c in decision.checks], decision.event_id,
+                            decision.previous.digest if decision.previous else None)
