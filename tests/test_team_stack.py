@@ -2,8 +2,10 @@
 
 No Docker engine runs here, so the compose file is checked for what `docker
 compose` would need (healthchecks, start order, every variable defined), and
-the integration test starts what the services run — PostgreSQL, `mlflow
-server --serve-artifacts`, `prefect server start` on PostgreSQL — as local
+the integration test starts what the services run — PostgreSQL, an
+S3-compatible store with its bucket (moto's server standing in for MinIO),
+`mlflow server --serve-artifacts` into that bucket, `prefect server start` on
+PostgreSQL — as local
 processes on loopback ports, runs the pipeline against them (on a Dask
 cluster), serves it as a scheduled deployment, triggers it, and stops every
 process it started.
@@ -119,17 +121,30 @@ def _stop(proc: subprocess.Popen) -> None:
 def team_stack(pg_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("team")
     dbs = {n: pg_cluster.create_database() for n in ("lineage", "mlflow", "prefect")}
-    mlflow_port, prefect_port = _free_port(), _free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MERGEYARD_"))}
+    mlflow_port, prefect_port, s3_port = _free_port(), _free_port(), _free_port()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MERGEYARD_", "AWS_"))}
+    s3_env = {"AWS_ACCESS_KEY_ID": "mergeyard", "AWS_SECRET_ACCESS_KEY": "mergeyard-secret", "AWS_DEFAULT_REGION": "us-east-1"}
     procs = []
     try:
+        # the S3-compatible artifact store (MinIO in docker-compose; moto's server here), bucket created at start
+        s3_log = root / "s3.log"
+        procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                                      env={**base_env, **s3_env}, cwd=root, stdout=s3_log.open("w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        _wait_healthy(f"{s3_url}/moto-api/", procs[-1], s3_log)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=s3_url, **{k.lower(): v for k, v in s3_env.items() if k != "AWS_DEFAULT_REGION"},
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="mlflow")
         mlflow_log = root / "mlflow.log"
         procs.append(subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
              "--backend-store-uri", pg_cluster.url(dbs["mlflow"]), "--serve-artifacts",
-             "--artifacts-destination", str(root / "artifact-store")],
-            env={**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=root,
-            stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+             "--artifacts-destination", "s3://mlflow/artifacts"],
+            env={**base_env, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            cwd=root, stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
         prefect_log = root / "prefect.log"
         procs.append(subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
@@ -137,10 +152,10 @@ def team_stack(pg_cluster, tmp_path_factory):
                  "PREFECT_API_DATABASE_CONNECTION_URL":
                      pg_cluster.url(dbs["prefect"]).replace("postgresql+psycopg", "postgresql+asyncpg")},
             cwd=root, stdout=prefect_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", procs[0], mlflow_log)
-        _wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[1], prefect_log)
+        _wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", procs[1], mlflow_log)
+        _wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[2], prefect_log)
         yield {
-            "root": root, "procs": procs,
+            "root": root, "procs": procs, "s3": s3,
             "lineage_url": pg_cluster.url(dbs["lineage"]),
             "mlflow": f"http://127.0.0.1:{mlflow_port}",
             "prefect": f"http://127.0.0.1:{prefect_port}/api",
@@ -191,7 +206,8 @@ def test_pipeline_runs_and_serves_on_postgres_mlflow_server_and_prefect_server(t
     client = mlflow.MlflowClient(tracking_uri=stack["mlflow"], registry_uri=stack["mlflow"])
     version = client.get_model_version_by_alias("team-nightly", "production")
     assert version.tags["mergeyard.digest"] == best
-    assert any(p.rglob("*.safetensors") for p in (stack["root"] / "artifact-store").iterdir())
+    stored = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(k.startswith("artifacts/") and k.endswith(".safetensors") for k in stored)  # proxied into the bucket
 
     # the lineage lives in PostgreSQL
     engine = create_engine(stack["lineage_url"])
