@@ -16,13 +16,17 @@ def render_tree(graph):
         if edge is not None:
             role = f"[magenta]{edge.role}[/]" + (f" w={edge.weight:g}" if edge.weight is not None else "") + \
                    (f" step {edge.step}" if edge.step is not None else "") + " "
+        if edge is not None and edge.role == "selected":  # FW's choice: the parent is already listed as a candidate
+            built = edge.tensors or []
+            shown = ", ".join(built[:3]) + (f", … ({len(built)} tensors)" if len(built) > 3 else "")
+            return f"{role}[bold]{n.name}[/] {n.digest[:19]} built {shown}"
         metrics = "".join(f"  {k}={v:.3f}" for k, v in sorted(n.metrics.items()))
         return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{metrics}"
 
     def grow(tree, node_id, seen):
         for edge in graph.parents(node_id):
             branch = tree.add(label(edge.parent, edge))
-            if edge.parent not in seen:
+            if edge.role != "selected" and edge.parent not in seen:
                 grow(branch, edge.parent, seen | {edge.parent})
 
     root = Tree(label(graph.root))

@@ -29,6 +29,9 @@ DEMO_PARAMS = {
     "ties": {"density": 0.5, "lambda": 0.8},
     "dare_linear": {"drop_rate": 0.5, "lambda": 0.3},
     "dare_ties": {"drop_rate": 0.5, "lambda": 0.5},
+    # FW-Merging: the paper's 10 iterations and λ; step_size 1 moves far enough in 10 steps on this small tower
+    "fw_hard": {"iterations": 10, "step_size": 1.0, "lambda": 0.3},
+    "fw_soft": {"iterations": 3, "step_size": 1.0, "lambda": 0.3, "adam_steps": 10, "adam_lr": 0.05},
 }
 DEMO_NAME = "demo-ta8"
 

@@ -76,7 +76,29 @@ class StagedMerge:
         return ([Parent(self.base, "base")] if self.base else []) + [
             Parent(m, "candidate", weight=entry.weight, details={"position": i})
             for i, (m, entry) in enumerate(zip(self.models, self.recipe.models))
-        ]
+        ] + selection_edges(self.result.details.get("selections", []), self.models)
+
+
+def selection_edges(selections: list[dict], models: list[ModelInfo]) -> list[Parent]:
+    """FW-Merging's choices as lineage: one `selected` edge per (iteration, candidate), naming the tensors it
+    built, their oracle scores and the step taken, so `mergeyard lineage` shows who built which layers."""
+    grouped: dict[tuple[int, int], list[dict]] = {}
+    for s in selections:
+        grouped.setdefault((s["iteration"], s["candidate"]), []).append(s)
+    return [Parent(models[cand], "selected", step=it, weight=rows[0]["step"],
+                   details={"position": cand, "tensors": [r["tensor"] for r in rows],
+                            "scores": [round(r["score"], 6) for r in rows]})
+            for (it, cand), rows in sorted(grouped.items())]
+
+
+def data_objective(device: str):
+    """What the engine calls to build a data-informed method's objective from its parameters."""
+    def build(params):
+        from flows.objectives import objective_for
+
+        return objective_for(params, device)
+
+    return build
 
 
 def pin_inputs(recipe: Recipe, registry: Registry) -> tuple[Recipe, ModelInfo | None, list[ModelInfo]]:
@@ -101,7 +123,7 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
     try:
         result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                           progress=progress, resolve=store_resolver(registry),
+                           progress=progress, resolve=store_resolver(registry), objective=data_objective(device),
                            input_digests={m.digest: m.digest for m in ([base] if base else []) + models})
     except BaseException as exc:
         registry.fail_merge_run(run_id, f"{type(exc).__name__}: {exc}")

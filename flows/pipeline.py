@@ -225,8 +225,17 @@ def merge_label(spec: MergeSpec) -> str:
     return f"{spec.method}({params})" if params else spec.method
 
 
-def recipe_for(spec: MergeSpec, base: str, candidates: list[str]) -> str:
-    data = {"method": spec.method, "base": base, "models": candidates, "parameters": spec.parameters, "seed": spec.seed}
+def recipe_for(spec: MergeSpec, base: str, candidates: list[str], suite: str | None = None,
+               tasks: list[str] | None = None) -> str:
+    """The pinned recipe; a data-informed method optimises the pipeline's suite unless it names its own."""
+    from merging.methods import get_method
+
+    parameters = dict(spec.parameters)
+    if get_method(spec.method).data_informed and suite is not None and "suite" not in parameters:
+        parameters["suite"] = suite
+        if tasks:
+            parameters["tasks"] = list(tasks)
+    data = {"method": spec.method, "base": base, "models": candidates, "parameters": parameters, "seed": spec.seed}
     if spec.out_dtype:
         data["out_dtype"] = spec.out_dtype
     return parse_recipe(data).canonical_json()
@@ -267,7 +276,7 @@ def merge_flow(spec: MergeSpec, base: str, candidates: list[str], suite: str, ta
     (merge,) = _with_results(env, merge_task)
     base_digest = ingest_task(env, base)
     digests = ingest_task.map(unmapped(env), candidates, base=unmapped(base_digest)).result()
-    return merge(env, recipe_for(spec, base_digest, digests), name or spec.name or f"merged-{spec.method}",
+    return merge(env, recipe_for(spec, base_digest, digests, suite, tasks), name or spec.name or f"merged-{spec.method}",
                  merge_label(spec), suite, tasks, suite_of(env, suite, tasks).digest)
 
 
@@ -306,7 +315,7 @@ def pipeline_flow(config: PipelineConfig, env: Env | None = None) -> dict:
 
     parent_futures = evaluate.map(unmapped(env), [base] + selected, config.suite, unmapped(tasks), suite.digest)
     labels = [merge_label(m) for m in config.merges]
-    merge_futures = merge.map(unmapped(env), [recipe_for(m, base, selected) for m in config.merges],
+    merge_futures = merge.map(unmapped(env), [recipe_for(m, base, selected, config.suite, tasks) for m in config.merges],
                               [m.name or config.name for m in config.merges], labels, config.suite, unmapped(tasks),
                               suite.digest)
     parents = parent_futures.result()

@@ -21,7 +21,7 @@ from merging.engine import run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import parse_recipe
 from merging.version import __version__
-from flows.merge import store_resolver
+from flows.merge import data_objective, store_resolver
 from registry.registry import ModelInfo, Registry
 
 
@@ -73,6 +73,7 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         work = Path(tempfile.mkdtemp(prefix="reproduce-", dir=registry.config.scratch))
         try:
             result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
+                               objective=data_objective(device),
                                progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
             ok = result.digest == model.digest
             differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))

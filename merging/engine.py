@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -43,6 +43,7 @@ class MergeResult:
     num_params: int
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # what a data-informed method decided (e.g. FW's selections)
 
     def as_dict(self) -> dict:
         return {
@@ -120,8 +121,13 @@ def run_merge(
     resolve: Resolver = local_path,
     input_digests: dict[str, str] | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    objective: Callable[[Any], Any] | None = None,
 ) -> MergeResult:
-    """Merge as the recipe says and write the result to `out_dir`. All or nothing."""
+    """Merge as the recipe says and write the result to `out_dir`. All or nothing.
+
+    A data-informed method (FW-Merging) needs `objective`: a function of the method's parameters that
+    builds the loss it optimises (the caller knows the suites; `merging/` does not).
+    """
     started = time.perf_counter()
     phases: dict[str, float] = {}
     recipe.check()
@@ -165,6 +171,15 @@ def run_merge(
         check_finite=not spec.propagates_non_finite,
     )
 
+    solved = None
+    if spec.data_informed:
+        if objective is None:
+            raise MergeyardError(f"method {spec.name!r} learns from data: it needs an objective built from its suite; "
+                                 "run it with `mergeyard merge` or a pipeline, which build one")
+        t0 = time.perf_counter()
+        solved = spec.solve(base, models, params, objective(params), progress)
+        phases["solve"] = time.perf_counter() - t0
+
     writer = CheckpointWriter(out_dir, layout, max_shard_bytes, overwrite=overwrite,
                               metadata={"mergeyard.version": __version__, "mergeyard.method": spec.name})
     try:
@@ -178,7 +193,8 @@ def run_merge(
         for name in names:
             writer.begin_tensor(name)
             if reference.entries[name].is_float:
-                for merged in spec.merge(inputs.tensor(name), params, state):
+                chunks = [solved.state[name]] if solved is not None else spec.merge(inputs.tensor(name), params, state)
+                for merged in chunks:
                     out = merged.to(out_dtypes[name])
                     if not all_finite(out):
                         for ckpt in checkpoints.values():  # blame an input if one is at fault
@@ -212,7 +228,7 @@ def run_merge(
     return MergeResult(
         out_dir=out_dir, digest=digest, files=files, method=spec.name, recipe_hash=recipe.recipe_hash,
         input_digests=dict(input_digests), num_params=sum(e.numel for e in reference.entries.values()),
-        seconds=time.perf_counter() - started, phases=phases,
+        seconds=time.perf_counter() - started, phases=phases, details=solved.details if solved is not None else {},
     )
 
 

@@ -37,6 +37,7 @@ class LineageEdgeView:
     role: str
     weight: float | None
     step: int | None
+    tensors: list[str] | None = None  # a `selected` edge (FW-Merging): the tensors this choice built
 
 
 @dataclass
@@ -53,7 +54,8 @@ class LineageGraph:
             "model": self.nodes[self.root].digest,
             "nodes": [vars(n) for n in self.nodes.values()],
             "edges": [{"parent": self.nodes[e.parent].digest, "child": self.nodes[e.child].digest, "role": e.role,
-                       "weight": e.weight, "step": e.step} for e in self.edges],
+                       "weight": e.weight, "step": e.step, **({"tensors": e.tensors} if e.tensors is not None else {})}
+                      for e in self.edges],
         }
 
     def to_json(self) -> str:
@@ -97,5 +99,12 @@ def lineage(session: Session, model_id: int) -> LineageGraph:
         .where(Evaluation.model_id.in_(ids)).group_by(Evaluation.model_id, Evaluation.suite_name, Evaluation.metric)
     ):
         nodes[mid].metrics[f"{suite}/{metric}"] = float(mean)
-    edges.sort(key=lambda e: (e.child, e.role != "base", e.parent))
+    # JSON columns cannot go through the walk's UNION (PostgreSQL has no equality on json): read them after
+    selected = {(p, c, st): (d or {}).get("tensors") for p, c, st, d in session.execute(
+        select(LineageEdge.parent_id, LineageEdge.child_id, LineageEdge.step, LineageEdge.details)
+        .where(LineageEdge.child_id.in_(ids), LineageEdge.role == "selected"))}
+    for e in edges:
+        if e.role == "selected":
+            e.tensors = selected.get((e.parent, e.child, e.step))
+    edges.sort(key=lambda e: (e.child, e.role != "base", e.step if e.step is not None else -1, e.parent))
     return LineageGraph(model_id, nodes, edges)

@@ -38,6 +38,18 @@ PrepareFn = Callable[[MergeInputs, Any], Any]
 FinalizeFn = Callable[[Any], list[Patch]]
 
 
+@dataclass
+class Solved:
+    """What a whole-model (data-informed) method returns: the merged float tensors and what it decided."""
+
+    state: dict[str, torch.Tensor]
+    details: dict[str, Any]
+
+
+# (base, models, params, objective, progress) → Solved; the objective is built by the caller from the params
+SolveFn = Callable[[Any, list, Any, Any, Any], Solved]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -51,6 +63,13 @@ class MergeMethod:
     # True when any NaN/inf in an input reaches the output (0·NaN and 0·inf are NaN): the engine
     # then checks only the output, and looks for the culprit input only when that check fails.
     propagates_non_finite: bool = False
+    # A data-informed method works on the whole model at once with an objective (a loss and its
+    # gradient, see merging.objective) instead of streaming tensor by tensor.
+    solve: SolveFn | None = None
+
+    @property
+    def data_informed(self) -> bool:
+        return self.solve is not None
 
     def parse_params(self, raw: dict[str, Any] | None) -> MethodParams:
         try:
@@ -75,6 +94,7 @@ def merge_method(
     prepare: PrepareFn | None = None,
     finalize: FinalizeFn | None = None,
     propagates_non_finite: bool = False,
+    solve: SolveFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register `fn` as the merge method `name`."""
 
@@ -83,7 +103,7 @@ def merge_method(
             raise ValueError(f"merge method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         _METHODS[name] = MergeMethod(name, params, paper, summary, fn, requires_base, prepare, finalize,
-                                     propagates_non_finite)
+                                     propagates_non_finite, solve)
         return fn
 
     return register

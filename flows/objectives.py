@@ -1,0 +1,20 @@
+"""Objectives for data-informed recipes (fw_hard, fw_soft), built from the suite their parameters name."""
+
+from __future__ import annotations
+
+from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
+from flows.steps import suite_for
+
+
+def objective_for(params, device: str = "cpu"):
+    """fw_hard: one objective over the suite's tasks. fw_soft: (per-task objectives for the selections,
+    the objective its coefficients learn on)."""
+    from merging.fw import FWSoftParams
+
+    suite = suite_for(params.suite, list(params.tasks) if params.tasks else None, None)
+    kind = FewShotCrossEntropy if params.loss == "cross_entropy" else PredictionEntropy
+    if isinstance(params, FWSoftParams):
+        per_task = {t: FewShotCrossEntropy(suite, tasks=[t], samples_per_task=params.budget, device=device)
+                    for t in suite.tasks}
+        return per_task, kind(suite, samples_per_task=params.budget, device=device)
+    return kind(suite, samples_per_task=params.budget, device=device)
