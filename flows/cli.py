@@ -254,28 +254,35 @@ def serve(
 @user_errors
 def score(
     candidates: list[str] = typer.Argument(..., help="candidate models: paths, URIs or registered models"),
-    suite: str = typer.Option(..., "--suite", help="ta8-mini, zoo-all or zoo:TASK"),
+    suite: str = typer.Option(..., "--suite", help="ta8-mini, zoo-all or zoo:TASK (or any name, with --reference)"),
     base: str = typer.Option(..., "--base", help="the base the candidates were fine-tuned from"),
+    reference: Optional[str] = typer.Option(None, help="data-free: score by task-vector cosine with this model"),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable)"),
     samples: int = typer.Option(100, help="few-shot samples per task for the gradient"),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ) -> None:
-    """Relevance of each candidate to a suite: cosine of −∇loss at the base with its task vector, per tensor, averaged."""
+    """Relevance of each candidate to a suite, recorded: cosine of −∇loss at the base with its task vector
+    (per tensor, averaged; FW-Merging's oracle at θ₀), or with --reference the data-free task-vector cosine."""
     from flows.merge import resolve_input
     from flows.registry_access import open_registry
-    from flows.steps import score_candidates, suite_for
+    from flows.steps import score_candidates, score_data_free, suite_for
 
     settings = get_settings()
     registry = open_registry(settings)
     base_model = resolve_input(registry, base)
     models = [resolve_input(registry, c) for c in candidates]
-    the_suite = suite_for(suite, tasks, settings.zoo_dir / "manifest.json")
-    scores = score_candidates(registry, the_suite, base_model, models, samples, settings.device)
+    if reference:
+        scores = score_data_free(registry, suite, base_model, resolve_input(registry, reference), models)
+        title = f"task-vector cosine with {reference} (for {suite})"
+    else:
+        the_suite = suite_for(suite, tasks, settings.zoo_dir / "manifest.json")
+        scores = score_candidates(registry, the_suite, base_model, models, samples, settings.device)
+        title = f"relevance to {suite} ({the_suite.digest[:19]})"
     rows = sorted(((m, scores[m.digest]) for m in models), key=lambda r: -r[1])
     if as_json:
         print(json.dumps([{"digest": m.digest, "name": m.name, "relevance": v} for m, v in rows], indent=2))
         return
-    table = Table("candidate", "digest", "relevance", title=f"relevance to {suite} ({the_suite.digest[:19]})")
+    table = Table("candidate", "digest", "relevance", title=title)
     for m, v in rows:
         table.add_row(m.name, m.digest[:19], f"{v:+.4f}")
     stdout.print(table)

@@ -81,6 +81,18 @@ def score_candidates(registry: Registry, suite: Suite, base: ModelInfo, candidat
     return {c.digest: s for c, s in zip(candidates, scores)}
 
 
+def score_data_free(registry: Registry, suite_name: str, base: ModelInfo, reference: ModelInfo,
+                    candidates: list[ModelInfo]) -> dict[str, float]:
+    """For suites without data: cosine of each task vector with a reference model's (e.g. one tuned on the target)."""
+    from merging.relevance import task_vector_cosine
+
+    scores = task_vector_cosine(Checkpoint(base.store_path), Checkpoint(reference.store_path),
+                                [Checkpoint(c.store_path) for c in candidates])
+    registry.record_scores(suite_name, f"reference:{reference.digest}", "task_vector_cosine",
+                           {c.id: s for c, s in zip(candidates, scores)})
+    return {c.digest: s for c, s in zip(candidates, scores)}
+
+
 def select_candidates(scores: dict[str, float], min_relevance: float | None, top_k: int | None) -> list[str]:
     """Digests to merge, most relevant first: above `min_relevance`, at most `top_k` of them."""
     ranked = sorted(scores, key=lambda d: -scores[d])

@@ -68,3 +68,18 @@ def test_score_command_ranks_each_tasks_own_fine_tune_first(small_zoo):
         assert ranked[0]["name"] == task and ranked[0]["relevance"] > 0
     recorded = open_registry().scores(f"zoo:{task}", "gradient")
     assert recorded == {r["digest"]: pytest.approx(r["relevance"]) for r in ranked}
+
+
+def test_score_command_data_free_with_a_reference(small_zoo):
+    from flows.cli import app
+    from flows.registry_access import open_registry
+
+    zoo, manifest, _ = small_zoo
+    candidates = [str(zoo / "finetuned" / t) for t in manifest["finetuned"]]
+    result = CliRunner().invoke(app, ["score", *candidates, "--suite", "my-private-suite", "--base", str(zoo / "base"),
+                                      "--reference", str(zoo / "finetuned" / "shapes"), "--json"])
+    assert result.exit_code == 0, result.output
+    ranked = json.loads(result.stdout)
+    assert ranked[0]["name"] == "shapes" and ranked[0]["relevance"] == pytest.approx(1.0)
+    assert all(-1 <= r["relevance"] < 1 for r in ranked[1:])
+    assert open_registry().scores("my-private-suite", "task_vector_cosine") == {r["digest"]: pytest.approx(r["relevance"]) for r in ranked}
