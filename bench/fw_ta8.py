@@ -48,6 +48,7 @@ def main() -> None:
         "ties d0.2 λ0.5 sum": ("ties", {"density": 0.2, "lambda": 0.5, "aggregate": "sum"}),
         "fw_hard (issue defaults)": ("fw_hard", {"suite": "ta8-mini"}),
         "fw_hard step 1": ("fw_hard", {"suite": "ta8-mini", "step_size": 1.0}),
+        "fw_hard step 1, TA init": ("fw_hard", {"suite": "ta8-mini", "step_size": 1.0, "init": "task_arithmetic"}),
         "fw_hard step 1, layer, TIES inner": ("fw_hard", {"suite": "ta8-mini", "step_size": 1.0, "inner": "ties",
                                                             "density": 0.5}),
         "fw_soft": ("fw_soft", {"suite": "ta8-mini", "iterations": 5, "step_size": 1.0, "adam_steps": 15,
