@@ -65,7 +65,7 @@ def merge_markdown(report: dict, merge: dict) -> str:
     lines += ["", "## Accuracy (%) next to each parent's", "",
               "| model | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     acc = merge["scores"]["accuracy"]
-    lines.append(f"| **merged** | " + " | ".join(_pct(acc.get(t)) for t in tasks) + f" | **{_pct(merge['average'])}** |")
+    lines.append("| **merged** | " + " | ".join(_pct(acc.get(t)) for t in tasks) + f" | **{_pct(merge['average'])}** |")
     for d in parents:
         p = report["parents"][d]["accuracy"]
         lines.append(f"| {_name(report, d)} | " + " | ".join(_pct(p.get(t)) for t in tasks) +

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.evaluator import SuiteResult, evaluate_checkpoint
+from evaluation.evaluator import SuiteResult, evaluate_checkpoint, load_state
 from evaluation.objectives import FewShotCrossEntropy
-from evaluation.evaluator import load_state
 from evaluation.suite import Suite
 from evaluation.suites import load_suite
 from merging.checkpoint import Checkpoint
