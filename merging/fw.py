@@ -115,6 +115,15 @@ def _score(oracle: str, g_dot_c: float, g_dot_t: float, t_dot_c: float, c_sq: fl
     return (g_dot_c - g_dot_t) / (g_norm * dist_sq**0.5)
 
 
+def _scored(name: str, g: torch.Tensor, theta: torch.Tensor, candidates: Sequence[Checkpoint], norms: "_CandidateNorms",
+            oracle: str):
+    """(candidate index, its tensor, its oracle score) for one tensor, reading one candidate at a time."""
+    g_norm, g_dot_t, t_sq = _dot(g, g) ** 0.5, _dot(g, theta), _dot(theta, theta)
+    for i, cand in enumerate(candidates):
+        c = cand.read(name).to(torch.float32)
+        yield i, c, _score(oracle, _dot(g, c), g_dot_t, _dot(theta, c), norms.get(i, name, c), t_sq, g_norm)
+
+
 def fw_hard(base: Checkpoint, candidates: Sequence[Checkpoint], objective: Objective, params: FWParams | None = None,
             progress: Progress = None) -> FWResult:
     """Frank-Wolfe merging with hard (one-candidate) selections. Returns θ_T and every selection."""
@@ -141,12 +150,8 @@ def fw_hard(base: Checkpoint, candidates: Sequence[Checkpoint], objective: Objec
         scores = torch.zeros(len(candidates), len(names), dtype=torch.float64)
         best_tensor: dict[str, torch.Tensor] = {}
         for j, name in enumerate(names):
-            g, theta = grad[name].to(torch.float32), state[name]
-            g_norm, g_dot_t, t_sq = _dot(g, g) ** 0.5, _dot(g, theta), _dot(theta, theta)
             best_i, best_s = -1, float("inf")
-            for i, cand in enumerate(candidates):
-                c = cand.read(name).to(torch.float32)
-                s = _score(params.oracle, _dot(g, c), g_dot_t, _dot(theta, c), norms.get(i, name, c), t_sq, g_norm)
+            for i, c, s in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms, params.oracle):
                 scores[i, j] = s
                 if s < best_s:
                     best_i, best_s = i, s
@@ -210,11 +215,9 @@ def fw_soft(base: Checkpoint, candidates: Sequence[Checkpoint], task_objectives:
             _, grad = objective.loss_and_grad(state)
             totals = torch.zeros(len(candidates), dtype=torch.float64)
             for name in names:
-                g, theta = grad[name].to(torch.float32), state[name]
-                g_norm, g_dot_t, t_sq = _dot(g, g) ** 0.5, _dot(g, theta), _dot(theta, theta)
-                for i, cand in enumerate(candidates):
-                    c = cand.read(name).to(torch.float32)
-                    totals[i] += _score(params.oracle, _dot(g, c), g_dot_t, _dot(theta, c), norms.get(i, name, c), t_sq, g_norm)
+                for i, _, score in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms,
+                                           params.oracle):
+                    totals[i] += score
             best = int(torch.argmin(totals))
             if float(totals[best]) < 0 and best not in chosen:
                 chosen.append(best)
