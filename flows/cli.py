@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from merging.errors import MergeyardError
 from merging.version import __version__
+from flows.cli_common import stdout, user_errors
 from flows.progress import progress_bars, stderr
 from flows.settings import get_settings
 
@@ -28,7 +27,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-stdout = Console()
 
 
 @app.callback()
@@ -37,23 +35,6 @@ def _defaults() -> None:
     import os
 
     os.environ.setdefault("MPLCONFIGDIR", str((Path(get_settings().home) / "cache" / "matplotlib").resolve()))
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn MergeyardError into one line on stderr and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MergeyardError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            stderr.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 @app.command()
@@ -112,6 +93,12 @@ def digest(
         print(value)
 
 
+def _plain_default(value):
+    from pydantic import BaseModel
+
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 @app.command()
 @user_errors
 def methods(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
@@ -121,7 +108,8 @@ def methods(as_json: bool = typer.Option(False, "--json", help="print as JSON"))
     listing = []
     for spec in all_methods():
         params = {
-            (f.alias or name): {"default": f.default, "description": f.description or ""}
+            (f.alias or name): {"default": _plain_default(f.get_default(call_default_factory=True)),
+                                "description": f.description or ""}
             for name, f in spec.params.model_fields.items()
         }
         listing.append({"name": spec.name, "summary": spec.summary, "paper": spec.paper,
@@ -511,6 +499,10 @@ def zoo_build(
         table.add_row(task, f"{100 * manifest['zero_shot'][task]:.1f}", f"{100 * entry['accuracy']:.1f}", entry["digest"][:19])
     stdout.print(table)
 
+
+from flows.cli_map import map_app  # noqa: E402  (a sub-app of its own module: cli.py stays readable)
+
+app.add_typer(map_app, name="map")
 
 db_app = typer.Typer(help="The lineage database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

@@ -21,7 +21,7 @@ def render_tree(graph):
             shown = ", ".join(built[:3]) + (f", … ({len(built)} tensors)" if len(built) > 3 else "")
             return f"{role}[bold]{n.name}[/] {n.digest[:19]} built {shown}"
         metrics = "".join(f"  {k}={v:.3f}" for k, v in sorted(n.metrics.items()))
-        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{metrics}"
+        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{_decided(n.run_details)}{metrics}"
 
     def grow(tree, node_id, seen):
         for edge in graph.parents(node_id):
@@ -32,6 +32,21 @@ def render_tree(graph):
     root = Tree(label(graph.root))
     grow(root, graph.root, {graph.root})
     return root
+
+
+def _decided(details: dict | None) -> str:
+    """One line of what the producing run decided, where it says more than its recipe."""
+    if not details:
+        return ""
+    if "mudsc" in details:
+        d = details["mudsc"]
+        moved = sum(sum(g["moved"]) for g in d["groups"].values())
+        return (f" [dim](α={d['alpha']:g} {d['mode']}, {len(d['groups'])} groups, {moved} units moved, "
+                f"calibration {d['calibration_digest'][:19]})[/]")
+    if "map" in details:
+        d = details["map"]
+        return f" [dim](MAP front {d['front']} point {d['point']}, preference {d['preference']})[/]"
+    return ""
 
 
 def _pct(value) -> str:

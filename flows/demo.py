@@ -32,6 +32,9 @@ DEMO_PARAMS = {
     # FW-Merging: the paper's 10 iterations and λ; step_size 1 moves far enough in 10 steps on this small tower
     "fw_hard": {"iterations": 10, "step_size": 1.0, "lambda": 0.3},
     "fw_soft": {"iterations": 3, "step_size": 1.0, "lambda": 0.3, "adam_steps": 10, "adam_lr": 0.05},
+    # MuDSC is for models trained apart; on fine-tunes of one base it finds their units already aligned and
+    # lands near averaging, which the demo shows side by side (bench/mudsc.py shows what it is for)
+    "mudsc": {"alpha": 0.5, "calibration": {"samples": 32}},
 }
 DEMO_NAME = "demo-ta8"
 

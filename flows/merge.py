@@ -73,10 +73,27 @@ class StagedMerge:
     models: list[ModelInfo]
 
     def parents(self) -> list[Parent]:
+        alignment = alignment_details(self.result.details.get("mudsc"))
         return ([Parent(self.base, "base")] if self.base else []) + [
-            Parent(m, "candidate", weight=entry.weight, details={"position": i})
+            Parent(m, "candidate", weight=entry.weight, details={"position": i, **alignment.get(i, {})})
             for i, (m, entry) in enumerate(zip(self.models, self.recipe.models))
         ] + selection_edges(self.result.details.get("selections", []), self.models)
+
+    def run_details(self) -> dict | None:
+        """What the method decided, for the run's record (FW's selections are lineage edges already)."""
+        details = {k: v for k, v in self.result.details.items() if k != "selections"}
+        return details or None
+
+
+def alignment_details(mudsc: dict | None) -> dict[int, dict]:
+    """MuDSC: for each model, how many of each group's units its matching moved (model 0 is the reference)."""
+    if not mudsc:
+        return {}
+    out: dict[int, dict] = {}
+    for group, entry in mudsc["groups"].items():
+        for i, moved in enumerate(entry["moved"]):
+            out.setdefault(i, {"units_moved": {}})["units_moved"][group] = moved
+    return out
 
 
 def selection_edges(selections: list[dict], models: list[ModelInfo]) -> list[Parent]:
@@ -132,11 +149,13 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
 
 
 def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluations: list[SuiteEvaluation] = (),
-                 keep_output: bool = False) -> ModelInfo:
-    """Register the staged output with its lineage and evaluations, and mark the run succeeded, atomically."""
+                 keep_output: bool = False, details: dict | None = None) -> ModelInfo:
+    """Register the staged output with its lineage and evaluations, and mark the run succeeded, atomically.
+    `details` joins what the method decided in the run's record (e.g. the MAP front a point came from)."""
     try:
         model = registry.complete_merge_run(staged.run_id, staged.path, staged.result.digest, name, staged.parents(),
-                                            staged.result.seconds, evaluations=evaluations)
+                                            staged.result.seconds, evaluations=evaluations,
+                                            details={**(staged.run_details() or {}), **(details or {})} or None)
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise
@@ -153,8 +172,9 @@ def abort_merge(registry: Registry, staged: StagedMerge, error: BaseException) -
 
 def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = None, name: str | None = None,
                      device: str = "cpu", max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
-                     progress: ProgressFn | None = None) -> RecordedMerge:
+                     progress: ProgressFn | None = None, details: dict | None = None) -> RecordedMerge:
     staged = stage_merge(recipe, registry, out=out, device=device, max_shard_bytes=max_shard_bytes,
                          overwrite=overwrite, progress=progress)
-    model = commit_merge(registry, staged, name or f"merged-{staged.recipe.method}", keep_output=out is not None)
+    model = commit_merge(registry, staged, name or f"merged-{staged.recipe.method}", keep_output=out is not None,
+                         details=details)
     return RecordedMerge(model, staged.result, staged.run_id, out)

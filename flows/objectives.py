@@ -1,4 +1,5 @@
-"""Objectives for data-informed recipes (fw_hard, fw_soft), built from the suite their parameters name."""
+"""What data-informed recipes learn from, built from the suite their parameters name: objectives for
+fw_hard and fw_soft, calibration data for mudsc."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ from flows.steps import suite_for
 
 def objective_for(params, device: str = "cpu"):
     """fw_hard: one objective over the suite's tasks. fw_soft: (per-task objectives for the selections,
-    the objective its coefficients learn on)."""
+    the objective its coefficients learn on). mudsc: the calibration images and the suite's architecture."""
     from merging.fw import FWSoftParams
+    from merging.methods.mudsc import MuDSCRecipeParams
 
+    if isinstance(params, MuDSCRecipeParams):
+        from evaluation.calibration import SuiteCalibration
+
+        spec = params.calibration
+        tasks = list(spec.tasks) if spec.tasks else None
+        return SuiteCalibration(suite_for(spec.suite, tasks, None), tasks, spec.samples)
     suite = suite_for(params.suite, list(params.tasks) if params.tasks else None, None)
     kind = FewShotCrossEntropy if params.loss == "cross_entropy" else PredictionEntropy
     if isinstance(params, FWSoftParams):

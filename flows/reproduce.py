@@ -32,10 +32,12 @@ class Reproduction:
     rebuilt_digest: str
     differing: list[str] = field(default_factory=list)
     run_id: int | None = None
+    calibration: dict | None = None  # MuDSC: recorded vs rebuilt calibration digest, when they differ
 
     def as_dict(self) -> dict:
         return {"model": self.model.digest, "name": self.model.name, "ok": self.ok, "rebuilt_digest": self.rebuilt_digest,
-                "differing_tensors": self.differing, "merge_run": self.run_id}
+                "differing_tensors": self.differing, "merge_run": self.run_id,
+                **({"calibration_digest": self.calibration} if self.calibration else {})}
 
 
 def _tensor_sha256(ckpt: Checkpoint, name: str) -> str:
@@ -78,10 +80,19 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
             ok = result.digest == model.digest
             differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))
             outcome = Reproduction(model, ok, result.digest, differing, run.id)
+            outcome.calibration = _calibration_change(run.details, result.details)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     registry.record_reproduction(model, outcome.ok, outcome.rebuilt_digest, {
         "merge_run": outcome.run_id, "differing_tensors": outcome.differing[:100], "mergeyard_version": __version__,
         "recorded_mergeyard_version": run.mergeyard_version if run else None,
+        **({"calibration_digest": outcome.calibration} if outcome.calibration else {}),
     })
     return outcome
+
+
+def _calibration_change(recorded: dict | None, rebuilt: dict) -> dict | None:
+    """MuDSC's calibration data, when the rebuild read other bytes than the recorded merge did."""
+    before = ((recorded or {}).get("mudsc") or {}).get("calibration_digest")
+    after = (rebuilt.get("mudsc") or {}).get("calibration_digest")
+    return {"recorded": before, "rebuilt": after} if before != after else None

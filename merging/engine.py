@@ -177,7 +177,7 @@ def run_merge(
             raise MergeyardError(f"method {spec.name!r} learns from data: it needs an objective built from its suite; "
                                  "run it with `mergeyard merge` or a pipeline, which build one")
         t0 = time.perf_counter()
-        solved = spec.solve(base, models, params, objective(params), progress)
+        solved = spec.solve(inputs, params, objective(params), progress)
         phases["solve"] = time.perf_counter() - t0
 
     writer = CheckpointWriter(out_dir, layout, max_shard_bytes, overwrite=overwrite,

@@ -24,3 +24,17 @@ class Objective(Protocol):
 
     def loss_and_grad(self, state: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
         """The loss and ∂loss/∂tensor for every name in `names` (float32, same shapes)."""
+
+
+@runtime_checkable
+class Calibration(Protocol):
+    """Unlabelled inputs for methods that read activations (MuDSC), and the architecture they run through."""
+
+    #: identifies the inputs exactly (recorded in lineage: a merge is reproducible only with the same data)
+    digest: str
+
+    def create_model(self) -> torch.nn.Module:
+        """A fresh module of the checkpoints' architecture (its state dict keys are the checkpoints' tensors)."""
+
+    def batches(self) -> list[torch.Tensor]:
+        """Model inputs, in a fixed order."""

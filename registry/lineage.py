@@ -28,6 +28,7 @@ class LineageNode:
     source_uri: str
     method: str | None = None  # of the run that produced it
     metrics: dict[str, float] = field(default_factory=dict)  # "suite/metric" → mean over tasks
+    run_details: dict | None = None  # what that run's method decided (MuDSC's matchings, a MAP pick, ...)
 
 
 @dataclass
@@ -89,11 +90,11 @@ def lineage(session: Session, model_id: int) -> LineageGraph:
         m.id: LineageNode(m.id, m.digest, m.name, m.kind, m.source_uri)
         for m in session.scalars(select(Model).where(Model.id.in_(ids)))
     }
-    for output_id, method in session.execute(
-        select(MergeRun.output_model_id, MergeRun.method)
+    for output_id, method, details in session.execute(
+        select(MergeRun.output_model_id, MergeRun.method, MergeRun.details)
         .where(MergeRun.output_model_id.in_(ids), MergeRun.status == "succeeded").order_by(MergeRun.id.desc())
     ):
-        nodes[output_id].method = method
+        nodes[output_id].method, nodes[output_id].run_details = method, details
     for mid, suite, metric, mean in session.execute(
         select(Evaluation.model_id, Evaluation.suite_name, Evaluation.metric, func.avg(Evaluation.value))
         .where(Evaluation.model_id.in_(ids)).group_by(Evaluation.model_id, Evaluation.suite_name, Evaluation.metric)

@@ -139,6 +139,21 @@ class MlflowMirror:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
+    def log_run(self, run_name: str, tags: dict[str, str], params: dict[str, str], metrics: dict[str, float],
+                artifacts: list[Path]) -> str:
+        """A finished run holding a result that is not a model (a MAP front: its plot and JSON)."""
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        if metrics:
+            self.log_metrics(run_id, metrics)
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(registered_name(name), alias, version)
 

@@ -23,7 +23,7 @@ import registry.audit  # noqa: F401  (installs the append-only guard)
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from registry.db import ensure_schema, make_engine
-from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
+from registry.errors import AmbiguousModelError, ModelNotFoundError
 from registry.mlflow_mirror import MirroredModel, MlflowMirror
 from registry.schema import Evaluation, LineageEdge, MergeRun, Model, PromotionEvent, RelevanceScore, Reproduction, utcnow
 from registry.sources import resolve_source
@@ -238,7 +238,8 @@ class Registry:
             return run.id
 
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
-                           seconds: float, evaluations: list[SuiteEvaluation] = ()) -> ModelInfo:
+                           seconds: float, evaluations: list[SuiteEvaluation] = (),
+                           details: dict | None = None) -> ModelInfo:
         """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction."""
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
@@ -246,7 +247,7 @@ class Registry:
         def finish(s: Session, row: Model) -> None:
             run = s.get(MergeRun, run_id)
             run.status, run.output_model_id = "succeeded", row.id
-            run.finished_at, run.seconds = utcnow(), seconds
+            run.finished_at, run.seconds, run.details = utcnow(), seconds, details
             for e in evaluations:
                 s.add_all(e.rows_for(row.id, mlflow_run_id))
 
@@ -260,7 +261,7 @@ class Registry:
             with self.Session.begin() as s:
                 run = s.get(MergeRun, run_id)
                 run.status, run.output_model_id = "succeeded", info.id
-                run.finished_at, run.seconds = utcnow(), seconds
+                run.finished_at, run.seconds, run.details = utcnow(), seconds, details
                 for e in evaluations:
                     if not self._has_evaluation(s, info.id, e.suite_digest):
                         s.add_all(e.rows_for(info.id, mlflow_run_id))

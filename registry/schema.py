@@ -69,6 +69,9 @@ class MergeRun(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     output_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), index=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # what the method decided beyond the weights (MuDSC's matchings and calibration digest, FW's losses,
+    # the MAP front and preference a picked point came from)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
 
 class LineageEdge(Base):
@@ -141,4 +144,42 @@ class Reproduction(Base):
     ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
     rebuilt_digest: Mapped[str | None] = mapped_column(String(80))
     details: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class MapSample(Base):
+    """One evaluated task-arithmetic merge of a MAP sweep, reused by any later sweep with the same key
+    (candidate digests, base, coefficient vector, suite digest)."""
+
+    __tablename__ = "map_samples"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(80), unique=True, nullable=False)
+    base_digest: Mapped[str] = mapped_column(String(80), nullable=False)
+    candidates: Mapped[list[str]] = mapped_column(JsonType, nullable=False)  # digests, in coefficient order
+    coefficients: Mapped[list[float]] = mapped_column(JsonType, nullable=False)
+    suite_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    suite_digest: Mapped[str] = mapped_column(String(80), nullable=False, index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)  # {metric: {task: value}}
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class ParetoFront(Base):
+    """A MAP result: the surrogates fitted per task, their held-out errors, and the front found on them."""
+
+    __tablename__ = "map_fronts"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    suite_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    suite_digest: Mapped[str] = mapped_column(String(80), nullable=False)
+    base_digest: Mapped[str] = mapped_column(String(80), nullable=False)
+    candidates: Mapped[list[str]] = mapped_column(JsonType, nullable=False)
+    tasks: Mapped[list[str]] = mapped_column(JsonType, nullable=False)
+    variant: Mapped[str] = mapped_column(String(16), nullable=False)  # plain | bayesian | nested
+    settings: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    surrogates: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    points: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, nullable=False)
+    real_evaluations: Mapped[int] = mapped_column(Integer, nullable=False)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -91,7 +90,9 @@ def test_digest_of_a_pickle_is_refused(tmp_path):
 def test_methods_lists_every_method_with_paper():
     proc = run("methods", "--json")
     listing = {m["name"]: m for m in json.loads(proc.stdout)}
-    assert set(listing) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fw_hard", "fw_soft"}
+    assert set(listing) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fw_hard", "fw_soft", "mudsc"}
+    assert listing["mudsc"]["paper"].startswith("https://arxiv.org/abs/2403.01753") and not listing["mudsc"]["requires_base"]
+    assert {"alpha", "mode", "calibration"} <= set(listing["mudsc"]["parameters"])
     assert listing["ties"]["paper"].startswith("https://arxiv.org/abs/2306.01708")
     assert listing["fw_hard"]["paper"].startswith("https://arxiv.org/abs/2503.12649") and listing["fw_hard"]["summary"]
     assert {"suite", "budget", "loss", "lambda", "iterations"} <= set(listing["fw_hard"]["parameters"])
@@ -113,7 +114,7 @@ def test_demo_writes_only_under_mergeyard_home(tmp_path, small_zoo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert {m["method"] for m in report["merges"]} == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                                        "fw_hard", "fw_soft"}
+                                                        "fw_hard", "fw_soft", "mudsc"}
     assert report["promotion"]["decision"] == "promoted"
     for m in report["merges"]:
         assert m["merged"] and m["average"] > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_all, random_family, save_checkpoint
+from conftest import load_all, random_family
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.engine import run_merge

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from merging.fw import FWParams, FWSoftParams, fw_hard, fw_soft
+from merging.determinism import SingleThread
 from merging.methods.registry import MethodParams, Solved, merge_method
 
 PAPER = "https://arxiv.org/abs/2503.12649"
@@ -37,33 +38,17 @@ def _selections(result) -> dict:
             "initial_scores": result.initial_scores}
 
 
-class _SingleThread:
-    """The gradients' float rounding depends on how many threads split each matmul; FW's selections, and so
-    the merged bytes, must not (a Dask worker runs one thread, a laptop several): solve single-threaded."""
-
-    def __enter__(self):
-        import torch
-
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.threads)
-
-
-def _solve_hard(base, models, params, objective, progress) -> Solved:
-    with _SingleThread():
-        result = fw_hard(base, models, objective, FWParams(**{k: getattr(params, k) for k in FWParams.model_fields}),
+def _solve_hard(inputs, params, objective, progress) -> Solved:
+    with SingleThread():
+        result = fw_hard(inputs.base, inputs.models, objective, FWParams(**{k: getattr(params, k) for k in FWParams.model_fields}),
                          progress)
     return Solved(result.state, _selections(result))
 
 
-def _solve_soft(base, models, params, objective, progress) -> Solved:
+def _solve_soft(inputs, params, objective, progress) -> Solved:
     task_objectives, merge_objective = objective
-    with _SingleThread():
-        result = fw_soft(base, models, task_objectives, merge_objective,
+    with SingleThread():
+        result = fw_soft(inputs.base, inputs.models, task_objectives, merge_objective,
                          FWSoftParams(**{k: getattr(params, k) for k in FWSoftParams.model_fields}), progress)
     return Solved(result.state, {**_selections(result), "coefficients": result.coefficients})
 

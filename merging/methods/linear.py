@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from merging.errors import RecipeError
 from merging.inputs import TensorInputs

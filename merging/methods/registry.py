@@ -46,8 +46,8 @@ class Solved:
     details: dict[str, Any]
 
 
-# (base, models, params, objective, progress) → Solved; the objective is built by the caller from the params
-SolveFn = Callable[[Any, list, Any, Any, Any], Solved]
+# (inputs, params, objective, progress) → Solved; the objective is built by the caller from the params
+SolveFn = Callable[[MergeInputs, Any, Any, Any], Solved]
 
 
 @dataclass(frozen=True)

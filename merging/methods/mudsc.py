@@ -1,0 +1,52 @@
+"""`mudsc` as a recipe method: MuDSC's parameters plus the calibration data it reads activations on.
+
+    method: mudsc
+    models: [tower-seed-1, tower-seed-2]      # no base: the models were trained apart
+    parameters: {alpha: 0.5, mode: align, calibration: {suite: ta8-mini, samples: 32}}
+
+`calibration` names data `merging/` never loads: whoever runs the recipe (the
+flows) builds it (unlabelled few-shot images of the suite's tasks, and the
+suite's architecture) and hands it to the engine, which records its digest.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from merging.determinism import SingleThread
+from merging.methods.registry import MethodParams, Solved, merge_method
+from merging.mudsc import MuDSCParams, mudsc, permutation_spec
+
+PAPER = "https://arxiv.org/abs/2403.01753"
+
+
+class CalibrationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suite: str = Field("ta8-mini", description="whose images calibrate (and whose architecture the models have)")
+    tasks: tuple[str, ...] | None = Field(None, description="a subset of the suite's tasks")
+    samples: int = Field(32, gt=0, le=100, description="unlabelled few-shot images per task")
+
+
+class MuDSCRecipeParams(MethodParams, MuDSCParams):
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="calibration data")
+
+
+def _solve(inputs, params, calibration, progress) -> Solved:
+    states = [{name: ckpt.read(name) for name in ckpt.names} for ckpt in inputs.models]
+    core = MuDSCParams(**{k: getattr(params, k) for k in MuDSCParams.model_fields})
+    batches = calibration.batches()
+    with SingleThread():  # the matchings, and so the merged bytes, must not depend on the thread count
+        spec = permutation_spec(calibration.create_model(), batches[0] if batches else None)
+        result = mudsc(states, spec, calibration.create_model, batches, core, weights=inputs.weights,
+                       progress=progress)
+    details = {"mudsc": {"alpha": core.alpha, "mode": core.mode, "calibration_digest": calibration.digest,
+                         "architecture": spec.architecture, **result.summary()}}
+    return Solved({k: v for k, v in result.state.items() if v.is_floating_point()}, details)
+
+
+@merge_method("mudsc", params=MuDSCRecipeParams, paper=PAPER, solve=_solve, requires_base=False)
+def mudsc_method(inputs, params, state):  # pragma: no cover  (the engine calls solve instead)
+    """MuDSC: align (or zip) hidden units under weight + activation similarity, then average; for models
+    trained from different initialisations."""
+    raise NotImplementedError("MuDSC solves the whole model at once")
