@@ -3,6 +3,7 @@
     ta8-mini   the eight target tasks of the offline zoo (TA8's shape)
     zoo-all    all 22 zoo tasks
     zoo:TASK   one zoo task
+    ta8        the real TA8 (CLIP ViT-B/32, eight datasets) from the Hugging Face hub or its cache
 
 Heads are the zoo CLIP's zero-shot heads; normalised accuracy divides by the
 accuracy of each task's own fine-tune, read from a built zoo's manifest.
@@ -33,11 +34,22 @@ def suite_tasks(name: str) -> tuple[str, ...]:
         return tuple(TASKS)
     if name.startswith("zoo:") and name[4:] in TASKS:
         return (name[4:],)
-    raise MergeyardError(f"unknown suite {name!r}; known: ta8-mini, zoo-all, zoo:TASK (TASK one of {', '.join(TASKS)})")
+    raise MergeyardError(f"unknown suite {name!r}; known: ta8-mini, zoo-all, zoo:TASK (TASK one of {', '.join(TASKS)}), "
+                         "ta8 (the real one, from the hub)")
 
 
 @lru_cache(maxsize=8)
-def load_suite(name: str, zoo_manifest: str | None = None, seed: int = 0) -> Suite:
+def load_suite(name: str, zoo_manifest: str | None = None, seed: int = 0, only: tuple[str, ...] | None = None) -> Suite:
+    """The suite `name`; `only` loads just those tasks where loading is costly (ta8 downloads), else subsets."""
+    if name == "ta8":
+        import os
+
+        from evaluation.ta8 import load_ta8_suite
+
+        cache = os.environ.get("MERGEYARD_HF_CACHE")  # where `hf://` sources are read too
+        return load_ta8_suite(Path(cache) if cache else None, list(only) if only else None)
+    if only:
+        return load_suite(name, zoo_manifest, seed).subset(list(only))
     tasks = suite_tasks(name)
     clip, _ = load_asset()
     data = {}

@@ -14,9 +14,7 @@ def evaluate_model(registry: Registry, ref: str, suite_name: str, *, tasks: list
                    zoo_manifest: Path | None = None, device: str = "cpu", record: bool = True,
                    progress=None) -> tuple[ModelInfo, SuiteResult]:
     model = resolve_input(registry, ref)
-    suite = load_suite(suite_name, str(zoo_manifest) if zoo_manifest else None)
-    if tasks:
-        suite = suite.subset(tasks)
+    suite = load_suite(suite_name, str(zoo_manifest) if zoo_manifest else None, only=tuple(tasks) if tasks else None)
     result = evaluate_checkpoint(model.store_path, suite, device=device, progress=progress)
     if record:
         run_id = None

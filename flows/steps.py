@@ -25,8 +25,7 @@ from registry.registry import ModelInfo, Registry, SuiteEvaluation
 
 
 def suite_for(name: str, tasks: list[str] | None, zoo_manifest: Path | None) -> Suite:
-    suite = load_suite(name, str(zoo_manifest) if zoo_manifest else None)
-    return suite.subset(list(tasks)) if tasks else suite
+    return load_suite(name, str(zoo_manifest) if zoo_manifest else None, only=tuple(tasks) if tasks else None)
 
 
 @dataclass
