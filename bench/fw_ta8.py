@@ -4,8 +4,11 @@ candidates added to the pool.
 Needs the full zoo (22 fine-tunes; `mergeyard zoo build --out bench/.work/zoo-full`, about 12 CPU
 minutes, reused when present). Every merge goes through the engine (`run_merge`) with the objective
 the flows build, and is scored on ta8-mini's test split (normalised by each task's own fine-tune).
+Pools: the 8 target fine-tunes; with 8 and 14 fine-tunes of other tasks added (irrelevant candidates);
+with fine-tunes of the same 8 tasks from other seeds added (more relevant candidates, built under
+zoo-full/extra/ on first use).
 
-    .venv/bin/python bench/fw_ta8.py [--quick]
+    .venv/bin/python bench/fw_ta8.py [--quick] [--more-seeds 1,2]
 """
 
 from __future__ import annotations
@@ -32,27 +35,40 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the 8-relevant pool")
+    ap.add_argument("--more-seeds", default="1", help="seeds of the extra relevant fine-tunes (experiment 3)")
     args = ap.parse_args()
+    from evaluation.zoo.build import build_extra_finetunes
+
     manifest = build_zoo(ZOO)
     suite = load_suite("ta8-mini", str(ZOO / "manifest.json"))
     base = str(ZOO / "base")
     relevant = [str(ZOO / "finetuned" / t) for t in TA8_MINI]
     irrelevant = [str(ZOO / "finetuned" / t) for t in TASKS if t not in TA8_MINI]
+    seeds = [int(x) for x in args.more_seeds.split(",") if x]
+    more = [str(p) for p in build_extra_finetunes(ZOO, list(TA8_MINI), seeds).values()] if seeds else []
     pools = {"8 relevant": relevant, "8 + 8 irrelevant": relevant + irrelevant[:8],
              f"8 + {len(irrelevant)} irrelevant": relevant + irrelevant}
+    if more:
+        pools[f"8 + {len(more)} more relevant"] = relevant + more
     if args.quick:
         pools = {"8 relevant": relevant}
+    n_tasks, lam = len(TA8_MINI), 0.3
+    kappa = n_tasks * lam  # atoms θ_base + κ·τ_i: the hull's centre is task arithmetic at λ = 0.3
+    fw = {"suite": "ta8-mini"}
     methods = {
         "average": ("average", {}),
         "task_arithmetic λ0.3": ("task_arithmetic", {"lambda": 0.3}),
         "ties d0.2 λ0.5 sum": ("ties", {"density": 0.2, "lambda": 0.5, "aggregate": "sum"}),
-        "fw_hard (issue defaults)": ("fw_hard", {"suite": "ta8-mini"}),
-        "fw_hard step 1": ("fw_hard", {"suite": "ta8-mini", "step_size": 1.0}),
-        "fw_hard step 1, TA init": ("fw_hard", {"suite": "ta8-mini", "step_size": 1.0, "init": "task_arithmetic"}),
-        "fw_hard step 1, layer, TIES inner": ("fw_hard", {"suite": "ta8-mini", "step_size": 1.0, "inner": "ties",
-                                                            "density": 0.5}),
-        "fw_soft": ("fw_soft", {"suite": "ta8-mini", "iterations": 5, "step_size": 1.0, "adam_steps": 15,
-                                "adam_lr": 0.05}),
+        "fw_hard (issue defaults)": ("fw_hard", fw),
+        "fw_hard step 1": ("fw_hard", {**fw, "step_size": 1.0}),
+        "fw_hard step 1, TA init": ("fw_hard", {**fw, "step_size": 1.0, "init": "task_arithmetic"}),
+        f"fw_hard step 1, scale {kappa:g}": ("fw_hard", {**fw, "step_size": 1.0, "scale": kappa}),
+        f"fw_hard step 1, TA init, scale {kappa:g}": ("fw_hard", {**fw, "step_size": 1.0, "init": "task_arithmetic",
+                                                              "scale": kappa}),
+        "fw_hard step 1, layer, TIES inner": ("fw_hard", {**fw, "step_size": 1.0, "inner": "ties", "density": 0.5}),
+        "fw_soft": ("fw_soft", {**fw, "iterations": 5, "step_size": 1.0, "adam_steps": 15, "adam_lr": 0.05}),
+        f"fw_soft, scale {kappa:g}": ("fw_soft", {**fw, "iterations": 5, "step_size": 1.0, "adam_steps": 15,
+                                                  "adam_lr": 0.05, "scale": kappa}),
     }
     rows = []
     work = Path(tempfile.mkdtemp(prefix="fw-ta8-"))

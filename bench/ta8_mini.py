@@ -5,7 +5,7 @@
 
 Prints: zero-shot and individual fine-tuned accuracy per task, the cross-task
 matrix (each fine-tune on every task: forgetting), then weight averaging, task
-arithmetic and TIES (mean and sum) over a λ grid, each merged by the streaming
+arithmetic and TIES (mean and sum; over a density grid too) over a λ grid, each merged by the streaming
 engine from the eight target fine-tunes, with the acceptance checks of the
 issue: zero-shot ≤ 65, every fine-tune ≥ 90 on its task, averaging < task
 arithmetic (best λ) < TIES (best λ, both variants), all ≥ zero-shot + 10.
@@ -39,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default MERGEYARD_HOME/zoo; built if missing)")
     ap.add_argument("--lambdas", default=",".join(f"{x / 20:.2f}" for x in range(1, 21)))
-    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--densities", default="0.1,0.2,0.4,0.6,0.8", help="TIES densities searched with λ")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = ap.parse_args()
     from flows.settings import get_settings
@@ -60,6 +60,7 @@ def main() -> None:
     rows["individual fine-tuned"] = {t: matrix[t][t] for t in TA8_MINI}
 
     lambdas = [float(x) for x in args.lambdas.split(",")]
+    densities = [float(x) for x in args.densities.split(",")]
     grid: dict[str, dict[float, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         def merge(method: str, params: dict) -> dict[str, float]:
@@ -70,14 +71,15 @@ def main() -> None:
             return score(out)
 
         rows["weight averaging"] = merge("average", {})
-        for label, method, extra in (("task arithmetic", "task_arithmetic", {}),
-                                     ("TIES (mean)", "ties", {"density": args.density, "aggregate": "mean"}),
-                                     ("TIES (sum)", "ties", {"density": args.density, "aggregate": "sum"})):
-            grid[label] = {lam: merge(method, {**extra, "lambda": lam}) for lam in lambdas}
-    averages = {label: {lam: sum(s.values()) / len(s) for lam, s in g.items()} for label, g in grid.items()}
+        grid["task arithmetic"] = {(None, lam): merge("task_arithmetic", {"lambda": lam}) for lam in lambdas}
+        for label, aggregate in (("TIES (mean)", "mean"), ("TIES (sum)", "sum")):
+            grid[label] = {(d, lam): merge("ties", {"density": d, "aggregate": aggregate, "lambda": lam})
+                           for d in densities for lam in lambdas}
+    averages = {label: {key: sum(s.values()) / len(s) for key, s in g.items()} for label, g in grid.items()}
     best = {label: max(a, key=a.get) for label, a in averages.items()}
-    for label, lam in best.items():
-        rows[f"{label} (best λ={lam:g})"] = grid[label][lam]
+    for label, (density, lam) in best.items():
+        at = f"λ={lam:g}" + (f", density {density:g}" if density is not None else "")
+        rows[f"{label} (best {at})"] = grid[label][(density, lam)]
 
     def avg(scores: dict[str, float]) -> float:
         return sum(scores.values()) / len(scores)
@@ -90,9 +92,10 @@ def main() -> None:
           "".join(f"{t[:8]:>9}" for t in TA8_MINI))
     for t in TA8_MINI:
         print(f"{t:<14}" + "".join(f"{pct(matrix[t][u]):>9}" for u in TA8_MINI))
-    print("\naverage accuracy over the λ grid (%)\n" + f"{'λ':<8}" + "".join(f"{label:>16}" for label in averages))
+    print("\naverage accuracy over the λ grid (%; TIES at its best density for each λ)\n" + f"{'λ':<8}" +
+          "".join(f"{label:>16}" for label in averages))
     for lam in lambdas:
-        print(f"{lam:<8g}" + "".join(f"{pct(a[lam]):>16}" for a in averages.values()))
+        print(f"{lam:<8g}" + "".join(f"{pct(max(v for (d, l), v in a.items() if l == lam)):>16}" for a in averages.values()))
 
     zs = avg(rows["pre-trained (zero-shot)"])
     wa = avg(rows["weight averaging"])
@@ -111,7 +114,8 @@ def main() -> None:
     for text, ok, detail in checks:
         print(f"  [{'x' if ok else ' '}] {text}: {detail}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "matrix": matrix, "grid_averages": averages,
+        args.json.write_text(json.dumps({"rows": rows, "matrix": matrix,
+                                         "grid_averages": {k: {str(key): v for key, v in a.items()} for k, a in averages.items()},
                                          "checks": [(t, ok, d) for t, ok, d in checks]}, indent=2, default=str))
 
 

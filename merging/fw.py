@@ -50,6 +50,7 @@ class FWParams(BaseModel):
     inner: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description="how a step is merged in")
     density: float = Field(0.2, gt=0, le=1, description="TIES inner merge: fraction of each step kept")
     init: Literal["base", "task_arithmetic"] = Field("base", description="θ_0: the base, or task arithmetic of all")
+    scale: float = Field(1.0, gt=0, description="atoms θ_base + scale·(θ_i − θ_base); at N·λ the hull holds task arithmetic")
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,21 @@ def _score(oracle: str, g_dot_c: float, g_dot_t: float, t_dot_c: float, c_sq: fl
     return (g_dot_c - g_dot_t) / (g_norm * dist_sq**0.5)
 
 
+def _atom(cand: Checkpoint, name: str, base: Checkpoint, scale: float) -> torch.Tensor:
+    """A vertex of the constraint set: the candidate itself, or its task vector scaled from the base."""
+    c = cand.read(name).to(torch.float32)
+    if scale == 1.0:
+        return c
+    b = base.read(name).to(torch.float32)
+    return b + scale * (c - b)
+
+
 def _scored(name: str, g: torch.Tensor, theta: torch.Tensor, candidates: Sequence[Checkpoint], norms: "_CandidateNorms",
-            oracle: str):
-    """(candidate index, its tensor, its oracle score) for one tensor, reading one candidate at a time."""
+            oracle: str, base: Checkpoint, scale: float):
+    """(candidate index, its atom tensor, its oracle score) for one tensor, reading one candidate at a time."""
     g_norm, g_dot_t, t_sq = _dot(g, g) ** 0.5, _dot(g, theta), _dot(theta, theta)
     for i, cand in enumerate(candidates):
-        c = cand.read(name).to(torch.float32)
+        c = _atom(cand, name, base, scale)
         yield i, c, _score(oracle, _dot(g, c), g_dot_t, _dot(theta, c), norms.get(i, name, c), t_sq, g_norm)
 
 
@@ -151,7 +161,8 @@ def fw_hard(base: Checkpoint, candidates: Sequence[Checkpoint], objective: Objec
         best_tensor: dict[str, torch.Tensor] = {}
         for j, name in enumerate(names):
             best_i, best_s = -1, float("inf")
-            for i, c, s in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms, params.oracle):
+            for i, c, s in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms, params.oracle,
+                                   base, params.scale):
                 scores[i, j] = s
                 if s < best_s:
                     best_i, best_s = i, s
@@ -170,7 +181,7 @@ def fw_hard(base: Checkpoint, candidates: Sequence[Checkpoint], objective: Objec
             chosen = int(torch.argmin(totals))
             if float(totals[chosen]) < 0:
                 for j, name in enumerate(names):
-                    _apply(state, name, candidates[chosen].read(name).to(torch.float32), step, params)
+                    _apply(state, name, _atom(candidates[chosen], name, base, params.scale), step, params)
                     result.selections.append(Selection(t, name, chosen, float(scores[chosen, j]), step))
     result.losses.append(objective.loss(state))
     return result
@@ -216,14 +227,14 @@ def fw_soft(base: Checkpoint, candidates: Sequence[Checkpoint], task_objectives:
             totals = torch.zeros(len(candidates), dtype=torch.float64)
             for name in names:
                 for i, _, score in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms,
-                                           params.oracle):
+                                           params.oracle, base, params.scale):
                     totals[i] += score
             best = int(torch.argmin(totals))
             if float(totals[best]) < 0 and best not in chosen:
                 chosen.append(best)
         if not chosen:
             continue
-        directions = {i: {n: candidates[i].read(n).to(torch.float32) - state[n] for n in names} for i in chosen}
+        directions = {i: {n: _atom(candidates[i], n, base, params.scale) - state[n] for n in names} for i in chosen}
         alpha = torch.full((len(chosen), len(names)), params.lam, dtype=torch.float32, requires_grad=True)
         optimiser = torch.optim.Adam([alpha], lr=params.adam_lr)
         for step in range(params.adam_steps):

@@ -48,6 +48,7 @@ def dense_fw(base, cands, objective, p: FWParams):
         for n in objective.names:
             theta[n] = theta[n] + p.lam * sum(c[n] - base[n] for c in cands)
     picks = []
+    cands = [{n: base[n] + p.scale * (c[n] - base[n]) if base[n].is_floating_point() else c[n] for n in base} for c in cands]
     for t in range(p.iterations):
         _, grad = objective.loss_and_grad(theta)
         gamma = 2 / (t + 2) * p.step_size * p.lam
@@ -83,7 +84,8 @@ def dense_fw(base, cands, objective, p: FWParams):
     FWParams(granularity="task", iterations=6, step_size=0.5, lam=1.0),
     FWParams(oracle="weights", iterations=4, step_size=1.0),
     FWParams(inner="ties", density=0.3, init="task_arithmetic", iterations=5, step_size=1.0, lam=0.5),
-], ids=["defaults", "task", "weights-oracle", "ties-inner-ta-init"])
+    FWParams(scale=2.5, iterations=5, step_size=1.0),
+], ids=["defaults", "task", "weights-oracle", "ties-inner-ta-init", "scaled-atoms"])
 def test_streamed_fw_hard_matches_the_dense_reference(tmp_path, params):
     base, cands, base_ckpt, cand_ckpts = family(tmp_path, 5)
     g = torch.Generator().manual_seed(7)

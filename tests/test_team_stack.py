@@ -256,3 +256,33 @@ def test_pipeline_runs_and_serves_on_postgres_mlflow_server_and_prefect_server(t
         assert conn.execute(text("select count(*) from promotion_events")).scalar() == 1
         assert conn.execute(text("select count(*) from merge_runs")).scalar() == 2
     engine.dispose()
+
+
+@pytest.mark.integration
+def test_a_map_sweep_runs_on_dask_against_the_team_stack(team_stack, small_zoo):
+    """MAP's samples as mapped tasks on Dask workers reporting to the Prefect server, cached in PostgreSQL; the
+    front's plot and JSON through the MLflow server into the bucket."""
+    from sqlalchemy import create_engine, text
+
+    stack = team_stack
+    zoo, _, _ = small_zoo
+    candidates = ",".join(str(zoo / "finetuned" / t) for t in ("digits", "letters"))
+    ran = mergeyard(stack, "map", "--suite", "ta8-mini", "--tasks", "digits,letters", "--base", str(zoo / "base"),
+                    "--candidates", candidates, "--dask", "--json")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    report = json.loads(ran.stdout[ran.stdout.index("{"):])
+    assert report["newly_evaluated"] == 12 and len(report["points"]) >= 3
+    engine = create_engine(stack["lineage_url"])
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from map_samples")).scalar() == 12
+        assert conn.execute(text("select real_evaluations from map_fronts where id = :i"), {"i": report["front"]}).scalar() == 12
+    engine.dispose()
+    api = httpx.Client(base_url=stack["prefect"], timeout=20)
+    task_runs = api.post("/task_runs/filter", json={}).json()
+    assert sum(t["name"].startswith("sample ") for t in task_runs) == 12
+    assert any(a["key"] == f"map-front-{report['front']}" for a in api.post("/artifacts/filter", json={}).json())
+    stored = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(k.endswith(f"front-{report['front']}.png") for k in stored)
+    picked = mergeyard(stack, "map", "pick", str(report["front"]), "--prefer", "digits=1,letters=1", "--json")
+    assert picked.returncode == 0, picked.stderr[-3000:]
+    assert set(json.loads(picked.stdout[picked.stdout.index("{"):])["measured"]) == {"digits", "letters"}

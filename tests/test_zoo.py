@@ -39,6 +39,35 @@ def test_small_zoo_fine_tunes_beat_zero_shot_and_are_reused(small_zoo):
     assert time.perf_counter() - started < seconds / 2 and (out / "manifest.json").stat().st_mtime_ns == mtime
 
 
+def test_full_build_settings_give_each_task_its_own_budget():
+    from evaluation.zoo.build import FULL, FULL_OTHERS, FULL_TARGETS, SMALL, settings_for
+    from evaluation.zoo.tasks import TA8_MINI, TASKS
+
+    assert all(settings_for(t, small=True) == SMALL for t in TASKS)
+    assert settings_for("counts", small=False) == FULL_TARGETS["counts"] and settings_for("colours", small=False) == FULL
+    others = [t for t in TASKS if t not in TA8_MINI]
+    assert len(others) == 14 and all(settings_for(t, small=False) == FULL_OTHERS for t in others)
+    # the build's time goes to the eight targets: the others' fine-tunes are a fraction of any target's
+    assert FULL_OTHERS.steps * FULL_OTHERS.per_class < min(s.steps * s.per_class for s in [FULL, *FULL_TARGETS.values()])
+
+
+def test_extra_fine_tunes_from_other_seeds_sit_beside_the_zoo_and_are_reused(small_zoo, tmp_path):
+    import shutil
+
+    from evaluation.zoo.build import build_extra_finetunes
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(small_zoo[0], zoo)
+    extra = build_extra_finetunes(zoo, ["digits"], [1])
+    path = extra["digits-seed1"]
+    assert path == zoo / "extra" / "digits-seed1"
+    assert checkpoint_digest(path) != checkpoint_digest(zoo / "finetuned" / "digits")
+    suite = load_suite("zoo:digits")
+    assert evaluate_checkpoint(path, suite).tasks[0].accuracy > evaluate_checkpoint(zoo / "base", suite).tasks[0].accuracy
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert build_extra_finetunes(zoo, ["digits"], [1]) == extra and (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
 def test_suite_digest_is_stable_and_normalised_accuracy_uses_the_manifest(small_zoo):
     out, manifest, _ = small_zoo
     a = load_suite("ta8-mini")

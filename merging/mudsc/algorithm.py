@@ -57,24 +57,19 @@ class MuDSCResult:
     spec: PermutationSpec | None = None
 
     def summary(self) -> dict:
-        """What lineage records: per group, how far each model's units moved and how well they matched."""
+        """What lineage records: per group, how many of each model's units moved, whether units of one model
+        were zipped together, and a digest of the matching itself."""
         groups = {}
         for g in self.spec.groups if self.spec else []:
-            m = self.matchings[g.name]
-            t = m.target
+            t = self.matchings[g.name].target
             k, n = t.shape
-            entry = {"kind": g.kind, "units": n, "zipped": bool(g.zippable and not g.parent and g.kind == "units"
-                                                                and m.size == n and _has_within(t)),
-                     "moved": [int((t[i] != torch.arange(n)).sum()) for i in range(k)],
+            entry = {"kind": g.kind, "units": n, "moved": [int((t[i] != torch.arange(n)).sum()) for i in range(k)],
                      "digest": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
-            if _has_within(t):
-                entry["within_model_merges"] = int(sum(n - len(torch.unique(t[i])) for i in range(k)))
+            within = sum(n - len(torch.unique(t[i])) for i in range(k))
+            if within:
+                entry["within_model_merges"] = int(within)
             groups[g.name] = entry
         return {"groups": groups, "sweeps": self.sweeps, "objective": [round(v, 6) for v in self.objective]}
-
-
-def _has_within(target: torch.Tensor) -> bool:
-    return any(len(torch.unique(row)) < row.numel() for row in target)
 
 
 def _order(spec: PermutationSpec) -> list[Group]:
