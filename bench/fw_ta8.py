@@ -8,7 +8,7 @@ Pools: the 8 target fine-tunes; with 8 and 14 fine-tunes of other tasks added (i
 with fine-tunes of the same 8 tasks from other seeds added (more relevant candidates, built under
 zoo-full/extra/ on first use).
 
-    .venv/bin/python bench/fw_ta8.py [--quick] [--more-seeds 1,2]
+    .venv/bin/python bench/fw_ta8.py [--quick] [--more-seeds 1,2] [--pools 'more relevant'] [--methods 'scale,ties']
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the 8-relevant pool")
     ap.add_argument("--more-seeds", default="1", help="seeds of the extra relevant fine-tunes (experiment 3)")
+    ap.add_argument("--pools", default="", help="only the pools whose name contains one of these (comma-separated)")
+    ap.add_argument("--methods", default="", help="only the methods whose label contains one of these")
     args = ap.parse_args()
     from evaluation.zoo.build import build_extra_finetunes
 
@@ -52,6 +54,8 @@ def main() -> None:
         pools[f"8 + {len(more)} more relevant"] = relevant + more
     if args.quick:
         pools = {"8 relevant": relevant}
+    if args.pools:
+        pools = {k: v for k, v in pools.items() if any(w in k for w in args.pools.split(","))}
     n_tasks, lam = len(TA8_MINI), 0.3
     kappa = n_tasks * lam  # atoms θ_base + κ·τ_i: the hull's centre is task arithmetic at λ = 0.3
     fw = {"suite": "ta8-mini"}
@@ -70,6 +74,8 @@ def main() -> None:
         f"fw_soft, scale {kappa:g}": ("fw_soft", {**fw, "iterations": 5, "step_size": 1.0, "adam_steps": 15,
                                                   "adam_lr": 0.05, "scale": kappa}),
     }
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if any(w in k for w in args.methods.split(","))}
     rows = []
     work = Path(tempfile.mkdtemp(prefix="fw-ta8-"))
     try:

@@ -11,6 +11,7 @@ reuses whatever it shares.
 
 # No `from __future__ import annotations`: Prefect validates flow parameters from the real types.
 
+import base64
 import json
 from pathlib import Path
 from typing import Literal
@@ -131,7 +132,7 @@ def _prefect_artifact(record, png: Path) -> None:
 
     if FlowRunContext.get() is None:
         return  # outside a flow run (`map pick` re-plots): nothing to attach it to
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
     header = "| # | " + " | ".join(record.tasks) + " | coefficients |\n|" + "---|" * (len(record.tasks) + 2)
     rows = [f"| {i} | " + " | ".join(f"{100 * p['predicted'][t]:.1f}" for t in record.tasks) + " | "
@@ -139,6 +140,9 @@ def _prefect_artifact(record, png: Path) -> None:
     errors = "\n".join(f"- {t}: held-out R² {s['r2']:.3f}, MAE {100 * s['mae']:.2f} points"
                        if s.get("r2") is not None else f"- {t}: MAE {100 * s['mae']:.2f} points"
                        for t, s in record.surrogates.items())
+    # the picture itself, self-contained (a data URI), so the Prefect UI shows it without reaching MLflow
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png.read_bytes()).decode(),
+                          key=f"map-front-{record.id}-plot", description=f"Pareto front {record.id}: 2-task panels")
     create_markdown_artifact(
         key=f"map-front-{record.id}",
         markdown=f"# MAP front {record.id} on {record.suite_name}\n\n{record.variant}, "

@@ -7,6 +7,7 @@ the engine run directly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def _config(zoo, **extra):
 
 
 def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_for_real(prefect_api, small_zoo, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     from evaluation.evaluator import evaluate_checkpoint
     from flows.map_flow import map_flow
     from flows.map_steps import ta_recipe
@@ -64,6 +68,14 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
     assert Path(report["files"]["plot"]).stat().st_size > 10_000 and json.loads(Path(report["files"]["json"]).read_text())["id"] == report["front"]
     artifacts = registry.mirror.client.list_artifacts(report["files"]["mlflow_run"])
     assert {Path(a.path).suffix for a in artifacts} == {".png", ".json"}
+    async def artifact(key):
+        async with get_client() as client:
+            return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))[0]
+
+    table = asyncio.run(artifact(f"map-front-{report['front']}"))
+    assert "held-out R²" in table.data and f"{100 * points[0]['predicted']['digits']:.1f}" in table.data
+    plot = asyncio.run(artifact(f"map-front-{report['front']}-plot"))
+    assert plot.type == "image" and plot.data.startswith("data:image/png;base64,")
 
     # a second sweep over the same design evaluates nothing; a larger one reuses what it shares
     again = map_flow(_config(zoo))

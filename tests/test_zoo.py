@@ -58,6 +58,9 @@ def test_extra_fine_tunes_from_other_seeds_sit_beside_the_zoo_and_are_reused(sma
 
     zoo = tmp_path / "zoo"
     shutil.copytree(small_zoo[0], zoo)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    manifest["finetuned"]["digits"]["steps"] = 40  # the task's recorded budget is what an extra fine-tune gets
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
     extra = build_extra_finetunes(zoo, ["digits"], [1])
     path = extra["digits-seed1"]
     assert path == zoo / "extra" / "digits-seed1"
