@@ -114,3 +114,13 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
     assert wrong.exit_code == 1 and "not one of the front's" in wrong.stderr
     incomplete = runner.invoke(app, ["map", "--suite", "ta8-mini"])
     assert incomplete.exit_code == 1 and "needs --suite, --base and --candidates" in incomplete.stderr
+    # bad inputs are refused before any flow run starts: one line, no front stored
+    candidates = ",".join(str(zoo / "finetuned" / t) for t in TASKS)
+    no_base = runner.invoke(app, ["map", "--suite", "ta8-mini", "--base", "no-such-model", "--candidates", candidates])
+    assert no_base.exit_code == 1 and no_base.stderr.strip() == (
+        "error: recipe input 'no-such-model' is neither a path, a source URI nor a registered model")
+    no_task = runner.invoke(app, ["map", "--suite", "ta8-mini", "--tasks", "digits,planets", "--base", str(zoo / "base"),
+                                  "--candidates", candidates])
+    assert no_task.exit_code == 1 and "suite 'ta8-mini' has no task planets" in no_task.stderr
+    assert [f["id"] for f in json.loads(runner.invoke(app, ["map", "list", "--json"]).stdout)] == [
+        report["front"], again["front"], bigger["front"]]
