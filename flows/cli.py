@@ -16,7 +16,7 @@ from rich.table import Table
 
 from merging.errors import MergeyardError
 from merging.version import __version__
-from flows.cli_common import stdout, user_errors
+from flows.cli_common import preflight, stdout, user_errors
 from flows.progress import progress_bars, stderr
 from flows.settings import get_settings
 
@@ -212,7 +212,9 @@ def run(
     """Run a pipeline: ingest, score, merge, evaluate, promote (a Prefect flow run)."""
     from flows.config import load_pipeline
 
-    report = _run_pipeline(load_pipeline(pipeline), dask, refresh)
+    config = load_pipeline(pipeline)
+    preflight(get_settings(), config.suite, config.tasks, [config.base, *config.resolved_candidates()])
+    report = _run_pipeline(config, dask, refresh)
     _print_report(report, as_json)
     if fail_on_refusal and report.get("promotion") and report["promotion"]["decision"] == "refused":
         raise typer.Exit(2)

@@ -29,3 +29,24 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def preflight(settings, suite: str, tasks: list[str] | None, refs: list[str]) -> None:
+    """What can be checked in a second before a flow run starts (a server, a sweep) only to fail on it."""
+    import os
+
+    from evaluation.suites import suite_tasks
+
+    if suite != "ta8":  # the real suite's tasks are only known from the hub
+        known = suite_tasks(suite)
+        unknown = [t for t in tasks or [] if t not in known]
+        if unknown:
+            raise MergeyardError(f"suite {suite!r} has no task {', '.join(unknown)}; its tasks: {', '.join(known)}")
+    names = [ref for ref in refs if "://" not in ref and not os.path.exists(ref)]
+    if names:  # neither a URI nor a path: it must be a registered model
+        from flows.merge import resolve_input
+        from flows.registry_access import open_registry
+
+        registry = open_registry(settings)
+        for ref in names:
+            resolve_input(registry, ref)

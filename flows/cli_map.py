@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from merging.errors import MergeyardError
-from flows.cli_common import stdout, user_errors
+from flows.cli_common import preflight, stdout, user_errors
 from flows.progress import progress_bars
 from flows.settings import get_settings
 
@@ -53,7 +53,7 @@ def map_sweep(
     from merging.map import MapParams, parse_preference
 
     settings = get_settings()
-    _preflight(settings, suite, _split(tasks), [base, *_split(candidates)])
+    preflight(settings, suite, _split(tasks), [base, *_split(candidates)])
     from flows.runtime import configure_prefect, with_runner
 
     configure_prefect(settings)
@@ -73,27 +73,6 @@ def map_sweep(
                  f"plot {report['files']['plot']}", highlight=False, soft_wrap=True)
     stdout.print(f"next: mergeyard map pick {report['front']} --prefer \"{report['tasks'][0]}=2,{report['tasks'][1]}=1\"",
                  highlight=False)
-
-
-def _preflight(settings, suite: str, tasks: list[str], refs: list[str]) -> None:
-    """What can be checked in a second before a flow run starts (a server, a sweep) only to fail on it."""
-    import os
-
-    from evaluation.suites import suite_tasks
-
-    if suite != "ta8":  # the real suite's tasks are only known from the hub
-        known = suite_tasks(suite)
-        unknown = [t for t in tasks if t not in known]
-        if unknown:
-            raise MergeyardError(f"suite {suite!r} has no task {', '.join(unknown)}; its tasks: {', '.join(known)}")
-    names = [ref for ref in refs if "://" not in ref and not os.path.exists(ref)]
-    if names:  # neither a URI nor a path: it must be a registered model
-        from flows.merge import resolve_input
-        from flows.registry_access import open_registry
-
-        registry = open_registry(settings)
-        for ref in names:
-            resolve_input(registry, ref)
 
 
 def _print_front(front_id: int, tasks: list[str], points: list[dict], surrogates: dict, limit: int = 25) -> None:

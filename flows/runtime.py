@@ -19,6 +19,9 @@ def configure_prefect(settings: Settings) -> None:
     """Defaults for Prefect, set before it is imported; explicit PREFECT_* settings win."""
     if "PREFECT_API_URL" not in os.environ:
         os.environ.setdefault("PREFECT_HOME", str((Path(settings.home) / "prefect").resolve()))
+        # Prefect makes its home without parents; a MERGEYARD_HOME not yet on disk left the ephemeral
+        # server without a database and the run failed with a startup timeout
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     # the ephemeral server's first start applies its migrations: 12-25 s measured on 2 cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -8,6 +8,7 @@ evaluator run on those bytes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -318,6 +319,36 @@ def test_run_with_a_bad_pipeline_exits_1_with_one_line(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
     assert result.exit_code == 1
     assert "unknown merge method 'nope'" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_run_refuses_a_missing_model_before_any_flow_run_starts(tmp_path):
+    from flows.cli import app
+    from flows.registry_access import open_registry
+
+    (tmp_path / "p.yaml").write_text("name: p\nsuite: ta8-mini\nbase: no-such-base\ncandidates: [c]\n"
+                                     "merges: [{method: average}]\n")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: recipe input 'no-such-base' is neither a path, a source URI nor a registered model"
+    assert open_registry().list_models() == []
+    (tmp_path / "p.yaml").write_text("name: p\nsuite: ta8-mini\ntasks: [digits, planets]\nbase: b\ncandidates: [c]\n"
+                                     "merges: [{method: average}]\n")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 1 and "suite 'ta8-mini' has no task planets" in result.output
+
+
+def test_prefect_gets_its_home_even_where_mergeyard_home_is_not_on_disk_yet(tmp_path, monkeypatch):
+    from flows.runtime import configure_prefect
+    from flows.settings import get_settings
+
+    home = tmp_path / "not" / "yet"
+    monkeypatch.setenv("MERGEYARD_HOME", str(home))
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    get_settings.cache_clear()
+    configure_prefect(get_settings())
+    assert Path(os.environ["PREFECT_HOME"]) == (home / "prefect").resolve() and (home / "prefect").is_dir()
+    get_settings.cache_clear()
 
 
 def test_serve_refuses_without_a_schedule_or_a_server(tmp_path, monkeypatch):
