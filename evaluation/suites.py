@@ -38,6 +38,20 @@ def suite_tasks(name: str) -> tuple[str, ...]:
                          "ta8 (the real one, from the hub)")
 
 
+def check_tasks(name: str, tasks: list[str] | None) -> tuple[str, ...]:
+    """The tasks of suite `name` asked for (all when `tasks` is empty), known without loading it."""
+    if name == "ta8":
+        from evaluation.ta8 import TA8
+
+        known = tuple(TA8)
+    else:
+        known = suite_tasks(name)
+    unknown = [t for t in tasks or [] if t not in known]
+    if unknown:
+        raise MergeyardError(f"suite {name!r} has no task {unknown[0]!r}; its tasks: {', '.join(known)}")
+    return tuple(tasks) if tasks else known
+
+
 @lru_cache(maxsize=8)
 def load_suite(name: str, zoo_manifest: str | None = None, seed: int = 0, only: tuple[str, ...] | None = None) -> Suite:
     """The suite `name`; `only` loads just those tasks where loading is costly (ta8 downloads), else subsets."""

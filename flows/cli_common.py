@@ -33,18 +33,12 @@ def user_errors(fn: Callable) -> Callable:
 
 def preflight(settings, suite: str, tasks: list[str] | None, refs: list[str]) -> None:
     """What can be checked in a second before a flow run starts (a server, a sweep) only to fail on it."""
-    import os
+    from evaluation.suites import check_tasks
+    from flows.merge import is_source, resolve_input
 
-    from evaluation.suites import suite_tasks
-
-    if suite != "ta8":  # the real suite's tasks are only known from the hub
-        known = suite_tasks(suite)
-        unknown = [t for t in tasks or [] if t not in known]
-        if unknown:
-            raise MergeyardError(f"suite {suite!r} has no task {', '.join(unknown)}; its tasks: {', '.join(known)}")
-    names = [ref for ref in refs if "://" not in ref and not os.path.exists(ref)]
-    if names:  # neither a URI nor a path: it must be a registered model
-        from flows.merge import resolve_input
+    check_tasks(suite, tasks)
+    names = [ref for ref in refs if not is_source(ref)]
+    if names:  # each must then be a registered model
         from flows.registry_access import open_registry
 
         registry = open_registry(settings)

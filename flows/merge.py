@@ -33,9 +33,14 @@ class RecordedMerge:
     out_dir: Path | None
 
 
+def is_source(ref: str) -> bool:
+    """A recipe input that names bytes to ingest (a URI or an existing path), not a registry reference."""
+    return "://" in ref or os.path.exists(ref)
+
+
 def resolve_input(registry: Registry, ref: str) -> ModelInfo:
     """A recipe input: a source to ingest (URI or existing path), else a registry reference."""
-    if "://" in ref or os.path.exists(ref):
+    if is_source(ref):
         return registry.ingest(ref)[0]
     try:
         return registry.resolve(ref)

@@ -334,7 +334,7 @@ def test_run_refuses_a_missing_model_before_any_flow_run_starts(tmp_path):
     (tmp_path / "p.yaml").write_text("name: p\nsuite: ta8-mini\ntasks: [digits, planets]\nbase: b\ncandidates: [c]\n"
                                      "merges: [{method: average}]\n")
     result = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
-    assert result.exit_code == 1 and "suite 'ta8-mini' has no task planets" in result.output
+    assert result.exit_code == 1 and "suite 'ta8-mini' has no task 'planets'" in result.output
 
 
 def test_prefect_gets_its_home_even_where_mergeyard_home_is_not_on_disk_yet(tmp_path, monkeypatch):
@@ -348,7 +348,6 @@ def test_prefect_gets_its_home_even_where_mergeyard_home_is_not_on_disk_yet(tmp_
     get_settings.cache_clear()
     configure_prefect(get_settings())
     assert Path(os.environ["PREFECT_HOME"]) == (home / "prefect").resolve() and (home / "prefect").is_dir()
-    get_settings.cache_clear()
 
 
 def test_serve_refuses_without_a_schedule_or_a_server(tmp_path, monkeypatch):

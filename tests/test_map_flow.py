@@ -68,6 +68,7 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
     assert Path(report["files"]["plot"]).stat().st_size > 10_000 and json.loads(Path(report["files"]["json"]).read_text())["id"] == report["front"]
     artifacts = registry.mirror.client.list_artifacts(report["files"]["mlflow_run"])
     assert {Path(a.path).suffix for a in artifacts} == {".png", ".json"}
+
     async def artifact(key):
         async with get_client() as client:
             return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))[0]
@@ -121,6 +122,6 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
         "error: recipe input 'no-such-model' is neither a path, a source URI nor a registered model")
     no_task = runner.invoke(app, ["map", "--suite", "ta8-mini", "--tasks", "digits,planets", "--base", str(zoo / "base"),
                                   "--candidates", candidates])
-    assert no_task.exit_code == 1 and "suite 'ta8-mini' has no task planets" in no_task.stderr
+    assert no_task.exit_code == 1 and "suite 'ta8-mini' has no task 'planets'" in no_task.stderr
     assert [f["id"] for f in json.loads(runner.invoke(app, ["map", "list", "--json"]).stdout)] == [
         report["front"], again["front"], bigger["front"]]
