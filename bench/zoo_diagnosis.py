@@ -1,0 +1,104 @@
+"""Why merges of the zoo's fine-tunes score what they score: the measurements behind `bench/ta8_mini.py`.
+
+    python bench/zoo_diagnosis.py --zoo DIR [--tasks digits,letters,...] [--alphas 0.125,0.25,0.5]
+
+Task arithmetic at λ scores task t roughly as the sum of two effects, printed
+here per task (accuracy %, on each task's own test split):
+
+  own(α)     θ0 + α·τ_t                  how much of its fine-tune's gain a fraction of τ_t keeps
+  others(α)  θ0 + α·Σ_{j≠t} τ_j          what the other task vectors do to task t (interference)
+
+Merges reach zero-shot + 10 only where own(α) rises fast at small α and
+others(α) stays near zero-shot. TIES assumes a task vector's few largest
+entries carry it: `trim d` is the fine-tune with τ_t cut to its top d by
+magnitude (global, as TIES's reference), with the share of ‖τ_t‖² kept.
+Last, the tensors holding the largest shares of ‖τ_t‖² (where fine-tuning
+moved the tower). Everything is computed in memory from the zoo's
+safetensors; no merge is recorded anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from evaluation.evaluator import evaluate_state, load_state  # noqa: E402
+from evaluation.suites import load_suite, suite_tasks  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, required=True, help="a built zoo (its manifest.json)")
+    ap.add_argument("--tasks", default=None, help="comma-separated fine-tuned tasks (default: ta8-mini's)")
+    ap.add_argument("--alphas", default="0.125,0.25,0.5")
+    ap.add_argument("--densities", default="0.2,0.5")
+    args = ap.parse_args()
+    manifest = json.loads((args.zoo / "manifest.json").read_text())
+    suite = load_suite("zoo-all", str(args.zoo / "manifest.json"))
+    tasks = args.tasks.split(",") if args.tasks else list(suite_tasks("ta8-mini"))
+    missing = [t for t in tasks if t not in manifest["finetuned"]]
+    if not args.tasks:  # a --small zoo fine-tunes only some of ta8-mini
+        tasks = [t for t in tasks if t in manifest["finetuned"]]
+        missing = []
+    if missing:
+        raise SystemExit(f"error: the zoo at {args.zoo} has no fine-tune of {missing[0]!r}")
+    base = load_state(args.zoo / manifest["base"]["path"])
+    taus = {t: {k: v - base[k] for k, v in load_state(args.zoo / manifest["finetuned"][t]["path"]).items()}
+            for t in tasks}
+
+    def accuracy(state: dict[str, torch.Tensor], task: str) -> float:
+        return 100 * evaluate_state(state, suite.subset([task])).tasks[0].accuracy
+
+    def shifted(coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
+        return {k: base[k] + sum(c * taus[t][k] for t, c in coefficients.items()) for k in base}
+
+    def trimmed(task: str, density: float) -> tuple[dict[str, torch.Tensor], float]:
+        flat = torch.cat([taus[task][k].flatten() for k in base])
+        threshold = flat.abs().kthvalue(len(flat) - int(len(flat) * density)).values
+        kept = flat * (flat.abs() >= threshold)
+        out, offset = {}, 0
+        for k in base:
+            n = base[k].numel()
+            out[k] = base[k] + kept[offset:offset + n].view_as(base[k])
+            offset += n
+        return out, float((kept ** 2).sum() / (flat ** 2).sum())
+
+    alphas = [float(a) for a in args.alphas.split(",")]
+    densities = [float(d) for d in args.densities.split(",")]
+    columns = (["zero-shot", "fine-tuned"] + [f"own {a:g}" for a in alphas] + [f"others {a:g}" for a in alphas]
+               + [f"trim {d:g}" for d in densities])
+    rows = {}
+    for t in tasks:
+        row = [accuracy(base, t), accuracy(shifted({t: 1.0}), t)]
+        row += [accuracy(shifted({t: a}), t) for a in alphas]
+        row += [accuracy(shifted({u: a for u in tasks if u != t}), t) for a in alphas]
+        kept = []
+        for d in densities:
+            state, share = trimmed(t, d)
+            row.append(accuracy(state, t))
+            kept.append(share)
+        rows[t] = (row, kept)
+        print(f"  {t} done", file=sys.stderr, flush=True)
+    print(f"{'task':<12}" + "".join(f"{c:>13}" for c in columns) + "".join(f"{'‖τ‖² kept ' + str(d):>16}" for d in densities))
+    for t, (row, kept) in rows.items():
+        print(f"{t:<12}" + "".join(f"{x:13.1f}" for x in row) + "".join(f"{100 * s:15.0f}%" for s in kept))
+    means = [sum(r[0][i] for r in rows.values()) / len(rows) for i in range(len(columns))]
+    print(f"{'mean':<12}" + "".join(f"{x:13.1f}" for x in means))
+    print("\nlargest shares of ‖τ‖² (tensor, share, ‖Δ‖/‖θ0‖ of that tensor)")
+    for t in tasks:
+        energy = {k: float((v ** 2).sum()) for k, v in taus[t].items()}
+        total = sum(energy.values())
+        top = sorted(energy, key=energy.get, reverse=True)[:4]
+        print(f"  {t:<12}" + "; ".join(
+            f"{k} {energy[k] / total:.2f} ({float(taus[t][k].norm() / base[k].norm().clamp(min=1e-12)):.2f})" for k in top))
+
+
+if __name__ == "__main__":
+    main()
