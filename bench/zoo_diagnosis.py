@@ -61,6 +61,8 @@ def main() -> None:
 
     def trimmed(task: str, density: float) -> tuple[dict[str, torch.Tensor], float]:
         flat = torch.cat([taus[task][k].flatten() for k in base])
+        if density >= 1.0:
+            return shifted({task: 1.0}), 1.0
         threshold = flat.abs().kthvalue(len(flat) - int(len(flat) * density)).values
         kept = flat * (flat.abs() >= threshold)
         out, offset = {}, 0
@@ -72,6 +74,8 @@ def main() -> None:
 
     alphas = [float(a) for a in args.alphas.split(",")]
     densities = [float(d) for d in args.densities.split(",")]
+    if not all(0.0 < d <= 1.0 for d in densities):
+        raise SystemExit("error: densities must lie in (0, 1]")
     columns = (["zero-shot", "fine-tuned"] + [f"own {a:g}" for a in alphas] + [f"others {a:g}" for a in alphas]
                + [f"trim {d:g}" for d in densities])
     rows = {}
