@@ -40,13 +40,15 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.125,0.25,0.5")
     ap.add_argument("--densities", default="0.2,0.5")
     args = ap.parse_args()
+    if not (args.zoo / "manifest.json").is_file():
+        raise SystemExit(f"error: no zoo at {args.zoo} (no manifest.json); build one with `mergeyard zoo build --out DIR`")
     manifest = json.loads((args.zoo / "manifest.json").read_text())
     suite = load_suite("zoo-all", str(args.zoo / "manifest.json"))
-    tasks = args.tasks.split(",") if args.tasks else list(suite_tasks("ta8-mini"))
+    if args.tasks:
+        tasks = args.tasks.split(",")
+    else:  # a --small zoo fine-tunes only some of ta8-mini
+        tasks = [t for t in suite_tasks("ta8-mini") if t in manifest["finetuned"]]
     missing = [t for t in tasks if t not in manifest["finetuned"]]
-    if not args.tasks:  # a --small zoo fine-tunes only some of ta8-mini
-        tasks = [t for t in tasks if t in manifest["finetuned"]]
-        missing = []
     if missing:
         raise SystemExit(f"error: the zoo at {args.zoo} has no fine-tune of {missing[0]!r}")
     base = load_state(args.zoo / manifest["base"]["path"])
