@@ -14,7 +14,7 @@ entries carry it: `trim d` is the fine-tune with τ_t cut to its top d by
 magnitude (global, as TIES's reference), with the share of ‖τ_t‖² kept.
 Last, the tensors holding the largest shares of ‖τ_t‖² (where fine-tuning
 moved the tower). Everything is computed in memory from the zoo's
-safetensors; no merge is recorded anywhere.
+safetensors; merges go through the engine into a temporary directory and are recorded nowhere.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +32,16 @@ import torch  # noqa: E402
 
 from evaluation.evaluator import evaluate_state, load_state  # noqa: E402
 from evaluation.suites import load_suite, suite_tasks  # noqa: E402
+from merging.engine import run_merge  # noqa: E402
+from merging.recipe import parse_recipe  # noqa: E402
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:  # where the engine writes each merge it is asked for
+        diagnose(Path(tmp))
+
+
+def diagnose(tmp: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, required=True, help="a built zoo (its manifest.json)")
     ap.add_argument("--tasks", default=None, help="comma-separated fine-tuned tasks (default: ta8-mini's)")
@@ -52,27 +60,27 @@ def main() -> None:
     if missing:
         raise SystemExit(f"error: the zoo at {args.zoo} has no fine-tune of {missing[0]!r}")
     base = load_state(args.zoo / manifest["base"]["path"])
-    taus = {t: {k: v - base[k] for k, v in load_state(args.zoo / manifest["finetuned"][t]["path"]).items()}
-            for t in tasks}
+    paths = {t: args.zoo / manifest["finetuned"][t]["path"] for t in tasks}
+    taus = {t: {k: v - base[k] for k, v in load_state(paths[t]).items()} for t in tasks}
 
     def accuracy(state: dict[str, torch.Tensor], task: str) -> float:
         return 100 * evaluate_state(state, suite.subset([task])).tasks[0].accuracy
 
-    def shifted(coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
-        return {k: base[k] + sum(c * taus[t][k] for t, c in coefficients.items()) for k in base}
+    def merged(method: str, models: list[str], params: dict) -> dict[str, torch.Tensor]:
+        """The streaming engine's merge, so the diagnosis measures exactly what `ta8_mini.py` merges."""
+        recipe = parse_recipe({"method": method, "base": str(args.zoo / manifest["base"]["path"]),
+                               "models": [str(paths[t]) for t in models], "parameters": params})
+        run_merge(recipe, tmp / "merged", overwrite=True)
+        return load_state(tmp / "merged")
+
+    def shifted(models: list[str], alpha: float) -> dict[str, torch.Tensor]:
+        return merged("task_arithmetic", models, {"lambda": alpha})
 
     def trimmed(task: str, density: float) -> tuple[dict[str, torch.Tensor], float]:
-        flat = torch.cat([taus[task][k].flatten() for k in base])
-        if density >= 1.0:
-            return shifted({task: 1.0}), 1.0
-        threshold = flat.abs().kthvalue(len(flat) - int(len(flat) * density)).values
-        kept = flat * (flat.abs() >= threshold)
-        out, offset = {}, 0
-        for k in base:
-            n = base[k].numel()
-            out[k] = base[k] + kept[offset:offset + n].view_as(base[k])
-            offset += n
-        return out, float((kept ** 2).sum() / (flat ** 2).sum())
+        # TIES of one model: its sign election keeps every surviving entry, so this is the trim alone
+        state = merged("ties", [task], {"density": density, "aggregate": "sum", "lambda": 1.0})
+        kept = sum(float(((state[k] - base[k]) ** 2).sum()) for k in base)
+        return state, kept / sum(float((v ** 2).sum()) for v in taus[task].values())
 
     alphas = [float(a) for a in args.alphas.split(",")]
     densities = [float(d) for d in args.densities.split(",")]
@@ -82,9 +90,10 @@ def main() -> None:
                + [f"trim {d:g}" for d in densities])
     rows = {}
     for t in tasks:
-        row = [accuracy(base, t), accuracy(shifted({t: 1.0}), t)]
-        row += [accuracy(shifted({t: a}), t) for a in alphas]
-        row += [accuracy(shifted({u: a for u in tasks if u != t}), t) for a in alphas]
+        others = [u for u in tasks if u != t]
+        row = [accuracy(base, t), accuracy(load_state(paths[t]), t)]
+        row += [accuracy(shifted([t], a), t) for a in alphas]
+        row += [accuracy(shifted(others, a) if others else base, t) for a in alphas]
         kept = []
         for d in densities:
             state, share = trimmed(t, d)
