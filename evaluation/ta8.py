@@ -195,10 +195,9 @@ def load_ta8_suite(cache_dir: Path | None = None, tasks: list[str] | None = None
     """The TA8 suite from the hub (or its cache). `max_test` caps each test split (None: all of it)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    tasks = list(tasks or TA8)
-    unknown = [t for t in tasks if t not in TA8]
-    if unknown:
-        raise MergeyardError(f"TA8 has no task {unknown[0]!r}; its tasks: {', '.join(TA8)}")
+    from evaluation.suites import check_tasks  # not at the top: suites imports this module's TA8
+
+    tasks = list(check_tasks("ta8", tasks))
     base = _snapshot(BASE_REPO, cache_dir, patterns=["*.json", "*.txt", "*.safetensors"])
     clip = CLIPModel.from_pretrained(base).eval()
     tokenizer = CLIPTokenizer.from_pretrained(base)

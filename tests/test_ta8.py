@@ -188,9 +188,11 @@ def test_the_cli_evaluates_on_ta8_from_the_cache_the_settings_name(hub, monkeypa
 
 def test_ta8_tasks_are_checked_without_reaching_the_hub():
     from evaluation.suites import check_tasks
-    from evaluation.ta8 import TA8
+    from evaluation.ta8 import TA8, load_ta8_suite
     from merging.errors import MergeyardError
 
     assert check_tasks("ta8", None) == tuple(TA8) and check_tasks("ta8", ["mnist", "dtd"]) == ("mnist", "dtd")
     with pytest.raises(MergeyardError, match="suite 'ta8' has no task 'cifar10'; its tasks: sun397, stanford_cars"):
         check_tasks("ta8", ["mnist", "cifar10"])
+    with pytest.raises(MergeyardError, match="suite 'ta8' has no task 'cifar10'"):  # loading checks the same way
+        load_ta8_suite(None, ["mnist", "cifar10"])
