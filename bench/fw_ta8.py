@@ -1,8 +1,8 @@
 """FW-Merging on the offline TA8 miniature: against averaging, task arithmetic and TIES, with irrelevant
 candidates added to the pool.
 
-Needs the full zoo (22 fine-tunes; `mergeyard zoo build --out bench/.work/zoo-full`, about 12 CPU
-minutes, reused when present). Every merge goes through the engine (`run_merge`) with the objective
+Needs the full zoo (22 fine-tunes; `mergeyard zoo build --out bench/.work/zoo-full`, about 9 minutes on
+2 CPU cores, reused when present). Every merge goes through the engine (`run_merge`) with the objective
 the flows build, and is scored on ta8-mini's test split (normalised by each task's own fine-tune).
 Pools: the 8 target fine-tunes; with 8 and 14 fine-tunes of other tasks added (irrelevant candidates);
 with fine-tunes of the same 8 tasks from other seeds added (more relevant candidates, built under

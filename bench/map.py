@@ -66,7 +66,7 @@ def main() -> None:
                                        scratch=home / "tmp", mlflow_tracking_uri=None, mlflow_artifact_root=home / "ml"))
     base = registry.ingest(str(args.zoo / manifest["base"]["path"]))[0].digest
     digests = {t: registry.ingest(str(args.zoo / manifest["finetuned"][t]["path"]))[0].digest for t in TA8_MINI}
-    cases = [("2 tasks", ["digits", "letters"]), ("3 tasks", ["digits", "letters", "shapes"])]
+    cases = [("2 tasks", ["digits", "letters"]), ("3 tasks", ["digits", "letters", "textures"])]
     if not args.quick:
         cases.append(("8 tasks", list(TA8_MINI)))
     report, rows = {}, []

@@ -5,7 +5,7 @@
 
 Prints: zero-shot and individual fine-tuned accuracy per task, the cross-task
 matrix (each fine-tune on every task: forgetting), then weight averaging, task
-arithmetic and TIES (mean and sum; over a density grid too) over a λ grid, each merged by the streaming
+arithmetic and TIES (mean and sum; over a density grid 0.1-1 too) over a λ grid, each merged by the streaming
 engine from the eight target fine-tunes, with the acceptance checks of the
 issue: zero-shot ≤ 65, every fine-tune ≥ 90 on its task, averaging < task
 arithmetic (best λ) < TIES (best λ, both variants), all ≥ zero-shot + 10.
@@ -39,7 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default MERGEYARD_HOME/zoo; built if missing)")
     ap.add_argument("--lambdas", default=",".join(f"{x / 20:.2f}" for x in range(1, 21)))
-    ap.add_argument("--densities", default="0.1,0.2,0.4,0.6,0.8", help="TIES densities searched with λ")
+    # density 1 keeps every entry: TIES's sign election and disjoint merge alone
+    ap.add_argument("--densities", default="0.1,0.2,0.4,0.6,0.8,1.0", help="TIES densities searched with λ")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = ap.parse_args()
     from flows.settings import get_settings

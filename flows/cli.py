@@ -179,7 +179,7 @@ def _where_next() -> None:
 @app.command()
 @user_errors
 def demo(
-    full: bool = typer.Option(False, help="all 22 zoo fine-tunes and the 8 ta8-mini targets (about 12 CPU minutes to build)"),
+    full: bool = typer.Option(False, help="all 22 zoo fine-tunes and the 8 ta8-mini targets (about 9 minutes to build on 2 CPU cores)"),
     dask: Optional[str] = typer.Option(None, "--dask", help=DASK_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the pipeline report as JSON"),
 ) -> None:

@@ -8,8 +8,8 @@ best through a gate. The YAML stays behind, so `mergeyard run` can run it again
 
 By default the zoo is the small one (4 fine-tunes, about a minute to build) and
 the target is three of its tasks, so one candidate is off-target and the
-relevance scores leave it out; `--full` builds all 22 fine-tunes (about 12 CPU
-minutes) and targets ta8-mini with four off-target candidates in the pool.
+relevance scores leave it out; `--full` builds all 22 fine-tunes (about 9 minutes on 2 CPU
+cores) and targets ta8-mini with four off-target candidates in the pool.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from flows.config import ConfigError, parse_pipeline
 
-TARGETS = ["digits", "letters", "shapes"]
-OFF_TARGET = "colours"
+TARGETS = ["digits", "letters", "colours"]
+OFF_TARGET = "textures"
 
 
 def pipeline_config(zoo: Path, name: str = "nightly", merges=None, **extra):
@@ -278,12 +278,12 @@ def test_standalone_ingest_and_evaluate_flows(prefect_api, small_zoo):
     from flows.pipeline import evaluate_flow, ingest_flow
 
     zoo, manifest, _ = small_zoo
-    digests = ingest_flow([str(zoo / "finetuned" / "shapes")], base=str(zoo / "base"))
-    assert digests == [manifest["finetuned"]["shapes"]["digest"]]
-    first = evaluate_flow([digests[0]], "zoo:shapes")
-    assert first[0]["accuracy"]["shapes"] == pytest.approx(manifest["finetuned"]["shapes"]["accuracy"])
+    digests = ingest_flow([str(zoo / "finetuned" / "textures")], base=str(zoo / "base"))
+    assert digests == [manifest["finetuned"]["textures"]["digest"]]
+    first = evaluate_flow([digests[0]], "zoo:textures")
+    assert first[0]["accuracy"]["textures"] == pytest.approx(manifest["finetuned"]["textures"]["accuracy"])
     assert not first[0]["reused"]
-    assert evaluate_flow([digests[0]], "zoo:shapes")[0]["accuracy"] == first[0]["accuracy"]
+    assert evaluate_flow([digests[0]], "zoo:textures")[0]["accuracy"] == first[0]["accuracy"]
 
 
 # ---- the CLI: demo and run ---------------------------------------------------------------------

@@ -77,9 +77,9 @@ def test_score_command_data_free_with_a_reference(small_zoo):
     zoo, manifest, _ = small_zoo
     candidates = [str(zoo / "finetuned" / t) for t in manifest["finetuned"]]
     result = CliRunner().invoke(app, ["score", *candidates, "--suite", "my-private-suite", "--base", str(zoo / "base"),
-                                      "--reference", str(zoo / "finetuned" / "shapes"), "--json"])
+                                      "--reference", str(zoo / "finetuned" / "textures"), "--json"])
     assert result.exit_code == 0, result.output
     ranked = json.loads(result.stdout)
-    assert ranked[0]["name"] == "shapes" and ranked[0]["relevance"] == pytest.approx(1.0)
+    assert ranked[0]["name"] == "textures" and ranked[0]["relevance"] == pytest.approx(1.0)
     assert all(-1 <= r["relevance"] < 1 for r in ranked[1:])
     assert open_registry().scores("my-private-suite", "task_vector_cosine") == {r["digest"]: pytest.approx(r["relevance"]) for r in ranked}

@@ -186,7 +186,7 @@ def test_pipeline_runs_and_serves_on_postgres_mlflow_server_and_prefect_server(t
     zoo, _, _ = small_zoo
     pipeline = stack["root"] / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({
-        "name": "team-nightly", "suite": "ta8-mini", "tasks": ["digits", "letters", "shapes"],
+        "name": "team-nightly", "suite": "ta8-mini", "tasks": ["digits", "letters", "colours"],
         "base": str(zoo / "base"), "candidate_globs": [str(zoo / "finetuned" / "*")],
         "score": {"top_k": 3},
         "merges": [{"method": "task_arithmetic", "parameters": {"lambda": 0.3}}, {"method": "average"}],

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,29 +25,24 @@ from evaluation.suites import load_suite
 from evaluation.zoo.asset import load_asset
 from evaluation.zoo.data import GENERATOR_VERSION
 from evaluation.zoo.tasks import TA8_MINI, TASKS
-from evaluation.zoo.train import finetune
+from evaluation.zoo.train import FinetuneSettings, finetune
 from merging.digest import checkpoint_digest
 
 Progress = Callable[[str, int, int], None] | None
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    steps: int
-    lr: float
-    batch: int
-    per_class: int
-
-
-FULL = FinetuneSettings(steps=300, lr=3e-4, batch=128, per_class=200)
+# The eight targets: AdamW with eps 2e-2 (about the median per-entry gradient) at a 10x larger peak lr. Entries
+# with small gradients then move as under SGD (little) while large ones stay Adam-bounded, so a task vector
+# concentrates in few entries, as large models' do; with the default eps every entry moves ~lr per step and
+# TIES's trim cuts the fine-tune itself (bench/zoo_diagnosis.py measures both).
+FULL = FinetuneSettings(steps=400, lr=3e-3, batch=128, per_class=600, eps=2e-2)
 # TA8's own protocol gives each dataset its own budget (epochs from 4 for SVHN to 76 for DTD). Here the
-# tasks whose small training set overfits short of 90% on their own test split get more images and steps
+# tasks whose small training set overfits short of 90% on their own test split get more images
 # (measured: 200 images a class plateau at 82-88% however long the fine-tune; 1500 reach 90-91%).
 FULL_TARGETS = {
-    "digits": FinetuneSettings(steps=400, lr=3e-4, batch=128, per_class=1500),
-    "counts": FinetuneSettings(steps=400, lr=3e-4, batch=128, per_class=1500),
-    "letters": FinetuneSettings(steps=400, lr=3e-4, batch=128, per_class=2000),
-    "shapes": FinetuneSettings(steps=400, lr=3e-4, batch=128, per_class=600),
+    "digits": replace(FULL, per_class=1500),
+    "counts": replace(FULL, per_class=1500),
+    "letters": replace(FULL, per_class=2000),
 }
 # The 14 tasks outside ta8-mini only serve as extra candidates (irrelevant, or related to a target): a
 # shorter fine-tune keeps the full build within ten CPU minutes.
@@ -91,8 +86,7 @@ def build_zoo(out_dir: Path, *, small: bool = False, seed: int = 0, progress: Pr
             suite = load_suite(f"zoo:{task}", seed=seed)
             manifest["zero_shot"][task] = evaluate_state(base_state, suite).tasks[0].accuracy
             settings = settings_for(task, small)
-            state = finetune(clip, task, settings.steps, lr=settings.lr, batch=settings.batch,
-                             per_class=settings.per_class, seed=seed, progress=progress)
+            state = finetune(clip, task, settings, seed=seed, progress=progress)
             digest = _save_state(state, tmp / "finetuned" / task)
             accuracy = evaluate_state(state, suite).tasks[0].accuracy
             manifest["finetuned"][task] = {"path": f"finetuned/{task}", "digest": digest, "accuracy": accuracy,
@@ -116,12 +110,11 @@ def build_extra_finetunes(zoo_dir: Path, tasks: list[str], seeds: list[int], *, 
     clip, _ = load_asset()
     out: dict[str, Path] = {}
     for task in tasks:
-        settings = FinetuneSettings(**{k: manifest["finetuned"][task][k] for k in ("steps", "lr", "batch", "per_class")})
+        settings = FinetuneSettings(**{f.name: manifest["finetuned"][task][f.name] for f in fields(FinetuneSettings)})
         for seed in seeds:
             target = zoo_dir / "extra" / f"{task}-seed{seed}"
             if not (target / "model.safetensors").is_file():
-                state = finetune(clip, task, settings.steps, lr=settings.lr, batch=settings.batch,
-                                 per_class=settings.per_class, seed=seed, progress=progress)
+                state = finetune(clip, task, settings, seed=seed, progress=progress)
                 tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
                 try:
                     _save_state(state, tmp)

@@ -384,4 +384,4 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("fills", tuple(FILLS), "a {c}", "{c} outline", draw_fill),
 ]}
 
-TA8_MINI = ("digits", "letters", "shapes", "colours", "textures", "counts", "position", "arrows")
+TA8_MINI = ("digits", "letters", "colours", "textures", "counts", "position", "frequency", "frames")

@@ -9,6 +9,7 @@ the task's frozen zero-shot head (normalised prompt embeddings).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,6 +20,16 @@ from evaluation.zoo.data import make_split
 from evaluation.zoo.tasks import TASKS
 
 Progress = Callable[[str, int, int], None] | None
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """One fine-tune's budget: AdamW steps, peak learning rate, batch, training images a class, and AdamW's eps."""
+    steps: int
+    lr: float
+    batch: int
+    per_class: int
+    eps: float = 1e-8
 
 
 def _captions() -> tuple[list[str], dict[tuple[str, int], int]]:
@@ -84,22 +95,23 @@ def pretrain(steps: int, batch: int = 256, lr: float = 2e-3, per_class: int = 30
     return clip
 
 
-def finetune(clip: torch.nn.Module, task: str, steps: int, lr: float = 2e-4, batch: int = 128, per_class: int = 200,
-             seed: int = 0, progress: Progress = None) -> dict[str, torch.Tensor]:
+def finetune(clip: torch.nn.Module, task: str, settings: FinetuneSettings, seed: int = 0,
+             progress: Progress = None) -> dict[str, torch.Tensor]:
     """The fine-tuned image tower's state dict (the head stays frozen, as in TA8)."""
     torch.manual_seed(seed)
     head = zero_shot_head(clip, task)
     visual = create_clip().visual
     visual.load_state_dict(clip.visual.state_dict())
-    train = make_split(task, "train", per_class, seed)
+    train = make_split(task, "train", settings.per_class, seed)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(visual.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(visual.parameters(), lr=settings.lr, eps=settings.eps, weight_decay=0.0)
 
     def classification_loss() -> torch.Tensor:
-        idx = torch.randint(len(train.labels), (batch,), generator=g)
+        idx = torch.randint(len(train.labels), (settings.batch,), generator=g)
         return F.cross_entropy(logits(visual, head, to_input(train.images[idx])), train.labels[idx])
 
     visual.train()
-    _optimise(opt, steps, lr, max(1, steps // 10), classification_loss, f"finetune {task}", progress)
+    _optimise(opt, settings.steps, settings.lr, max(1, settings.steps // 10), classification_loss, f"finetune {task}",
+              progress)
     visual.eval()
     return {k: v.detach().clone() for k, v in visual.state_dict().items()}
