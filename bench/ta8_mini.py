@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--lambdas", default=",".join(f"{x / 20:.2f}" for x in range(1, 21)))
     # density 1 keeps every entry: TIES's sign election and disjoint merge alone
     ap.add_argument("--densities", default="0.1,0.2,0.4,0.6,0.8,1.0", help="TIES densities searched with λ")
+    ap.add_argument("--test-seed", type=int, default=0,
+                    help="seed of the test split (1, 2, ...: other images than the fine-tunes were measured on)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = ap.parse_args()
     from flows.settings import get_settings
@@ -49,7 +51,7 @@ def main() -> None:
     started = time.perf_counter()
     manifest = build_zoo(zoo)
     print(f"zoo: {zoo} (built or reused in {time.perf_counter() - started:.0f} s)")
-    suite = load_suite("ta8-mini", str(zoo / "manifest.json"))
+    suite = load_suite("ta8-mini", str(zoo / "manifest.json"), seed=args.test_seed)
     base = zoo / manifest["base"]["path"]
     finetuned = {t: zoo / manifest["finetuned"][t]["path"] for t in TA8_MINI}
 
