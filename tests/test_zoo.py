@@ -51,6 +51,27 @@ def test_full_build_settings_give_each_task_its_own_budget():
     assert FULL_OTHERS.steps * FULL_OTHERS.per_class < min(s.steps * s.per_class for s in [FULL, *FULL_TARGETS.values()])
 
 
+def test_adam_eps_near_the_gradient_scale_concentrates_the_update():
+    """The targets' eps 2e-2: an entry moves about lr·g/(|g| + eps) instead of about lr whatever its gradient, so
+    small-gradient entries move less and the task vector's energy sits in fewer entries."""
+    from evaluation.zoo.train import FinetuneSettings, finetune
+
+    clip, _ = load_asset()
+    base = clip.visual.state_dict()
+
+    def moved(eps: float) -> torch.Tensor:
+        state = finetune(clip, "digits", FinetuneSettings(steps=3, lr=1e-3, batch=8, per_class=2, eps=eps))
+        return torch.cat([(state[k] - base[k]).flatten().abs() for k in base if base[k].is_floating_point()])
+
+    def top_fifth_share(delta: torch.Tensor) -> float:
+        top = delta.sort(descending=True).values[: len(delta) // 5]
+        return float((top ** 2).sum() / (delta ** 2).sum())
+
+    plain, large_eps = moved(1e-8), moved(2e-2)
+    assert large_eps.median() < 0.75 * plain.median()
+    assert top_fifth_share(large_eps) > top_fifth_share(plain) + 0.05
+
+
 def test_extra_fine_tunes_from_other_seeds_sit_beside_the_zoo_and_are_reused(small_zoo, tmp_path):
     import shutil
 

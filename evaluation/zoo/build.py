@@ -33,12 +33,12 @@ Progress = Callable[[str, int, int], None] | None
 
 # The eight targets: AdamW with eps 2e-2 (about the median per-entry gradient) at a 10x larger peak lr. Entries
 # with small gradients then move as under SGD (little) while large ones stay Adam-bounded, so a task vector
-# concentrates in few entries, as large models' do; with the default eps every entry moves ~lr per step and
+# concentrates in few entries, as TIES assumes; with the default eps every entry moves ~lr per step and
 # TIES's trim cuts the fine-tune itself (bench/zoo_diagnosis.py measures both).
 FULL = FinetuneSettings(steps=400, lr=3e-3, batch=128, per_class=600, eps=2e-2)
 # TA8's own protocol gives each dataset its own budget (epochs from 4 for SVHN to 76 for DTD). Here the
 # tasks whose small training set overfits short of 90% on their own test split get more images
-# (measured: 200 images a class plateau at 82-88% however long the fine-tune; 1500 reach 90-91%).
+# (measured with plain AdamW: 200 images a class plateau at 82-88% however long the fine-tune; 1500 reach 90-91%).
 FULL_TARGETS = {
     "digits": replace(FULL, per_class=1500),
     "counts": replace(FULL, per_class=1500),
