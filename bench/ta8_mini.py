@@ -2,13 +2,17 @@
 
     python bench/ta8_mini.py                 # builds (or reuses) the full zoo under MERGEYARD_HOME/zoo
     python bench/ta8_mini.py --zoo DIR --lambdas 0.1,0.3,0.5
+    python bench/ta8_mini.py --zoo DIR --seed 1    # a zoo built from another seed (other data, other fine-tunes)
 
 Prints: zero-shot and individual fine-tuned accuracy per task, the cross-task
 matrix (each fine-tune on every task: forgetting), then weight averaging, task
 arithmetic and TIES (mean and sum; over a density grid 0.1-1 too) over a λ grid, each merged by the streaming
 engine from the eight target fine-tunes, with the acceptance checks of the
 issue: zero-shot ≤ 65, every fine-tune ≥ 90 on its task, averaging < task
-arithmetic (best λ) < TIES (best λ, both variants), all ≥ zero-shot + 10.
+arithmetic (best λ) < TIES (best λ, both variants), all ≥ zero-shot + 10;
+then each of those orderings paired over the same test images, with its
+standard error (evaluation/paired.py), so a margin can be read against what
+the test split resolves.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evaluation.evaluator import evaluate_checkpoint  # noqa: E402
+from evaluation.evaluator import SuiteResult, evaluate_checkpoint  # noqa: E402
+from evaluation.paired import paired_difference  # noqa: E402
 from evaluation.suites import load_suite  # noqa: E402
 from evaluation.zoo.build import build_zoo  # noqa: E402
 from evaluation.zoo.tasks import TA8_MINI  # noqa: E402
@@ -41,6 +47,8 @@ def main() -> None:
     ap.add_argument("--lambdas", default=",".join(f"{x / 20:.2f}" for x in range(1, 21)))
     # density 1 keeps every entry: TIES's sign election and disjoint merge alone
     ap.add_argument("--densities", default="0.1,0.2,0.4,0.6,0.8,1.0", help="TIES densities searched with λ")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the zoo's build seed (data and fine-tunes; `mergeyard zoo build --seed S`)")
     ap.add_argument("--test-seed", type=int, default=0,
                     help="seed of the test split (1, 2, ...: other images than the fine-tunes were measured on)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
@@ -49,14 +57,17 @@ def main() -> None:
 
     zoo = args.zoo or get_settings().zoo_dir
     started = time.perf_counter()
-    manifest = build_zoo(zoo)
+    manifest = build_zoo(zoo, seed=args.seed)
     print(f"zoo: {zoo} (built or reused in {time.perf_counter() - started:.0f} s)")
     suite = load_suite("ta8-mini", str(zoo / "manifest.json"), seed=args.test_seed)
     base = zoo / manifest["base"]["path"]
     finetuned = {t: zoo / manifest["finetuned"][t]["path"] for t in TA8_MINI}
 
+    def accuracies(result: SuiteResult) -> dict[str, float]:
+        return {t.task: t.accuracy for t in result.tasks}
+
     def score(path) -> dict[str, float]:
-        return {t.task: t.accuracy for t in evaluate_checkpoint(path, suite).tasks}
+        return accuracies(evaluate_checkpoint(path, suite))
 
     rows: dict[str, dict[str, float]] = {"pre-trained (zero-shot)": score(base)}
     matrix = {t: score(p) for t, p in finetuned.items()}
@@ -64,25 +75,32 @@ def main() -> None:
 
     lambdas = [float(x) for x in args.lambdas.split(",")]
     densities = [float(x) for x in args.densities.split(",")]
-    grid: dict[str, dict[float, dict[str, float]]] = {}
+    # every merge's full result, with which test images it got right: the checks pair them image by image
+    grid: dict[str, dict[tuple, SuiteResult]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        def merge(method: str, params: dict) -> dict[str, float]:
+        def merge(method: str, params: dict) -> SuiteResult:
             recipe = parse_recipe({"method": method, "base": str(base), "models": [str(p) for p in finetuned.values()],
                                    "parameters": params})
             out = Path(tmp) / "merged"
             run_merge(recipe, out, overwrite=True)
-            return score(out)
+            return evaluate_checkpoint(out, suite)
 
-        rows["weight averaging"] = merge("average", {})
+        averaging = merge("average", {})
+        rows["weight averaging"] = accuracies(averaging)
         grid["task arithmetic"] = {(None, lam): merge("task_arithmetic", {"lambda": lam}) for lam in lambdas}
         for label, aggregate in (("TIES (mean)", "mean"), ("TIES (sum)", "sum")):
             grid[label] = {(d, lam): merge("ties", {"density": d, "aggregate": aggregate, "lambda": lam})
                            for d in densities for lam in lambdas}
-    averages = {label: {key: sum(s.values()) / len(s) for key, s in g.items()} for label, g in grid.items()}
+    averages = {label: {key: r.average_accuracy for key, r in g.items()} for label, g in grid.items()}
     best = {label: max(a, key=a.get) for label, a in averages.items()}
     for label, (density, lam) in best.items():
         at = f"λ={lam:g}" + (f", density {density:g}" if density is not None else "")
-        rows[f"{label} (best {at})"] = grid[label][(density, lam)]
+        rows[f"{label} (best {at})"] = accuracies(grid[label][(density, lam)])
+    best_result = {label: grid[label][key] for label, key in best.items()}
+    # b − a over the same 3,8xx test images, ± its standard error: how much of each ordering the test split resolves
+    paired = {"task arithmetic − weight averaging": paired_difference(averaging, best_result["task arithmetic"]),
+              **{f"{v} − task arithmetic": paired_difference(best_result["task arithmetic"], best_result[v])
+                 for v in ("TIES (mean)", "TIES (sum)")}}
 
     def avg(scores: dict[str, float]) -> float:
         return sum(scores.values()) / len(scores)
@@ -116,10 +134,14 @@ def main() -> None:
     print("\nacceptance")
     for text, ok, detail in checks:
         print(f"  [{'x' if ok else ' '}] {text}: {detail}")
+    print("\npaired over the same test images (points, best λ each; ± one standard error)")
+    for text, d in paired.items():
+        print(f"  {text:<40} {d}  ({d.discordant} of {d.samples} images differ)")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "matrix": matrix,
                                          "grid_averages": {k: {str(key): v for key, v in a.items()} for k, a in averages.items()},
-                                         "checks": [(t, ok, d) for t, ok, d in checks]}, indent=2, default=str))
+                                         "checks": [(t, ok, d) for t, ok, d in checks],
+                                         "paired": {t: asdict(d) for t, d in paired.items()}}, indent=2, default=str))
 
 
 if __name__ == "__main__":

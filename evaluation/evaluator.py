@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -23,6 +23,9 @@ class TaskResult:
     loss: float
     samples: int
     normalized_accuracy: float | None = None  # accuracy ÷ the task's own fine-tune's accuracy
+    # which test images were classified right, in the split's order: two models scored on the same images are
+    # compared pairwise (evaluation.paired), which resolves far smaller differences than two accuracies do
+    hits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -51,7 +54,8 @@ class SuiteResult:
 
     def as_dict(self) -> dict:
         return {"suite": self.suite, "suite_digest": self.suite_digest, "average_accuracy": self.average_accuracy,
-                "average_normalized_accuracy": self.average_normalized_accuracy, "tasks": [asdict(t) for t in self.tasks]}
+                "average_normalized_accuracy": self.average_normalized_accuracy,
+                "tasks": [{f.name: getattr(t, f.name) for f in fields(t) if f.name != "hits"} for t in self.tasks]}
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -76,20 +80,22 @@ def evaluate_state(state: Mapping[str, torch.Tensor], suite: Suite, *, device: s
     done = 0
     for name, task in suite.tasks.items():
         head = task.head.to(device)
-        correct, loss_sum = 0, 0.0
+        hits, loss_sum = [], 0.0
         for start in range(0, len(task.test.labels), batch_size):
             images = suite.preprocess(task.test.images[start:start + batch_size]).to(device)
             labels = task.test.labels[start:start + batch_size].to(device)
             out = 100.0 * F.normalize(model(images), dim=-1) @ head.T
-            correct += int((out.argmax(-1) == labels).sum())
+            hits.append((out.argmax(-1) == labels).cpu())
             loss_sum += float(F.cross_entropy(out, labels, reduction="sum"))
             done += len(labels)
             if progress:
                 progress(f"evaluate {suite.name}", done, total)
         n = len(task.test.labels)
-        accuracy = correct / n
+        task_hits = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+        accuracy = int(task_hits.sum()) / n
         reference = suite.reference_accuracy.get(name)
-        result.tasks.append(TaskResult(name, accuracy, loss_sum / n, n, accuracy / reference if reference else None))
+        result.tasks.append(TaskResult(name, accuracy, loss_sum / n, n, accuracy / reference if reference else None,
+                                       hits=task_hits))
     return result
 
 

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-from evaluation.evaluator import evaluate_state
+from evaluation.evaluator import SuiteResult, TaskResult, evaluate_state
 from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
+from evaluation.paired import paired_difference
 from evaluation.suite import Suite, TaskData
 from evaluation.zoo.data import Split, make_split
 from evaluation.zoo.tasks import TA8_MINI, TASKS
+from merging.errors import MergeyardError
 from merging.objective import Objective
 
 
@@ -63,6 +65,8 @@ def test_evaluator_matches_a_hand_computed_case():
     result = evaluate_state({"proj.weight": torch.eye(2)}, suite, batch_size=3)
     task = result.tasks[0]
     assert task.accuracy == 0.75 and task.samples == 4
+    assert task.hits.tolist() == [True, True, False, True]  # across the batch boundary, in the split's order
+    assert "hits" not in result.as_dict()["tasks"][0]  # the JSON report stays per task
     assert task.normalized_accuracy == pytest.approx(0.75 / 0.8)
     # loss: cross-entropy of 100·x/|x| against the labels, by hand
     expected = 0.0
@@ -73,6 +77,29 @@ def test_evaluator_matches_a_hand_computed_case():
     assert task.loss == pytest.approx(expected / 4, rel=1e-5)
     with pytest.raises(Exception, match="does not fit"):
         evaluate_state({"other.weight": torch.eye(2)}, suite)
+
+
+def _result(digest: str, **hits: list[int]) -> SuiteResult:
+    tasks = [TaskResult(t, sum(h) / len(h), 0.0, len(h), hits=torch.tensor(h, dtype=torch.bool)) for t, h in hits.items()]
+    return SuiteResult("s", digest, tasks)
+
+
+def test_paired_difference_matches_a_hand_worked_case():
+    # task x: b gains images 1 and 2, loses image 3 -> diffs (0, 1, 1, -1): mean 1/4, sample variance (1/16 + 9/16 + 9/16 + 25/16) / 3 = 11/12
+    # task y: b gains image 0 -> diffs (1, 0): mean 1/2, sample variance 1/2
+    a = _result("d", x=[1, 0, 0, 1], y=[0, 1])
+    b = _result("d", x=[1, 1, 1, 0], y=[1, 1])
+    d = paired_difference(a, b)
+    assert d.difference == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert d.difference == pytest.approx(b.average_accuracy - a.average_accuracy)
+    assert d.standard_error == pytest.approx(math.sqrt((11 / 12) / 4 + (1 / 2) / 2) / 2)
+    assert (d.discordant, d.samples) == (4, 6)
+    assert str(d) == "+37.50 ± 34.61"
+    assert paired_difference(a, a).standard_error == 0.0
+    with pytest.raises(MergeyardError, match="different suites"):
+        paired_difference(a, _result("other", x=[1, 1, 1, 0], y=[1, 1]))
+    with pytest.raises(MergeyardError, match="different tasks"):
+        paired_difference(a, _result("d", x=[1, 1, 1, 0]))
 
 
 @pytest.mark.parametrize("objective_cls", [FewShotCrossEntropy, PredictionEntropy])
