@@ -97,7 +97,7 @@ def main() -> None:
         at = f"λ={lam:g}" + (f", density {density:g}" if density is not None else "")
         rows[f"{label} (best {at})"] = accuracies(grid[label][(density, lam)])
     best_result = {label: grid[label][key] for label, key in best.items()}
-    # b − a over the same 3,8xx test images, ± its standard error: how much of each ordering the test split resolves
+    # b − a over the same test images, ± its standard error: how much of each ordering the test split resolves
     paired = {"task arithmetic − weight averaging": paired_difference(averaging, best_result["task arithmetic"]),
               **{f"{v} − task arithmetic": paired_difference(best_result["task arithmetic"], best_result[v])
                  for v in ("TIES (mean)", "TIES (sum)")}}

@@ -91,7 +91,7 @@ def evaluate_state(state: Mapping[str, torch.Tensor], suite: Suite, *, device: s
             if progress:
                 progress(f"evaluate {suite.name}", done, total)
         n = len(task.test.labels)
-        task_hits = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+        task_hits = torch.cat(hits)
         accuracy = int(task_hits.sum()) / n
         reference = suite.reference_accuracy.get(name)
         result.tasks.append(TaskResult(name, accuracy, loss_sum / n, n, accuracy / reference if reference else None,
