@@ -80,12 +80,14 @@ def test_evaluator_matches_a_hand_computed_case():
 
 
 def _result(digest: str, **hits: list[int]) -> SuiteResult:
-    tasks = [TaskResult(t, sum(h) / len(h), 0.0, len(h), hits=torch.tensor(h, dtype=torch.bool)) for t, h in hits.items()]
+    tasks = [TaskResult(t, sum(h) / len(h), 0.0, len(h), hits=torch.tensor(h, dtype=torch.bool))
+             for t, h in hits.items()]
     return SuiteResult("s", digest, tasks)
 
 
 def test_paired_difference_matches_a_hand_worked_case():
-    # task x: b gains images 1 and 2, loses image 3 -> diffs (0, 1, 1, -1): mean 1/4, sample variance (1/16 + 9/16 + 9/16 + 25/16) / 3 = 11/12
+    # task x: b gains images 1 and 2, loses image 3 -> diffs (0, 1, 1, -1): mean 1/4,
+    #   sample variance (1/16 + 9/16 + 9/16 + 25/16) / 3 = 11/12
     # task y: b gains image 0 -> diffs (1, 0): mean 1/2, sample variance 1/2
     a = _result("d", x=[1, 0, 0, 1], y=[0, 1])
     b = _result("d", x=[1, 1, 1, 0], y=[1, 1])
