@@ -57,15 +57,33 @@ def with_runner(flow, dask: str | None):
     return flow.with_options(task_runner=dask_runner(None if dask == "local" else dask))
 
 
+def check_can_serve(config) -> None:
+    """A schedule, and a Prefect server that answers: without them `serve` would block on nothing or retry
+    the deployment's registration for minutes before failing with a transport traceback."""
+    if config.schedule is None:
+        raise MergeyardError(f"pipeline {config.name!r} has no schedule: add `schedule: {{cron: '0 2 * * *'}}`")
+    url = prefect_api_url()
+    if url is None:
+        raise MergeyardError("serving a schedule needs a Prefect server: start one (`prefect server start`, or the "
+                             "docker-compose stack) and set PREFECT_API_URL")
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    key = api.key.get_secret_value() if api.key else None
+    auth = api.auth_string.get_secret_value() if api.auth_string else None
+    with SyncPrefectClient(url, api_key=key, auth_string=auth) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise MergeyardError(f"no Prefect server answers at PREFECT_API_URL={url} ({type(failure).__name__}: "
+                             f"{failure}); start it or fix the URL")
+
+
 def serve_pipeline(config, env, dask: str | None = None, limit: int | None = None) -> None:
     """Serve the pipeline as a deployment named after it, on the config's cron schedule (blocks)."""
     from flows.pipeline import pipeline_flow
 
-    if config.schedule is None:
-        raise MergeyardError(f"pipeline {config.name!r} has no schedule: add `schedule: {{cron: '0 2 * * *'}}`")
-    if prefect_api_url() is None:
-        raise MergeyardError("serving a schedule needs a Prefect server: start one (`prefect server start`, or the "
-                             "docker-compose stack) and set PREFECT_API_URL")
+    check_can_serve(config)
     flow = with_runner(pipeline_flow, dask)
     flow.serve(name=config.name, schedules=[config.schedule.prefect_schedule()],
                parameters={"config": config.model_dump(mode="json"), "env": env.model_dump(mode="json")},

@@ -363,6 +363,36 @@ def test_serve_refuses_without_a_schedule_or_a_server(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "needs a Prefect server" in result.output
 
 
+def test_serve_refuses_a_server_that_does_not_answer(tmp_path, monkeypatch):
+    import socket
+
+    import flows.runtime
+    from flows.cli import app
+
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "p.yaml").write_text("name: p\nsuite: ta8-mini\nbase: b\ncandidates: [c]\nmerges: [{method: average}]\n"
+                                     "schedule: {cron: '0 2 * * *'}\n")
+    monkeypatch.setattr(flows.runtime, "prefect_api_url", lambda: f"http://127.0.0.1:{port}/api")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 1 and f"no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:{port}/api" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_missing_model_before_it_deploys_anything(prefect_api, tmp_path, isolated_home):
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import app
+
+    (tmp_path / "p.yaml").write_text("name: nightly-missing\nsuite: ta8-mini\nbase: no-such-base\ncandidates: [c]\n"
+                                     "merges: [{method: average}]\nschedule: {cron: '0 2 * * *'}\n")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 1 and "no-such-base" in result.output
+    with get_client(sync_client=True) as client:  # the live test server got no deployment
+        assert all(d.name != "nightly-missing" for d in client.read_deployments())
+
+
 def test_dask_flag_without_a_value_means_a_local_cluster(monkeypatch):
     import flows.cli
 
