@@ -12,6 +12,11 @@ Merges reach zero-shot + 10 only where own(α) rises fast at small α and
 others(α) stays near zero-shot. TIES assumes a task vector's few largest
 entries carry it: `trim d` is the fine-tune with τ_t cut to its top d by
 magnitude (global, as TIES's reference), with the share of ‖τ_t‖² kept.
+Then where the interference comes from, per fine-tune t: how far its image
+features turn (mean 1 − cos to the base's features) on its own test images
+and on the other tasks', and the other tasks' accuracy under θ0 + τ_t beside
+θ0 + ρ_t, where ρ_t is Gaussian noise with τ_t's norm in every tensor (a
+control: a perturbation as large but without the fine-tune's direction).
 Last, the tensors holding the largest shares of ‖τ_t‖² (where fine-tuning
 moved the tower). Everything is computed in memory from the zoo's
 safetensors; merges go through the engine into a temporary directory and are recorded nowhere.
@@ -106,6 +111,23 @@ def diagnose(tmp: Path) -> None:
         print(f"{t:<12}" + "".join(f"{x:13.1f}" for x in row) + "".join(f"{100 * s:15.0f}%" for s in kept))
     means = [sum(r[0][i] for r in rows.values()) / len(rows) for i in range(len(columns))]
     print(f"{'mean':<12}" + "".join(f"{x:13.1f}" for x in means))
+    print("\nwhere the interference comes from (features: mean 1 − cos to the base's, on the task's own test "
+          "images / on the other tasks'; others: mean accuracy of the other tasks)")
+    print(f"{'fine-tune':<12}{'turn own':>10}{'turn others':>13}{'others θ0':>11}{'θ0+τ':>8}{'θ0+ρ':>8}")
+    base_features = {u: _features(suite, base, u) for u in tasks}
+    noise = torch.Generator().manual_seed(0)
+    for t in tasks:
+        others = [u for u in tasks if u != t]
+        tuned = load_state(paths[t])
+        turn = {u: float((1 - (_features(suite, tuned, u) * base_features[u]).sum(-1)).mean()) for u in tasks}
+        control = {}
+        for k, v in taus[t].items():  # same norm as τ_t in every tensor, random direction
+            r = torch.randn(v.shape, generator=noise)
+            control[k] = base[k] + r * (v.norm() / r.norm().clamp(min=1e-12))
+        mean_over = lambda state: sum(accuracy(state, u) for u in others) / max(1, len(others))  # noqa: E731
+        print(f"{t:<12}{turn[t]:10.2f}{sum(turn[u] for u in others) / max(1, len(others)):13.2f}"
+              f"{mean_over(base):11.1f}{mean_over(tuned):8.1f}{mean_over(control):8.1f}")
+
     print("\nlargest shares of ‖τ‖² (tensor, share, ‖Δ‖/‖θ0‖ of that tensor)")
     for t in tasks:
         energy = {k: float((v ** 2).sum()) for k, v in taus[t].items()}
@@ -113,6 +135,16 @@ def diagnose(tmp: Path) -> None:
         top = sorted(energy, key=energy.get, reverse=True)[:4]
         print(f"  {t:<12}" + "; ".join(
             f"{k} {energy[k] / total:.2f} ({float(taus[t][k].norm() / base[k].norm().clamp(min=1e-12)):.2f})" for k in top))
+
+
+@torch.no_grad()
+def _features(suite, state: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The tower's normalised image embeddings of the task's test images."""
+    model = suite.create_model()
+    model.load_state_dict(state)
+    model.eval()
+    images = suite.preprocess(suite.tasks[task].test.images)
+    return torch.nn.functional.normalize(torch.cat([model(x) for x in images.split(512)]), dim=-1)
 
 
 if __name__ == "__main__":
