@@ -13,10 +13,13 @@ others(α) stays near zero-shot. TIES assumes a task vector's few largest
 entries carry it: `trim d` is the fine-tune with τ_t cut to its top d by
 magnitude (global, as TIES's reference), with the share of ‖τ_t‖² kept.
 Then where the interference comes from, per fine-tune t: how far its image
-features turn (mean 1 − cos to the base's features) on its own test images
-and on the other tasks', and the other tasks' accuracy under θ0 + τ_t beside
-θ0 + ρ_t, where ρ_t is Gaussian noise with τ_t's norm in every tensor (a
-control: a perturbation as large but without the fine-tune's direction).
+features turn (mean 1 − cos to the base's features) on its own test images and
+on the other tasks', the share of the others' feature change that is the same
+for every image (‖mean Δf‖² / mean ‖Δf‖²: a constant pull, which biases each
+other task towards the classes whose heads lie along it), and the other tasks'
+accuracy under θ0 + τ_t beside θ0 + ρ_t, where ρ_t is Gaussian noise with
+τ_t's norm in every tensor (a control: a perturbation as large but without the
+fine-tune's direction).
 Last, the tensors holding the largest shares of ‖τ_t‖² (where fine-tuning
 moved the tower). Everything is computed in memory from the zoo's
 safetensors; merges go through the engine into a temporary directory and are recorded nowhere.
@@ -113,19 +116,25 @@ def diagnose(tmp: Path) -> None:
     print(f"{'mean':<12}" + "".join(f"{x:13.1f}" for x in means))
     print("\nwhere the interference comes from (features: mean 1 − cos to the base's, on the task's own test "
           "images / on the other tasks'; others: mean accuracy of the other tasks)")
-    print(f"{'fine-tune':<12}{'turn own':>10}{'turn others':>13}{'others θ0':>11}{'θ0+τ':>8}{'θ0+ρ':>8}")
+    print(f"{'fine-tune':<12}{'turn own':>10}{'turn others':>13}{'constant':>10}{'others θ0':>11}{'θ0+τ':>8}{'θ0+ρ':>8}")
     base_features = {u: _features(suite, base, u) for u in tasks}
     noise = torch.Generator().manual_seed(0)
     for t in tasks:
         others = [u for u in tasks if u != t]
         tuned = load_state(paths[t])
-        turn = {u: float((1 - (_features(suite, tuned, u) * base_features[u]).sum(-1)).mean()) for u in tasks}
+        features = {u: _features(suite, tuned, u) for u in tasks}
+        turn = {u: float((1 - (features[u] * base_features[u]).sum(-1)).mean()) for u in tasks}
+        moved = {u: features[u] - base_features[u] for u in tasks}
+        # the part of the other tasks' feature change that is the same for every image: a constant pull
+        # biases each other task towards the classes whose heads lie along it
+        constant = [float(moved[u].mean(0).norm() ** 2 / (moved[u] ** 2).sum(-1).mean()) for u in others]
         control = {}
         for k, v in taus[t].items():  # same norm as τ_t in every tensor, random direction
             r = torch.randn(v.shape, generator=noise)
             control[k] = base[k] + r * (v.norm() / r.norm().clamp(min=1e-12))
         mean_over = lambda state: sum(accuracy(state, u) for u in others) / max(1, len(others))  # noqa: E731
         print(f"{t:<12}{turn[t]:10.2f}{sum(turn[u] for u in others) / max(1, len(others)):13.2f}"
+              f"{sum(constant) / max(1, len(constant)):10.2f}"
               f"{mean_over(base):11.1f}{mean_over(tuned):8.1f}{mean_over(control):8.1f}")
 
     print("\nlargest shares of ‖τ‖² (tensor, share, ‖Δ‖/‖θ0‖ of that tensor)")
