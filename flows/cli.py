@@ -235,13 +235,12 @@ def serve(
     config = load_pipeline(pipeline)
     configure_prefect(settings)
     from flows.pipeline import Env
-    from flows.runtime import check_can_serve, serve_pipeline
+    from flows.runtime import serve_pipeline
 
-    # Fail now, not at 2 a.m.: the server, the suite's tasks, and the base and listed candidates (globs are
-    # matched at each run, so an empty one is not an error yet).
-    check_can_serve(config)
-    preflight(settings, config.suite, config.tasks, [config.base, *config.candidates])
-    serve_pipeline(config, Env.from_settings(settings).model_copy(update={"device": config.device}), dask, limit)
+    # Fail now, not at 2 a.m.: after the server, the suite's tasks and the base and listed candidates (globs
+    # are matched at each run, so an empty one is not an error yet).
+    serve_pipeline(config, Env.from_settings(settings).model_copy(update={"device": config.device}), dask, limit,
+                   preflight=lambda: preflight(settings, config.suite, config.tasks, [config.base, *config.candidates]))
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from merging.errors import MergeyardError
 from flows.settings import Settings
@@ -79,11 +80,15 @@ def check_can_serve(config) -> None:
                              f"{failure}); start it or fix the URL")
 
 
-def serve_pipeline(config, env, dask: str | None = None, limit: int | None = None) -> None:
-    """Serve the pipeline as a deployment named after it, on the config's cron schedule (blocks)."""
+def serve_pipeline(config, env, dask: str | None = None, limit: int | None = None,
+                   preflight: Callable[[], None] | None = None) -> None:
+    """Serve the pipeline as a deployment named after it, on the config's cron schedule (blocks). `preflight`
+    runs once the server answers and before anything is deployed."""
     from flows.pipeline import pipeline_flow
 
     check_can_serve(config)
+    if preflight is not None:
+        preflight()
     flow = with_runner(pipeline_flow, dask)
     flow.serve(name=config.name, schedules=[config.schedule.prefect_schedule()],
                parameters={"config": config.model_dump(mode="json"), "env": env.model_dump(mode="json")},
