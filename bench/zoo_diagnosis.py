@@ -133,9 +133,10 @@ def diagnose(tmp: Path) -> None:
             r = torch.randn(v.shape, generator=noise)
             control[k] = base[k] + r * (v.norm() / r.norm().clamp(min=1e-12))
         mean_over = lambda state: sum(accuracy(state, u) for u in others) / max(1, len(others))  # noqa: E731
+        zero_shot = sum(rows[u][0][0] for u in others) / max(1, len(others))  # the table's zero-shot column
         print(f"{t:<12}{turn[t]:10.2f}{sum(turn[u] for u in others) / max(1, len(others)):13.2f}"
               f"{sum(constant) / max(1, len(constant)):10.2f}"
-              f"{mean_over(base):11.1f}{mean_over(tuned):8.1f}{mean_over(control):8.1f}")
+              f"{zero_shot:11.1f}{mean_over(tuned):8.1f}{mean_over(control):8.1f}")
 
     print("\nlargest shares of ‖τ‖² (tensor, share, ‖Δ‖/‖θ0‖ of that tensor)")
     for t in tasks:
