@@ -19,7 +19,10 @@ for every image (‖mean Δf‖² / mean ‖Δf‖²: a constant pull, which bia
 other task towards the classes whose heads lie along it), and the other tasks'
 accuracy under θ0 + τ_t beside θ0 + ρ_t, where ρ_t is Gaussian noise with
 τ_t's norm in every tensor (a control: a perturbation as large but without the
-fine-tune's direction).
+fine-tune's direction), and once more on images drawn in the pre-training
+domain (an unseen draw: other fonts, palette and no sensor noise) — if the
+damage came from the task domain's shift, which every task's test images
+share, it would be smaller there.
 Last, the tensors holding the largest shares of ‖τ_t‖² (where fine-tuning
 moved the tower). Everything is computed in memory from the zoo's
 safetensors; merges go through the engine into a temporary directory and are recorded nowhere.
@@ -31,6 +34,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from evaluation.evaluator import evaluate_state, load_state  # noqa: E402
+from evaluation.suite import Suite  # noqa: E402
 from evaluation.suites import load_suite, suite_tasks  # noqa: E402
+from evaluation.zoo.data import make_split  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
 from merging.recipe import parse_recipe  # noqa: E402
 
@@ -71,8 +77,12 @@ def diagnose(tmp: Path) -> None:
     paths = {t: args.zoo / manifest["finetuned"][t]["path"] for t in tasks}
     taus = {t: {k: v - base[k] for k, v in load_state(paths[t]).items()} for t in tasks}
 
-    def accuracy(state: dict[str, torch.Tensor], task: str) -> float:
-        return 100 * evaluate_state(state, suite.subset([task])).tasks[0].accuracy
+    # the same tasks and heads, scored on pre-training-domain images from a data seed the asset never saw
+    pretrain_domain = Suite(suite.name, {u: replace(suite.tasks[u], test=make_split(u, "pretrain", 40, 99)) for u in tasks},
+                            suite.create_model, suite.preprocess)
+
+    def accuracy(state: dict[str, torch.Tensor], task: str, on: Suite = suite) -> float:
+        return 100 * evaluate_state(state, on.subset([task])).tasks[0].accuracy
 
     def merged(method: str, models: list[str], params: dict) -> dict[str, torch.Tensor]:
         """The streaming engine's merge, so the diagnosis measures exactly what `ta8_mini.py` merges."""
@@ -116,7 +126,8 @@ def diagnose(tmp: Path) -> None:
     print(f"{'mean':<12}" + "".join(f"{x:13.1f}" for x in means))
     print("\nwhere the interference comes from (features: mean 1 − cos to the base's, on the task's own test "
           "images / on the other tasks'; others: mean accuracy of the other tasks)")
-    print(f"{'fine-tune':<12}{'turn own':>10}{'turn others':>13}{'constant':>10}{'others θ0':>11}{'θ0+τ':>8}{'θ0+ρ':>8}")
+    print(f"{'fine-tune':<12}{'turn own':>10}{'turn others':>13}{'constant':>10}{'others θ0':>11}{'θ0+τ':>8}{'θ0+ρ':>8}"
+          f"{'pre-training domain: θ0':>25}{'θ0+τ':>8}")
     base_features = {u: _features(suite, base, u) for u in tasks}
     noise = torch.Generator().manual_seed(0)
     for t in tasks:
@@ -132,11 +143,12 @@ def diagnose(tmp: Path) -> None:
         for k, v in taus[t].items():  # same norm as τ_t in every tensor, random direction
             r = torch.randn(v.shape, generator=noise)
             control[k] = base[k] + r * (v.norm() / r.norm().clamp(min=1e-12))
-        mean_over = lambda state: sum(accuracy(state, u) for u in others) / max(1, len(others))  # noqa: E731
+        mean_over = lambda state, on=suite: sum(accuracy(state, u, on) for u in others) / max(1, len(others))  # noqa: E731
         zero_shot = sum(rows[u][0][0] for u in others) / max(1, len(others))  # the table's zero-shot column
         print(f"{t:<12}{turn[t]:10.2f}{sum(turn[u] for u in others) / max(1, len(others)):13.2f}"
               f"{sum(constant) / max(1, len(constant)):10.2f}"
-              f"{zero_shot:11.1f}{mean_over(tuned):8.1f}{mean_over(control):8.1f}")
+              f"{zero_shot:11.1f}{mean_over(tuned):8.1f}{mean_over(control):8.1f}"
+              f"{mean_over(base, pretrain_domain):25.1f}{mean_over(tuned, pretrain_domain):8.1f}")
 
     print("\nlargest shares of ‖τ‖² (tensor, share, ‖Δ‖/‖θ0‖ of that tensor)")
     for t in tasks:
