@@ -105,10 +105,11 @@ def main() -> None:
     def avg(scores: dict[str, float]) -> float:
         return sum(scores.values()) / len(scores)
 
-    header = f"{'method':<34}" + "".join(f"{t[:8]:>9}" for t in TA8_MINI) + f"{'avg':>8}"
+    width = max(len(label) for label in rows) + 2  # the best λ and density lengthen TIES's labels
+    header = f"{'method':<{width}}" + "".join(f"{t[:8]:>9}" for t in TA8_MINI) + f"{'avg':>8}"
     print("\nta8-mini accuracy (%), as FusionBench's TA8 table\n" + header + "\n" + "-" * len(header))
     for label, scores in rows.items():
-        print(f"{label:<34}" + "".join(f"{pct(scores[t]):>9}" for t in TA8_MINI) + f"{pct(avg(scores)):>8}")
+        print(f"{label:<{width}}" + "".join(f"{pct(scores[t]):>9}" for t in TA8_MINI) + f"{pct(avg(scores)):>8}")
     print("\ncross-task matrix: row = fine-tuned on, column = evaluated on (%)\n" + f"{'':<14}" +
           "".join(f"{t[:8]:>9}" for t in TA8_MINI))
     for t in TA8_MINI:

@@ -1,13 +1,18 @@
-"""Does a wider image tower forget the other tasks less? The same short pre-training at a given width, then
-full TA8-protocol fine-tunes of a few targets, each scored on every ta8-mini task.
+"""How much does one fine-tune make the zoo's CLIP forget the other tasks, and what changes that? A short
+pre-training at a given width (or the committed asset), then full TA8-protocol fine-tunes of a few targets,
+each scored on every ta8-mini task.
 
     python bench/zoo_capacity.py [--width 128] [--embed 128] [--steps 1000] [--patch 8] [--tasks digits,colours,position]
-                                 [--task-looks] [--asset] [--prompts '{"digits": "the number {c}", ...}']
+                                 [--task-looks] [--asset] [--prompts '{"digits": "the number {c}", ...}'] [--scale S]
 
 Run it at two widths and compare the `others` columns: the mean accuracy of the other seven tasks under
 θ0 + α·τ_t (zero-shot in parentheses), and how far τ_t turns image features (mean 1 − cos to the base's) on
 the task's own test images and on the others'. Pre-training here is short (1,000 steps, not the asset's
 4,000), so it compares widths with each other, not with the committed zoo. Nothing is written to disk.
+
+`--scale`: the logit scale fine-tunes use. Since stop 18 it is the CLIP's own learned one (TA8's heads carry
+logit_scale.exp(); the asset's is 27.5); before, a fixed 100, at which every figure in the next three paragraphs
+was measured (`--scale 100` reproduces them). SCALE_FIGURES_PENDING
 
 Measured on 2 cores (torch 2.14.1), pre-training 1,000 steps: width 128 (0.84M-parameter tower) 303 s,
 width 256 (3.25M) 746 s; the whole run about 10 and 20 minutes. Others under a full fine-tune of
@@ -48,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 import evaluation.zoo.clip_model as clip_model  # noqa: E402
 import evaluation.zoo.render as render  # noqa: E402
 import evaluation.zoo.tasks as zoo_tasks  # noqa: E402
+import evaluation.zoo.train as zoo_train  # noqa: E402
 from evaluation.zoo.asset import load_asset  # noqa: E402
 from evaluation.zoo.build import settings_for  # noqa: E402
 from evaluation.zoo.data import make_split  # noqa: E402
@@ -99,6 +105,8 @@ def main() -> None:
     ap.add_argument("--task-looks", action="store_true", help="give each target task its own background, in both domains")
     ap.add_argument("--asset", action="store_true", help="fine-tune the committed asset instead of pre-training")
     ap.add_argument("--prompts", default="{}", help="JSON {task: prompt template with {c}} for the zero-shot heads")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="fine-tune at this logit scale instead of the CLIP's own learned one (before stop 18: 100)")
     args = ap.parse_args()
     targets = args.tasks.split(",")
     try:
@@ -129,6 +137,9 @@ def main() -> None:
         parameters = sum(p.numel() for p in clip.visual.parameters())
         print(f"width {args.width}, patch {args.patch}, embedding {args.embed}: {parameters / 1e6:.2f}M-parameter tower, "
               f"pre-trained {args.steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.scale is not None:  # finetune() asks train.logit_scale for its temperature
+        zoo_train.logit_scale = lambda _clip: args.scale
+    print(f"fine-tunes at logit scale {zoo_train.logit_scale(clip):.2f}")
     # The vocabulary is fixed by now (pre-training or the asset's check built it), so a reworded prompt's new
     # words tokenize as <unk>; the heads and the fine-tunes below read the reworded templates.
     for task, template in prompts.items():

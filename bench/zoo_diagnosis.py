@@ -79,7 +79,7 @@ def diagnose(tmp: Path) -> None:
 
     # the same tasks and heads, scored on pre-training-domain images from a data seed the asset never saw
     pretrain_domain = Suite(suite.name, {u: replace(suite.tasks[u], test=make_split(u, "pretrain", 40, 99)) for u in tasks},
-                            suite.create_model, suite.preprocess)
+                            suite.create_model, suite.preprocess, logit_scale=suite.logit_scale)
 
     def accuracy(state: dict[str, torch.Tensor], task: str, on: Suite = suite) -> float:
         return 100 * evaluate_state(state, on.subset([task])).tasks[0].accuracy

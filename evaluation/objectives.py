@@ -36,7 +36,7 @@ class _SuiteObjective:
         total = torch.zeros((), device=self.device)
         for task, (images, labels, head) in self.batches.items():
             features = functional_call(self.module, dict(state), (images,))
-            out = logits_from_features(features, head)
+            out = logits_from_features(features, head, self.suite.logit_scale)
             total = total + self._task_loss(out, labels)
         return total
 
@@ -52,7 +52,7 @@ class _SuiteObjective:
                               for n, g in zip(self.names, grads)}
 
 
-def logits_from_features(features: torch.Tensor, head: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+def logits_from_features(features: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * F.normalize(features, dim=-1) @ head.T
 
 

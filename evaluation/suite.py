@@ -36,10 +36,14 @@ class Suite:
     preprocess: Callable[[torch.Tensor], torch.Tensor]  # uint8 images → model input
     reference_accuracy: dict[str, float] = field(default_factory=dict)  # each task's own fine-tune: normalises
     version: str = GENERATOR_VERSION
+    # logits = logit_scale · cos(image, head row): the scored CLIP's own learned temperature, as TA8's heads
+    # carry it (the zero-shot weights are multiplied by logit_scale.exp()); it sets losses and objectives, not
+    # which class wins
+    logit_scale: float = 100.0
 
     @cached_property
     def digest(self) -> str:
-        h = hashlib.sha256(f"{self.version}/{self.name}".encode())
+        h = hashlib.sha256(f"{self.version}/{self.name}/{self.logit_scale!r}".encode())
         for name in sorted(self.tasks):
             t = self.tasks[name]
             h.update(name.encode() + b"\0" + "\0".join(t.classes).encode())
@@ -54,4 +58,4 @@ class Suite:
 
             raise MergeyardError(f"suite {self.name!r} has no task {unknown[0]!r}; its tasks: {', '.join(self.tasks)}")
         return Suite(self.name, {t: self.tasks[t] for t in tasks}, self.create_model, self.preprocess,
-                     {t: v for t, v in self.reference_accuracy.items() if t in tasks}, self.version)
+                     {t: v for t, v in self.reference_accuracy.items() if t in tasks}, self.version, self.logit_scale)

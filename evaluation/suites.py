@@ -18,7 +18,7 @@ from pathlib import Path
 
 from evaluation.suite import Suite, TaskData
 from evaluation.zoo.asset import load_asset
-from evaluation.zoo.clip_model import create_vision_tower, to_input, zero_shot_head
+from evaluation.zoo.clip_model import create_vision_tower, logit_scale, to_input, zero_shot_head
 from evaluation.zoo.data import make_split
 from evaluation.zoo.tasks import TA8_MINI, TASKS
 from merging.errors import MergeyardError
@@ -78,4 +78,4 @@ def load_suite(name: str, zoo_manifest: str | None = None, seed: int = 0, only: 
     if zoo_manifest and Path(zoo_manifest).is_file():
         manifest = json.loads(Path(zoo_manifest).read_text())
         reference = {t: m["accuracy"] for t, m in manifest.get("finetuned", {}).items() if t in tasks}
-    return Suite(name, data, create_vision_tower, to_input, reference)
+    return Suite(name, data, create_vision_tower, to_input, reference, logit_scale=logit_scale(clip))

@@ -223,4 +223,5 @@ def load_ta8_suite(cache_dir: Path | None = None, tasks: list[str] | None = None
     finally:
         torch.set_num_threads(threads)
     config = clip.config.vision_config
-    return Suite("ta8", data, lambda: TA8Vision(config, projection).eval(), lambda x: x, {}, VERSION)
+    return Suite("ta8", data, lambda: TA8Vision(config, projection).eval(), lambda x: x, {}, VERSION,
+                 float(clip.logit_scale.detach().exp()))  # 100 for OpenAI's ViT-B/32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -75,6 +76,17 @@ def test_evaluator_matches_a_hand_computed_case():
         z = [100 * x / n, 100 * y / n]
         expected += math.log(math.exp(z[0] - max(z)) + math.exp(z[1] - max(z))) + max(z) - z[label]
     assert task.loss == pytest.approx(expected / 4, rel=1e-5)
+    # a suite scores at its model's own logit scale: the loss changes, the winning class does not
+    cooler = dataclasses.replace(suite, logit_scale=2.0)
+    expected = 0.0
+    for (x, y), label in zip(images.tolist(), labels.tolist()):
+        z = [2 * x / math.hypot(x, y), 2 * y / math.hypot(x, y)]
+        expected -= z[label] - math.log(math.exp(z[0]) + math.exp(z[1]))
+    other = evaluate_state({"proj.weight": torch.eye(2)}, cooler).tasks[0]
+    assert other.loss == pytest.approx(expected / 4, rel=1e-5) and other.hits.tolist() == task.hits.tolist()
+    # and so do the objectives of data-informed merges (here the few-shot budget is the test split)
+    assert FewShotCrossEntropy(cooler, samples_per_task=4).loss({"proj.weight": torch.eye(2)}) == pytest.approx(other.loss, rel=1e-5)
+    assert cooler.digest != suite.digest
     with pytest.raises(Exception, match="does not fit"):
         evaluate_state({"other.weight": torch.eye(2)}, suite)
 

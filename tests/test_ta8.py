@@ -132,8 +132,11 @@ def test_the_ta8_suite_loads_offline_from_the_hub_cache_and_scores_like_transfor
         feats = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
         logits = torch.nn.functional.normalize(feats, dim=-1) @ torch.stack(heads).T
     assert result.tasks[0].accuracy == int((logits.argmax(-1) == labels).sum()) / len(labels)
-    # the loss checks every logit, not only the arg max (100 is CLIP's logit scale, as in the evaluator)
-    assert result.tasks[0].loss == pytest.approx(float(torch.nn.functional.cross_entropy(100 * logits, labels)), rel=1e-4)
+    # the loss checks every logit, not only the arg max, at the model's own logit scale (TA8's heads carry it;
+    # this tiny CLIP's is transformers' initial e^2.6592 = 14.3, OpenAI's 100)
+    scale = float(clip.logit_scale.exp())
+    assert suite.logit_scale == pytest.approx(scale) and scale < 20
+    assert result.tasks[0].loss == pytest.approx(float(torch.nn.functional.cross_entropy(scale * logits, labels)), rel=1e-4)
 
 
 def test_a_fusionbench_fine_tune_is_ingested_by_hf_uri_and_evaluated_on_ta8(hub, registry):

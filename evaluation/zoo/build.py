@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from evaluation.evaluator import evaluate_state
 from evaluation.suites import load_suite
 from evaluation.zoo.asset import load_asset
+from evaluation.zoo.clip_model import logit_scale
 from evaluation.zoo.data import GENERATOR_VERSION
 from evaluation.zoo.tasks import TA8_MINI, TASKS
 from evaluation.zoo.train import FinetuneSettings, finetune
@@ -31,10 +32,12 @@ from merging.digest import checkpoint_digest
 Progress = Callable[[str, int, int], None] | None
 
 
-# The eight targets: AdamW with eps 2e-2 (about the median per-entry gradient) at a 10x larger peak lr. Entries
-# with small gradients then move as under SGD (little) while large ones stay Adam-bounded, so a task vector
-# concentrates in few entries, as TIES assumes; with the default eps every entry moves ~lr per step and
-# TIES's trim cuts the fine-tune itself (bench/zoo_diagnosis.py measures both).
+# The eight targets: AdamW with eps 2e-2 at a 10x larger peak lr. Entries with small gradients then move as
+# under SGD (little) while large ones stay Adam-bounded, so a task vector concentrates in few entries, as TIES
+# assumes; with the default eps every entry moves ~lr per step and TIES's trim cuts the fine-tune itself
+# (bench/zoo_diagnosis.py measures both). The eps was chosen when fine-tunes ran at logit scale 100, where it
+# was about the median per-entry gradient at the first step; at the CLIP's own scale (27.5) that median is
+# 3-7e-3, so more entries move as under SGD.
 FULL = FinetuneSettings(steps=400, lr=3e-3, batch=128, per_class=600, eps=2e-2)
 # TA8's own protocol gives each dataset its own budget (epochs from 4 for SVHN to 76 for DTD). Here the
 # tasks whose small training set overfits short of 90% on their own test split get more images
@@ -70,7 +73,8 @@ def build_zoo(out_dir: Path, *, small: bool = False, seed: int = 0, progress: Pr
     clip, asset = load_asset()
     tasks = SMALL_TASKS if small else tuple(TASKS)
     key = {"generator": GENERATOR_VERSION, "seed": seed, "small": small, "asset": asset["digest"],
-           "finetune": {t: asdict(settings_for(t, small)) for t in tasks}, "tasks": list(tasks)}
+           "logit_scale": logit_scale(clip), "finetune": {t: asdict(settings_for(t, small)) for t in tasks},
+           "tasks": list(tasks)}
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())

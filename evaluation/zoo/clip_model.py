@@ -91,6 +91,14 @@ def zero_shot_head(clip: torch.nn.Module, task_name: str) -> torch.Tensor:
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
-def logits(visual: torch.nn.Module, head: torch.Tensor, images: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+def logit_scale(clip: torch.nn.Module) -> float:
+    """The CLIP's learned temperature as pre-training used it (capped at 100, as CLIP's is): the scale its
+    zero-shot logits and its fine-tunes use. Pre-training the zoo's CLIP settles near 27; a fixed 100, 3.6 times
+    sharper, made fine-tunes pull every image's features, other tasks' too, towards one point
+    (bench/zoo_capacity.py --scale measures both)."""
+    return float(clip.logit_scale.detach().exp().clamp(max=100))
+
+
+def logits(visual: torch.nn.Module, head: torch.Tensor, images: torch.Tensor, scale: float) -> torch.Tensor:
     features = torch.nn.functional.normalize(visual(images), dim=-1)
     return scale * features @ head.T

@@ -3,7 +3,8 @@
 Pre-training is contrastive at the class level: each image is scored against
 the captions of every class of every task, so two images of one class are
 never each other's negatives. Fine-tuning trains the image tower only, against
-the task's frozen zero-shot head (normalised prompt embeddings).
+the task's frozen zero-shot head (normalised prompt embeddings) at the CLIP's
+own learned logit scale, as TA8's heads are.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from evaluation.zoo.clip_model import create_clip, logits, to_input, tokenize, zero_shot_head
+from evaluation.zoo.clip_model import create_clip, logit_scale, logits, to_input, tokenize, zero_shot_head
 from evaluation.zoo.data import make_split
 from evaluation.zoo.tasks import TASKS
 
@@ -97,9 +98,9 @@ def pretrain(steps: int, batch: int = 256, lr: float = 2e-3, per_class: int = 30
 
 def finetune(clip: torch.nn.Module, task: str, settings: FinetuneSettings, seed: int = 0,
              progress: Progress = None) -> dict[str, torch.Tensor]:
-    """The fine-tuned image tower's state dict (the head stays frozen, as in TA8)."""
+    """The fine-tuned image tower's state dict (the head stays frozen, as in TA8, at the CLIP's own logit scale)."""
     torch.manual_seed(seed)
-    head = zero_shot_head(clip, task)
+    head, scale = zero_shot_head(clip, task), logit_scale(clip)
     visual = create_clip().visual
     visual.load_state_dict(clip.visual.state_dict())
     train = make_split(task, "train", settings.per_class, seed)
@@ -108,7 +109,7 @@ def finetune(clip: torch.nn.Module, task: str, settings: FinetuneSettings, seed:
 
     def classification_loss() -> torch.Tensor:
         idx = torch.randint(len(train.labels), (settings.batch,), generator=g)
-        return F.cross_entropy(logits(visual, head, to_input(train.images[idx])), train.labels[idx])
+        return F.cross_entropy(logits(visual, head, to_input(train.images[idx]), scale), train.labels[idx])
 
     visual.train()
     _optimise(opt, settings.steps, settings.lr, max(1, settings.steps // 10), classification_loss, f"finetune {task}",
