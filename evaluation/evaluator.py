@@ -84,7 +84,7 @@ def evaluate_state(state: Mapping[str, torch.Tensor], suite: Suite, *, device: s
         for start in range(0, len(task.test.labels), batch_size):
             images = suite.preprocess(task.test.images[start:start + batch_size]).to(device)
             labels = task.test.labels[start:start + batch_size].to(device)
-            out = suite.logit_scale * F.normalize(model(images), dim=-1) @ head.T
+            out = suite.logits(model(images), head)
             hits.append((out.argmax(-1) == labels).cpu())
             loss_sum += float(F.cross_entropy(out, labels, reduction="sum"))
             done += len(labels)

@@ -36,7 +36,7 @@ class _SuiteObjective:
         total = torch.zeros((), device=self.device)
         for task, (images, labels, head) in self.batches.items():
             features = functional_call(self.module, dict(state), (images,))
-            out = logits_from_features(features, head, self.suite.logit_scale)
+            out = self.suite.logits(features, head)
             total = total + self._task_loss(out, labels)
         return total
 
@@ -50,10 +50,6 @@ class _SuiteObjective:
         grads = torch.autograd.grad(total, [params[n] for n in self.names], allow_unused=True)
         return float(total.detach()), {n: (g if g is not None else torch.zeros_like(params[n])).detach()
                               for n, g in zip(self.names, grads)}
-
-
-def logits_from_features(features: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
-    return scale * F.normalize(features, dim=-1) @ head.T
 
 
 class FewShotCrossEntropy(_SuiteObjective):

@@ -51,6 +51,10 @@ class Suite:
             h.update(t.fewshot.digest().encode() + t.test.digest().encode())
         return "sha256:" + h.hexdigest()
 
+    def logits(self, features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Class scores of a batch of image features: the evaluator's and the objectives' one definition."""
+        return self.logit_scale * torch.nn.functional.normalize(features, dim=-1) @ head.T
+
     def subset(self, tasks: list[str]) -> "Suite":
         unknown = sorted(set(tasks) - set(self.tasks))
         if unknown:
