@@ -78,8 +78,8 @@ def diagnose(tmp: Path) -> None:
     taus = {t: {k: v - base[k] for k, v in load_state(paths[t]).items()} for t in tasks}
 
     # the same tasks and heads, scored on pre-training-domain images from a data seed the asset never saw
-    pretrain_domain = Suite(suite.name, {u: replace(suite.tasks[u], test=make_split(u, "pretrain", 40, 99)) for u in tasks},
-                            suite.create_model, suite.preprocess, logit_scale=suite.logit_scale)
+    pretrain_domain = replace(suite, tasks={u: replace(suite.tasks[u], test=make_split(u, "pretrain", 40, 99))
+                                            for u in tasks}, reference_accuracy={})
 
     def accuracy(state: dict[str, torch.Tensor], task: str, on: Suite = suite) -> float:
         return 100 * evaluate_state(state, on.subset([task])).tasks[0].accuracy

@@ -10,7 +10,7 @@ digests match.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Callable
 
@@ -61,5 +61,6 @@ class Suite:
             from merging.errors import MergeyardError
 
             raise MergeyardError(f"suite {self.name!r} has no task {unknown[0]!r}; its tasks: {', '.join(self.tasks)}")
-        return Suite(self.name, {t: self.tasks[t] for t in tasks}, self.create_model, self.preprocess,
-                     {t: v for t, v in self.reference_accuracy.items() if t in tasks}, self.version, self.logit_scale)
+        # replace() carries every other field (architecture, preprocessing, version, logit scale) as it is
+        return replace(self, tasks={t: self.tasks[t] for t in tasks},
+                       reference_accuracy={t: v for t, v in self.reference_accuracy.items() if t in tasks})
