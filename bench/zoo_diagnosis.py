@@ -162,10 +162,10 @@ def diagnose(tmp: Path) -> None:
 @torch.no_grad()
 def _features(suite, state: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """The tower's normalised image embeddings of the task's test images."""
-    model = suite.create_model()
+    model = suite.family.create_model()
     model.load_state_dict(state)
     model.eval()
-    images = suite.preprocess(suite.tasks[task].test.images)
+    images = suite.family.preprocess(suite.tasks[task].test.images)
     return torch.nn.functional.normalize(torch.cat([model(x) for x in images.split(512)]), dim=-1)
 
 

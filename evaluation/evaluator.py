@@ -1,4 +1,8 @@
-"""Scoring a checkpoint on a suite: accuracy, loss and normalised accuracy per task."""
+"""Scoring a checkpoint on a suite: each task's metric, loss and normalised accuracy.
+
+The suite's family turns the checkpoint into outputs (`evaluation.families`);
+the metrics are the same for every family (`evaluation.metrics`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
-from evaluation.suite import Suite
+from evaluation.metrics import accumulator
+from evaluation.suite import HIGHER_IS_BETTER, Suite
 from merging.checkpoint import Checkpoint
-from merging.errors import MergeyardError
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -19,13 +22,20 @@ Progress = Callable[[str, int, int], None] | None
 @dataclass
 class TaskResult:
     task: str
-    accuracy: float
+    accuracy: float | None
     loss: float
     samples: int
     normalized_accuracy: float | None = None  # accuracy ÷ the task's own fine-tune's accuracy
-    # which test images were classified right, in the split's order: two models scored on the same images are
+    # which test samples were classified right, in the split's order: two models scored on the same samples are
     # compared pairwise (evaluation.paired), which resolves far smaller differences than two accuracies do
     hits: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    metric: str = "accuracy"  # the task's declared metric
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric measured (accuracy, macro_f1, loss, ...)
+
+    @property
+    def value(self) -> float:
+        """The declared metric's value."""
+        return self.metrics.get(self.metric, self.accuracy)
 
 
 @dataclass
@@ -35,19 +45,20 @@ class SuiteResult:
     tasks: list[TaskResult] = field(default_factory=list)
 
     @property
-    def average_accuracy(self) -> float:
-        return sum(t.accuracy for t in self.tasks) / len(self.tasks)
+    def average_accuracy(self) -> float | None:
+        values = [t.accuracy for t in self.tasks if t.accuracy is not None]
+        return sum(values) / len(values) if values else None
 
     @property
     def average_normalized_accuracy(self) -> float | None:
         values = [t.normalized_accuracy for t in self.tasks if t.normalized_accuracy is not None]
-        return sum(values) / len(values) if len(values) == len(self.tasks) else None
+        return sum(values) / len(values) if values and len(values) == len(self.tasks) else None
 
     def rows(self) -> list[tuple[str, str, float]]:
         """(task, metric, value) rows for the registry."""
         out = []
         for t in self.tasks:
-            out += [(t.task, "accuracy", t.accuracy), (t.task, "loss", t.loss)]
+            out += [(t.task, metric, value) for metric, value in t.metrics.items()]
             if t.normalized_accuracy is not None:
                 out.append((t.task, "normalized_accuracy", t.normalized_accuracy))
         return out
@@ -65,39 +76,40 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_state(state: Mapping[str, torch.Tensor], suite: Suite, *, device: str = "cpu", batch_size: int = 512,
-                   progress: Progress = None) -> SuiteResult:
-    model = suite.create_model()
-    expected, given = set(model.state_dict()), set(state)
-    if expected != given:
-        missing = sorted(expected - given)[:3]
-        extra = sorted(given - expected)[:3]
-        raise MergeyardError(f"checkpoint does not fit suite {suite.name!r}'s architecture "
-                             f"(missing {missing}, unexpected {extra})")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    model.to(device).eval()
+                   progress: Progress = None, label: str = "checkpoint") -> SuiteResult:
+    runner = suite.family.runner(torch.device(device))
+    weights = runner.adapt(state, label)
     result = SuiteResult(suite.name, suite.digest)
-    total = sum(len(t.test.labels) for t in suite.tasks.values())
+    total = sum(len(t.test) for t in suite.tasks.values())
     done = 0
     for name, task in suite.tasks.items():
-        head = task.head.to(device)
-        hits, loss_sum = [], 0.0
-        for start in range(0, len(task.test.labels), batch_size):
-            images = suite.preprocess(task.test.images[start:start + batch_size]).to(device)
-            labels = task.test.labels[start:start + batch_size].to(device)
-            out = suite.logits(model(images), head)
-            hits.append((out.argmax(-1) == labels).cpu())
-            loss_sum += float(F.cross_entropy(out, labels, reduction="sum"))
-            done += len(labels)
+        acc = accumulator(task.metric)
+        n = len(task.test)
+        step = getattr(runner, "batch_size", None) or batch_size
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            batch = runner.prepare(task, task.test.inputs(rows))
+            labels = task.test.labels[rows].to(runner.device)
+            acc.add(runner.outputs(task, batch, weights), labels)
+            done += rows.stop - rows.start
             if progress:
                 progress(f"evaluate {suite.name}", done, total)
-        n = len(task.test.labels)
-        task_hits = torch.cat(hits)
-        accuracy = int(task_hits.sum()) / n
+        metrics, hits = acc.result()
+        accuracy = metrics.get("accuracy")
+        if task.metric == "choice_accuracy":
+            metrics["choice_accuracy"] = accuracy
         reference = suite.reference_accuracy.get(name)
-        result.tasks.append(TaskResult(name, accuracy, loss_sum / n, n, accuracy / reference if reference else None,
-                                       hits=task_hits))
+        normalized = accuracy / reference if reference and accuracy is not None else None
+        result.tasks.append(TaskResult(name, accuracy, metrics["loss"], n, normalized, hits=hits, metric=task.metric,
+                                       metrics=metrics))
     return result
 
 
 def evaluate_checkpoint(path: str | Path, suite: Suite, **kwargs) -> SuiteResult:
+    kwargs.setdefault("label", str(path))
     return evaluate_state(load_state(path), suite, **kwargs)
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether value a of `metric` is better than b."""
+    return a > b if HIGHER_IS_BETTER.get(metric, True) else a < b

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation.families.zero_shot import ZeroShotImageFamily
 from evaluation.suite import Suite, TaskData
 from merging.errors import MergeyardError
 
@@ -126,6 +127,9 @@ class ParquetSplit:
     def images(self) -> "ParquetSplit":
         return self
 
+    def inputs(self, rows: slice) -> torch.Tensor:
+        return self[rows]
+
     def __len__(self) -> int:
         return len(self._index)
 
@@ -195,9 +199,10 @@ def load_ta8_suite(cache_dir: Path | None = None, tasks: list[str] | None = None
     """The TA8 suite from the hub (or its cache). `max_test` caps each test split (None: all of it)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from evaluation.suites import check_tasks  # not at the top: suites imports this module's TA8
-
-    tasks = list(check_tasks("ta8", tasks))
+    unknown = [t for t in tasks or [] if t not in TA8]
+    if unknown:
+        raise MergeyardError(f"suite 'ta8' has no task {unknown[0]!r}; its tasks: {', '.join(TA8)}")
+    tasks = list(tasks or TA8)
     base = _snapshot(BASE_REPO, cache_dir, patterns=["*.json", "*.txt", "*.safetensors"])
     clip = CLIPModel.from_pretrained(base).eval()
     tokenizer = CLIPTokenizer.from_pretrained(base)
@@ -223,5 +228,6 @@ def load_ta8_suite(cache_dir: Path | None = None, tasks: list[str] | None = None
     finally:
         torch.set_num_threads(threads)
     config = clip.config.vision_config
-    return Suite("ta8", data, lambda: TA8Vision(config, projection).eval(), lambda x: x, {}, VERSION,
-                 float(clip.logit_scale.detach().exp()))  # 100 for OpenAI's ViT-B/32
+    family = ZeroShotImageFamily(lambda: TA8Vision(config, projection).eval(), lambda x: x,
+                                 float(clip.logit_scale.detach().exp()), label=BASE_REPO)  # 100 for OpenAI's ViT-B/32
+    return Suite("ta8", data, family, {}, VERSION)

@@ -247,7 +247,7 @@ def serve(
 @user_errors
 def score(
     candidates: list[str] = typer.Argument(..., help="candidate models: paths, URIs or registered models"),
-    suite: str = typer.Option(..., "--suite", help="ta8-mini, zoo-all or zoo:TASK (or any name, with --reference)"),
+    suite: str = typer.Option(..., "--suite", help="a suite file (.yaml) or a built-in suite (ta8-mini, zoo-all, zoo:TASK, ta8); any name with --reference"),
     base: str = typer.Option(..., "--base", help="the base the candidates were fine-tuned from"),
     reference: Optional[str] = typer.Option(None, help="data-free: score by task-vector cosine with this model"),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable)"),
@@ -258,17 +258,19 @@ def score(
     (per tensor, averaged; FW-Merging's oracle at θ₀), or with --reference the data-free task-vector cosine."""
     from flows.merge import resolve_input
     from flows.registry_access import open_registry
-    from flows.steps import score_candidates, score_data_free, suite_for
+    from flows.steps import score_candidates, score_data_free
+    from flows.suites import suite_for
 
     settings = get_settings()
     registry = open_registry(settings)
+    # the suite first: a bad suite file fails before any candidate is ingested
+    the_suite = None if reference else suite_for(suite, tasks, settings.zoo_dir / "manifest.json", registry=registry)
     base_model = resolve_input(registry, base)
     models = [resolve_input(registry, c) for c in candidates]
     if reference:
         scores = score_data_free(registry, suite, base_model, resolve_input(registry, reference), models)
         title = f"task-vector cosine with {reference} (for {suite})"
     else:
-        the_suite = suite_for(suite, tasks, settings.zoo_dir / "manifest.json")
         scores = score_candidates(registry, the_suite, base_model, models, samples, settings.device)
         title = f"relevance to {suite} ({the_suite.digest[:19]})"
     rows = sorted(((m, scores[m.digest]) for m in models), key=lambda r: -r[1])
@@ -361,11 +363,12 @@ def promote(
     """Pass MODEL through a gate and, if it passes, move NAME@ALIAS to it. Both outcomes are audit events."""
     import getpass
 
+    from flows.gates import promote_through
     from flows.registry_access import open_registry
-    from registry.promotion import Gate, load_gate, promote as run_promotion
+    from registry.promotion import Gate, load_gate
 
-    decision = run_promotion(open_registry(), model, to, load_gate(gate) if gate else Gate(),
-                             actor or getpass.getuser(), reason)
+    decision = promote_through(open_registry(), model, to, load_gate(gate) if gate else Gate(),
+                               actor or getpass.getuser(), reason, get_settings().zoo_dir / "manifest.json")
     if as_json:
         print(json.dumps(decision.as_dict(), indent=2, default=str))
     else:
@@ -430,13 +433,13 @@ def reproduce(
 @user_errors
 def evaluate(
     model: str = typer.Argument(..., help="digest, name, NAME@ALIAS, or a checkpoint path (ingested first)"),
-    suite: str = typer.Option(..., "--suite", help="ta8-mini, zoo-all or zoo:TASK"),
+    suite: str = typer.Option(..., "--suite", help="a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda"),
     record: bool = typer.Option(True, help="record the results in the registry and MLflow"),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ) -> None:
-    """Score a model on a task suite: accuracy, loss and normalised accuracy per task."""
+    """Score a model on a task suite: each task's metric, its loss and normalised accuracy."""
     from flows.evaluate import evaluate_model
     from flows.registry_access import open_registry
 
@@ -448,12 +451,14 @@ def evaluate(
     if as_json:
         print(json.dumps({"model": info.digest, "name": info.name, **result.as_dict()}, indent=2))
         return
-    table = Table("task", "accuracy", "normalised", "loss", "samples", title=f"{info.name} on {suite} ({result.suite_digest[:19]})")
+    table = Table("task", "metric", "value", "accuracy", "normalised", "loss", "samples",
+                  title=f"{info.name} on {result.suite} ({result.suite_digest[:19]})")
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for t in result.tasks:
-        table.add_row(t.task, f"{100 * t.accuracy:.1f}", "" if t.normalized_accuracy is None else f"{100 * t.normalized_accuracy:.1f}",
-                      f"{t.loss:.3f}", str(t.samples))
-    norm = result.average_normalized_accuracy
-    table.add_row("[bold]average[/]", f"[bold]{100 * result.average_accuracy:.1f}[/]", "" if norm is None else f"{100 * norm:.1f}", "", "")
+        shown = f"{t.value:.3f}" if t.metric == "perplexity" else pct(t.value)
+        table.add_row(t.task, t.metric, shown, pct(t.accuracy), pct(t.normalized_accuracy), f"{t.loss:.3f}", str(t.samples))
+    table.add_row("[bold]average[/]", "", "", f"[bold]{pct(result.average_accuracy)}[/]",
+                  pct(result.average_normalized_accuracy), "", "")
     stdout.print(table)
 
 

@@ -32,11 +32,18 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def preflight(settings, suite: str, tasks: list[str] | None, refs: list[str]) -> None:
-    """What can be checked in a second before a flow run starts (a server, a sweep) only to fail on it."""
-    from evaluation.suites import check_tasks
+    """What can be checked in a second before a flow run starts (a server, a sweep) only to fail on it: the suite
+    (a suite file is read whole, data and heads), its tasks, and that the registered models named exist."""
+    from evaluation.suites import check_tasks, is_suite_file
     from flows.merge import is_source, resolve_input
 
-    check_tasks(suite, tasks)
+    if is_suite_file(suite):
+        from flows.registry_access import open_registry
+        from flows.suites import suite_for
+
+        suite_for(suite, tasks, registry=open_registry(settings))
+    else:
+        check_tasks(suite, tasks)
     names = [ref for ref in refs if not is_source(ref)]
     if names:  # each must then be a registered model
         from flows.registry_access import open_registry

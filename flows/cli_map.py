@@ -29,7 +29,7 @@ def _split(values: list[str] | None) -> list[str]:
 @user_errors
 def map_sweep(
     ctx: typer.Context,
-    suite: Optional[str] = typer.Option(None, "--suite", help="ta8-mini, zoo-all or zoo:TASK"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"),
     base: Optional[str] = typer.Option(None, "--base", help="the base the candidates were fine-tuned from"),
     candidates: Optional[list[str]] = typer.Option(None, "--candidates", help="candidate models (repeat, or a,b,c)"),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeat, or a,b)"),
@@ -102,13 +102,14 @@ def map_pick(
     from merging.map import parse_preference
     from flows.map_steps import pick_and_merge
     from flows.registry_access import open_registry
-    from flows.steps import suite_for
+    from flows.suites import suite_for
     from registry.map_records import get_front
 
     settings = get_settings()
     registry = open_registry(settings)
     record = get_front(registry, front)
-    suite = suite_for(record.suite_name, record.tasks, settings.zoo_dir / "manifest.json")
+    suite = suite_for(record.settings.get("suite", record.suite_name), record.tasks, settings.zoo_dir / "manifest.json",
+                      registry=registry)
     with progress_bars(enabled=not as_json) as progress:
         picked = pick_and_merge(registry, record, parse_preference(prefer), suite, name=name, device=settings.device,
                                 progress=progress)

@@ -140,6 +140,8 @@ def parse_pipeline(data: Any, root: Path | None = None) -> PipelineConfig:
         raise ConfigError("a pipeline is a YAML mapping (name, suite, base, candidates, merges, ...)")
     if root is not None:
         data = dict(data)
+        if isinstance(data.get("suite"), str) and (root / data["suite"]).is_file():
+            data["suite"] = str((root / data["suite"]).resolve())
         for key in ("base",):
             if isinstance(data.get(key), str):
                 data[key] = _rebase(data[key], root)
@@ -149,12 +151,28 @@ def parse_pipeline(data: Any, root: Path | None = None) -> PipelineConfig:
         promotion = data.get("promotion")
         if isinstance(promotion, dict) and isinstance(promotion.get("gate"), str):
             data["promotion"] = {**promotion, "gate": str((root / promotion["gate"]).resolve())}
+        if isinstance(data.get("merges"), list):
+            data["merges"] = [_rebase_parameters(m, root) for m in data["merges"]]
     try:
-        return PipelineConfig.model_validate(data)
+        config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'pipeline'}: {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors())
         raise ConfigError(f"invalid pipeline: {problems}") from None
+    if root is not None and config.promotion is not None and isinstance(config.promotion.gate, Gate):
+        config.promotion.gate = config.promotion.gate.rebased(root)  # suite files beside the pipeline
+    return config
+
+
+def _rebase_parameters(merge: Any, root: Path) -> Any:
+    """A merge's parameters with relative file paths (a FW suite file) taken from the pipeline's folder."""
+    if not isinstance(merge, dict) or not isinstance(merge.get("parameters"), dict):
+        return merge
+    try:
+        method = get_method(str(merge.get("method")))
+    except MergeyardError:
+        return merge  # validation names the unknown method
+    return {**merge, "parameters": method.rebase_paths(merge["parameters"], root)}
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:

@@ -57,7 +57,8 @@ def demo_pipeline(zoo: Path, manifest: dict, full: bool) -> dict:
         "merges": [{"method": m.name, "parameters": DEMO_PARAMS.get(m.name, {})} for m in all_methods()],
         "promotion": {
             "alias": "staging",
-            "gate": {"name": "demo", "required_suites": ["ta8-mini"], "min_average": 0.6, "max_regression": 0.0,
+            # exactly the suite the merges were evaluated on: these tasks of ta8-mini
+            "gate": {"name": "demo", "required_suites": [{"suite": "ta8-mini", "tasks": targets}], "min_average": 0.6, "max_regression": 0.0,
                      "lineage": {"allowed_sources": ["file"]}},
         },
         "schedule": {"cron": "0 2 * * *", "timezone": "UTC"},

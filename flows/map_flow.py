@@ -79,7 +79,7 @@ def map_flow(config: MapConfig, env: Env | None = None) -> dict:
         run = run_map(evaluate, n, tasks, config.params)
     registry = registry_for(env)
     record = store_front(registry, run, suite=suite, base=base, candidates=candidates, variant=config.variant,
-                         settings=config.params.model_dump())
+                         settings=config.params.model_dump(), suite_ref=config.suite)
     report = {"front": record.id, "suite": suite.name, "suite_digest": suite.digest, "tasks": tasks,
               "variant": config.variant, "candidates": candidates, "base": base,
               "real_evaluations": len(run.samples), "newly_evaluated": counts["evaluated"],

@@ -21,6 +21,7 @@ from merging.engine import run_merge
 from merging.map import Front, MapRun, pick
 from merging.recipe import parse_recipe
 from flows.merge import merge_and_record, store_resolver
+from flows.suites import bound_to
 from registry import map_records
 from registry.errors import RegistryError
 from registry.map_records import FrontRecord
@@ -45,7 +46,8 @@ def evaluate_sample(registry: Registry, suite: Suite, base: str, candidates: lis
     try:
         run_merge(ta_recipe(base, candidates, coefficients), work / "merged", device=device,
                   resolve=store_resolver(registry), input_digests={d: d for d in [base, *candidates]})
-        result = evaluate_checkpoint(work / "merged", suite, device=device)
+        result = evaluate_checkpoint(work / "merged", bound_to(suite, registry, registry.find_digest(base)),
+                                     device=device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics = {"accuracy": {t.task: t.accuracy for t in result.tasks}, "loss": {t.task: t.loss for t in result.tasks}}
@@ -55,10 +57,12 @@ def evaluate_sample(registry: Registry, suite: Suite, base: str, candidates: lis
 
 
 def store_front(registry: Registry, run: MapRun, *, suite: Suite, base: str, candidates: list[str], variant: str,
-                settings: dict) -> FrontRecord:
+                settings: dict, suite_ref: str | None = None) -> FrontRecord:
+    """`suite_ref` is how the sweep named the suite (a name, or a suite file's path): `map pick` opens it again."""
     return map_records.record_front(
         registry, suite_name=suite.name, suite_digest=suite.digest, base_digest=base, candidates=list(candidates),
-        tasks=list(run.front.tasks), variant=variant, settings={**settings, "rounds": run.rounds, "tree": run.tree},
+        tasks=list(run.front.tasks), variant=variant,
+        settings={**settings, "rounds": run.rounds, "tree": run.tree, "suite": suite_ref or suite.name},
         surrogates={t: _plain(s.as_dict()) for t, s in run.surrogates.items()}, points=run.front.points(),
         real_evaluations=len(run.samples))
 

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from merging.alignment import Alignment
 from merging.engine import MergeResult, environment, resolve_device, run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
@@ -79,10 +80,18 @@ class StagedMerge:
 
     def parents(self) -> list[Parent]:
         alignment = alignment_details(self.result.details.get("mudsc"))
+        wrapped = self.wrapped()
         return ([Parent(self.base, "base")] if self.base else []) + [
-            Parent(m, "candidate", weight=entry.weight, details={"position": i, **alignment.get(i, {})})
+            Parent(m, "candidate", weight=entry.weight,
+                   details={"position": i, **alignment.get(i, {}),
+                            **({"wrapper": wrapped[i].prefix} if i in wrapped else {})})
             for i, (m, entry) in enumerate(zip(self.models, self.recipe.models))
         ] + selection_edges(self.result.details.get("selections", []), self.models)
+
+    def wrapped(self) -> dict[int, Alignment]:
+        """Candidates that are task models around the base: their encoder was merged, their head was not."""
+        return {int(i): Alignment(a["prefix"], tuple(a["head"]))
+                for i, a in self.result.details.get("wrapped_inputs", {}).items()}
 
     def run_details(self) -> dict | None:
         """What the method decided, for the run's record (FW's selections are lineage edges already)."""
@@ -113,12 +122,15 @@ def selection_edges(selections: list[dict], models: list[ModelInfo]) -> list[Par
             for (it, cand), rows in sorted(grouped.items())]
 
 
-def data_objective(device: str):
-    """What the engine calls to build a data-informed method's objective from its parameters."""
+def data_objective(device: str, registry: Registry | None = None, base: ModelInfo | None = None):
+    """What the engine calls to build a data-informed method's objective from its parameters: its suite reads
+    the base's config and tokenizer where the suite names no model."""
     def build(params):
         from flows.objectives import objective_for
+        from flows.suites import model_directory
 
-        return objective_for(params, device)
+        model_dir = model_directory(registry, base) if registry is not None else None
+        return objective_for(params, device, model_dir, registry)
 
     return build
 
@@ -145,8 +157,10 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
     try:
         result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                           progress=progress, resolve=store_resolver(registry), objective=data_objective(device),
-                           input_digests={m.digest: m.digest for m in ([base] if base else []) + models})
+                           progress=progress, resolve=store_resolver(registry),
+                           objective=data_objective(device, registry, base),
+                           input_digests={m.digest: m.digest for m in ([base] if base else []) + models},
+                           labels={m.digest: f"{m.name} ({m.digest[:19]})" for m in ([base] if base else []) + models})
     except BaseException as exc:
         registry.fail_merge_run(run_id, f"{type(exc).__name__}: {exc}")
         raise
@@ -164,6 +178,8 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise
+    for i, alignment in staged.wrapped().items():  # each task model's head, linked to it in lineage
+        registry.register_head(staged.models[i], alignment)
     if not keep_output:
         shutil.rmtree(staged.path, ignore_errors=True)  # the store holds the registered copy
     return model

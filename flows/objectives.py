@@ -1,15 +1,18 @@
-"""What data-informed recipes learn from, built from the suite their parameters name: objectives for
-fw_hard and fw_soft, calibration data for mudsc."""
+"""What data-informed recipes learn from, built from the suite their parameters name (a name or a suite
+file): objectives for fw_hard and fw_soft, calibration data for mudsc. The suite reads its model's config
+and tokenizer from the merge's base where it names no model itself."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
-from flows.steps import suite_for
+from flows.suites import suite_for
 
 
-def objective_for(params, device: str = "cpu"):
+def objective_for(params, device: str = "cpu", model_dir: Path | None = None, registry=None):
     """fw_hard: one objective over the suite's tasks. fw_soft: (per-task objectives for the selections,
-    the objective its coefficients learn on). mudsc: the calibration images and the suite's architecture."""
+    the objective its coefficients learn on). mudsc: the calibration inputs and the suite's architecture."""
     from merging.fw import FWSoftParams
     from merging.methods.mudsc import MuDSCRecipeParams
 
@@ -18,8 +21,9 @@ def objective_for(params, device: str = "cpu"):
 
         spec = params.calibration
         tasks = list(spec.tasks) if spec.tasks else None
-        return SuiteCalibration(suite_for(spec.suite, tasks, None), tasks, spec.samples)
-    suite = suite_for(params.suite, list(params.tasks) if params.tasks else None, None)
+        return SuiteCalibration(suite_for(spec.suite, tasks, registry=registry).for_model(model_dir), tasks, spec.samples)
+    suite = suite_for(params.suite, list(params.tasks) if params.tasks else None,
+                      registry=registry).for_model(model_dir)
     kind = FewShotCrossEntropy if params.loss == "cross_entropy" else PredictionEntropy
     if isinstance(params, FWSoftParams):
         per_task = {t: FewShotCrossEntropy(suite, tasks=[t], samples_per_task=params.budget, device=device)

@@ -104,14 +104,21 @@ def registry_for(env: Env):
 
 
 @lru_cache(maxsize=8)
-def _suite(name: str, tasks: tuple[str, ...] | None, manifest: str):
-    from flows.steps import suite_for
+def _named_suite(name: str, tasks: tuple[str, ...] | None, manifest: str):
+    from flows.suites import suite_for
 
     return suite_for(name, list(tasks) if tasks else None, Path(manifest))
 
 
-def suite_of(env: Env, name: str, tasks: list[str] | None):
-    return _suite(name, tuple(tasks) if tasks else None, str(env.zoo_manifest))
+def suite_of(env: Env, ref: str, tasks: list[str] | None):
+    """The suite `ref` names. A suite file is read afresh each time (its data may change between runs of a served
+    pipeline; a task that finds another digest than its flow computed refuses to go on)."""
+    from evaluation.suites import is_suite_file
+    from flows.suites import suite_for
+
+    if is_suite_file(ref):
+        return suite_for(ref, tasks, registry=registry_for(env))
+    return _named_suite(ref, tuple(tasks) if tasks else None, str(env.zoo_manifest))
 
 
 def _key(*parts: Any) -> str:

@@ -74,8 +74,9 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         registry.config.scratch.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="reproduce-", dir=registry.config.scratch))
         try:
+            base = registry.find_digest(recipe.base) if recipe.base else None
             result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
-                               objective=data_objective(device),
+                               objective=data_objective(device, registry, base),
                                progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
             ok = result.digest == model.digest
             differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))

@@ -15,17 +15,14 @@ from pathlib import Path
 from evaluation.evaluator import SuiteResult, evaluate_checkpoint, load_state
 from evaluation.objectives import FewShotCrossEntropy
 from evaluation.suite import Suite
-from evaluation.suites import load_suite
+from merging.alignment import aligned_inputs
 from merging.checkpoint import Checkpoint
 from merging.recipe import Recipe, parse_recipe
 from merging.relevance import gradient_alignment
 from merging.version import __version__
 from flows.merge import abort_merge, commit_merge, stage_merge
+from flows.suites import bound_to, suite_for  # noqa: F401  (suite_for: what the steps' callers open suites with)
 from registry.registry import ModelInfo, Registry, SuiteEvaluation
-
-
-def suite_for(name: str, tasks: list[str] | None, zoo_manifest: Path | None) -> Suite:
-    return load_suite(name, str(zoo_manifest) if zoo_manifest else None, only=tuple(tasks) if tasks else None)
 
 
 @dataclass
@@ -63,7 +60,8 @@ def evaluate_or_reuse(registry: Registry, model: ModelInfo, suite: Suite, device
     rows = registry.evaluation_rows(model.id, suite.digest)
     if rows:
         return Scores.from_rows(model.digest, suite.digest, rows, reused=True)
-    result = evaluate_checkpoint(model.store_path, suite, device=device, progress=progress)
+    result = evaluate_checkpoint(model.store_path, bound_to(suite, registry, model), device=device, progress=progress,
+                                 label=model.name)
     registry.record_evaluations(model, suite.name, suite.digest, result.rows(), run_id=_log_to_mlflow(registry, model, suite, result))
     return Scores.from_rows(model.digest, suite.digest, result.rows(), reused=False)
 
@@ -71,10 +69,12 @@ def evaluate_or_reuse(registry: Registry, model: ModelInfo, suite: Suite, device
 def score_candidates(registry: Registry, suite: Suite, base: ModelInfo, candidates: list[ModelInfo],
                      samples_per_task: int = 100, device: str = "cpu") -> dict[str, float]:
     """Gradient alignment of each candidate at the base on the suite's few-shot data; recorded as scores."""
-    objective = FewShotCrossEntropy(suite, samples_per_task=samples_per_task, device=device)
+    objective = FewShotCrossEntropy(bound_to(suite, registry, base), samples_per_task=samples_per_task, device=device)
     _, gradient = objective.loss_and_grad(load_state(base.store_path))
-    scores = gradient_alignment({k: g.cpu() for k, g in gradient.items()}, Checkpoint(base.store_path),
-                                [Checkpoint(c.store_path) for c in candidates]).summary
+    reference = Checkpoint(base.store_path)
+    views = aligned_inputs(reference, [Checkpoint(c.store_path) for c in candidates],
+                           [base.name, *(c.name for c in candidates)])
+    scores = gradient_alignment({k: g.cpu() for k, g in gradient.items()}, reference, views).summary
     registry.record_scores(suite.name, suite.digest, "gradient", {c.id: s for c, s in zip(candidates, scores)})
     return {c.digest: s for c, s in zip(candidates, scores)}
 
@@ -84,8 +84,10 @@ def score_data_free(registry: Registry, suite_name: str, base: ModelInfo, refere
     """For suites without data: cosine of each task vector with a reference model's (e.g. one tuned on the target)."""
     from merging.relevance import task_vector_cosine
 
-    scores = task_vector_cosine(Checkpoint(base.store_path), Checkpoint(reference.store_path),
-                                [Checkpoint(c.store_path) for c in candidates])
+    base_ckpt = Checkpoint(base.store_path)
+    reference_view, *views = aligned_inputs(base_ckpt, [Checkpoint(reference.store_path)]
+                                            + [Checkpoint(c.store_path) for c in candidates])
+    scores = task_vector_cosine(base_ckpt, reference_view, views)
     registry.record_scores(suite_name, f"reference:{reference.digest}", "task_vector_cosine",
                            {c.id: s for c, s in zip(candidates, scores)})
     return {c.digest: s for c, s in zip(candidates, scores)}
@@ -119,7 +121,8 @@ def merge_evaluate_commit(registry: Registry, recipe: Recipe, name: str, suite: 
         return MergeOutcome(previous, evaluate_or_reuse(registry, previous, suite, device), merged=False)
     staged = stage_merge(pinned, registry, device=device, progress=progress)
     try:
-        result = evaluate_checkpoint(staged.path, suite, device=device, progress=progress)
+        result = evaluate_checkpoint(staged.path, bound_to(suite, registry, staged.base), device=device,
+                                     progress=progress, label=name)
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise
@@ -147,14 +150,14 @@ def promote_if_changed(registry: Registry, digest: str, alias: str, gate, actor:
     """Pass the model through the gate unless it already holds NAME@ALIAS (a re-run adds no event then)."""
     from dataclasses import asdict
 
-    from registry.promotion import promote
+    from flows.gates import promote_through
 
     model = registry.resolve(digest)
     with registry.Session() as s:
         holder = registry.alias_holder(s, model.name, alias)
     if holder == model.id:
         return PromotionOutcome("unchanged", model.digest, alias, model.name, [], None, model.digest)
-    decision = promote(registry, model.digest, alias, gate, actor, reason)
+    decision = promote_through(registry, model.digest, alias, gate, actor, reason)
     return PromotionOutcome("promoted" if decision.passed else "refused", model.digest, alias, model.name,
                             [asdict(c) for c in decision.checks], decision.event_id,
                             decision.previous.digest if decision.previous else None)

@@ -93,6 +93,17 @@ class Checkpoint:
                 self.entries[name] = entry
                 self._file_of[name] = file
         self._handles: dict[Path, object] = {}
+        self._source: dict[str, str] = {}  # a renamed view's name -> the name stored in the file
+
+    def renamed(self, mapping: dict[str, str]) -> "Checkpoint":
+        """A view holding only `mapping`'s tensors, each under its new name (new name → stored name)."""
+        view = object.__new__(Checkpoint)
+        view.path, view.files, view.metadata = self.path, self.files, self.metadata
+        view.entries = {new: self.entries[old] for new, old in mapping.items()}
+        view._file_of = {new: self._file_of[old] for new, old in mapping.items()}
+        view._source = {new: self._source.get(old, old) for new, old in mapping.items()}
+        view._handles = self._handles
+        return view
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.entries)} tensors)"
@@ -126,9 +137,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         handle = self._handle(name)
         entry = self.entries[name]
+        stored = self._source.get(name, name)
         if rows is None or not entry.shape or (rows.start in (0, None) and rows.stop >= entry.shape[0]):
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[rows]
+            return handle.get_tensor(stored)
+        return handle.get_slice(stored)[rows]
 
     def iter_raw(self, name: str, block_bytes: int = 64 << 20) -> Iterator[memoryview]:
         """The stored bytes of one tensor, in blocks (for hashing)."""

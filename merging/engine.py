@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from merging.alignment import align_all
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.finite import all_finite
@@ -65,31 +66,20 @@ def local_path(ref: str) -> Path:
     return Path(ref.removeprefix("file://"))
 
 
-def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
-    """Every input must have the reference's tensor names, shapes and dtype kinds."""
-    want = reference.entries
-    for ckpt in others:
-        have = ckpt.entries
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        if missing or extra:
-            what = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r}"
-            n = len(missing) + len(extra)
-            raise IncompatibleModelsError(
-                f"{ckpt.path} {what} that {reference.path} does not match ({n} differing name(s)); "
-                "merged models must share one architecture"
-            )
-        for name, entry in want.items():
-            other = have[name]
-            if other.shape != entry.shape:
+def check_buffers_equal(reference: Checkpoint, others: list[Checkpoint], labels: dict[int, str]) -> None:
+    """Non-float tensors are copied from the reference, never merged: every input that has one must agree."""
+    for name, entry in reference.entries.items():
+        if entry.is_float:
+            continue
+        mine = None
+        for other in others:
+            if name not in other.entries:
+                continue
+            mine = reference.read(name) if mine is None else mine
+            if not torch.equal(mine, other.read(name).to(mine.dtype)):
                 raise IncompatibleModelsError(
-                    f"tensor {name!r}: shape {list(other.shape)} in {ckpt.path} but {list(entry.shape)} in {reference.path}"
-                )
-            if other.is_float != entry.is_float:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r}: dtype {other.dtype} in {ckpt.path} but {entry.dtype} in {reference.path} "
-                    "(a float tensor cannot merge with an integer one)"
-                )
+                    f"non-float tensor {name!r} differs between {labels.get(id(reference), reference.path)} and "
+                    f"{labels.get(id(other), other.path)}: buffers are not merged, so they must be equal")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,11 +112,13 @@ def run_merge(
     input_digests: dict[str, str] | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     objective: Callable[[Any], Any] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> MergeResult:
     """Merge as the recipe says and write the result to `out_dir`. All or nothing.
 
     A data-informed method (FW-Merging) needs `objective`: a function of the method's parameters that
-    builds the loss it optimises (the caller knows the suites; `merging/` does not).
+    builds the loss it optimises (the caller knows the suites; `merging/` does not). `labels` names inputs
+    in messages (a registry passes model names where the recipe holds digests).
     """
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -141,11 +133,20 @@ def run_merge(
     for ref, path in paths.items():
         if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
             raise MergeyardError(f"--out {out_dir} would overwrite the input {ref}; write the merge elsewhere")
-    checkpoints = {ref: Checkpoint(path) for ref, path in paths.items()}
-    base = checkpoints[recipe.base] if recipe.base else None
-    models = [checkpoints[m.model] for m in recipe.models]
-    reference = base if base is not None else models[0]
-    check_compatible(reference, [c for c in checkpoints.values() if c is not reference])
+    checkpoints = {ref: Checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
+    refs = list(checkpoints)
+    reference_ref = recipe.base or recipe.models[0].model
+    reference = checkpoints[reference_ref]
+    label = {ref: (labels or {}).get(ref, ref) for ref in refs}
+    # Each input seen under the reference's names: a task model's head is not merged, its encoder is.
+    aligned = dict(zip(refs, align_all(reference, [checkpoints[r] for r in refs],
+                                       [label[reference_ref], *(label[r] for r in refs)])))
+    views = {ref: view for ref, (view, _) in aligned.items()}
+    check_buffers_equal(reference, [v for v in views.values() if v is not reference],
+                        {id(views[r]): label[r] for r in refs})
+    base = views[recipe.base] if recipe.base else None
+    models = [views[m.model] for m in recipe.models]
+    wrapped = {i: aligned[m.model][1].as_dict() for i, m in enumerate(recipe.models) if aligned[m.model][1].wraps}
 
     # Digests the caller already knows (the registry does) are not recomputed.
     input_digests = dict(input_digests or {})
@@ -197,7 +198,7 @@ def run_merge(
                 for merged in chunks:
                     out = merged.to(out_dtypes[name])
                     if not all_finite(out):
-                        for ckpt in checkpoints.values():  # blame an input if one is at fault
+                        for ckpt in views.values():  # blame an input if one is at fault
                             check_input_finite(ckpt, name)
                         raise NonFiniteError(
                             f"the merge produced NaN or infinity in tensor {name!r} "
@@ -228,7 +229,8 @@ def run_merge(
     return MergeResult(
         out_dir=out_dir, digest=digest, files=files, method=spec.name, recipe_hash=recipe.recipe_hash,
         input_digests=dict(input_digests), num_params=sum(e.numel for e in reference.entries.values()),
-        seconds=time.perf_counter() - started, phases=phases, details=solved.details if solved is not None else {},
+        seconds=time.perf_counter() - started, phases=phases,
+        details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
     )
 
 

@@ -121,6 +121,7 @@ def parse_recipe(data: Any, root: Path | None = None) -> Recipe:
             update={
                 "base": _resolve_local(recipe.base, root) if recipe.base else None,
                 "models": [m.model_copy(update={"model": _resolve_local(m.model, root)}) for m in recipe.models],
+                "parameters": recipe.method_spec.rebase_paths(recipe.parameters, root),
             }
         )
     return recipe.check()

@@ -4,9 +4,14 @@ A gate is YAML:
 
     name: production
     metric: accuracy               # which evaluation metric the thresholds apply to
-    required_suites: [ta8-mini]    # each must have been evaluated on this model
+    required_suites:               # each must have been evaluated on this model, on exactly that suite digest
+      - suites/support.yaml        # a suite file (relative to the gate file) ...
+      - ta8-mini                   # ... a built-in suite (all its tasks) ...
+      - {suite: ta8-mini, tasks: [digits, letters]}   # ... some of its tasks ...
+      - sha256:3f1c...             # ... or a suite digest
     min_average: 0.60              # per required suite, mean over its tasks
     min_per_task: 0.30             # or {task: threshold, ...}
+    max_average: 12.0              # for metrics where lower is better (perplexity); max_per_task likewise
     max_regression: 0.01           # vs the alias's current holder, per suite average
     lineage:
       allowed_sources: [file, hf, open_clip, mlflow]   # every root ancestor's source scheme
@@ -21,15 +26,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
+
+from merging.yaml_input import read_yaml, validation_problems
 
 from registry.errors import RegistryError
 from registry.lineage import lineage
 from registry.registry import ModelInfo, Registry
 from registry.schema import Model, PromotionEvent
 from registry.sources import scheme_of
+
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class LineageRules(BaseModel):
@@ -39,28 +49,66 @@ class LineageRules(BaseModel):
     require_reproduced: bool = False
 
 
+class SuiteRequirement(BaseModel):
+    """Some tasks of a suite: the evaluation must be on exactly this subset's digest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suite: str = Field(min_length=1)
+    tasks: list[str] | None = None
+
+
+LOWER_IS_BETTER = {"perplexity", "loss"}
+
+
 class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "default"
     metric: str = "accuracy"
-    required_suites: list[str] = Field(default_factory=list)
+    required_suites: list[str | SuiteRequirement] = Field(default_factory=list)
     min_average: float | None = None
     min_per_task: float | dict[str, float] | None = None
+    max_average: float | None = None
+    max_per_task: float | dict[str, float] | None = None
     max_regression: float | None = Field(None, ge=0)
     lineage: LineageRules = Field(default_factory=LineageRules)
 
+    def requirements(self) -> list[SuiteRequirement]:
+        return [r if isinstance(r, SuiteRequirement) else SuiteRequirement(suite=r) for r in self.required_suites]
+
+    def rebased(self, root: Path) -> "Gate":
+        """Relative suite-file paths taken from `root` (the gate file's or pipeline's folder)."""
+        def rebase(ref: str) -> str:
+            candidate = root / ref
+            return str(candidate.resolve()) if ref.endswith((".yaml", ".yml")) and candidate.is_file() else ref
+
+        suites = [r.model_copy(update={"suite": rebase(r.suite)}) for r in self.requirements()]
+        return self.model_copy(update={"required_suites": suites})
+
 
 def load_gate(path: str | Path) -> Gate:
+    doc = read_yaml(path, RegistryError, "gate")
     try:
-        return Gate.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read gate ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return Gate.model_validate(doc.data or {}).rebased(Path(path).resolve().parent)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RegistryError(f"{path}: invalid gate: {problems}") from None
+        raise RegistryError(f"{path}: invalid gate: {validation_problems(exc, doc)}") from None
+
+
+@dataclass(frozen=True)
+class RequiredSuite:
+    """A gate's suite, resolved: the digest its evaluation must carry and the tasks it must cover."""
+
+    label: str  # as the gate names it
+    digest: str
+    tasks: tuple[str, ...] | None = None  # None: named by digest, the tasks are the evaluation's
+
+    @staticmethod
+    def by_digest(requirement: SuiteRequirement) -> "RequiredSuite":
+        if not DIGEST.match(requirement.suite):
+            raise RegistryError(f"the gate names suite {requirement.suite!r}: a suite name or file must be opened to "
+                                "know its digest (the CLI and the pipeline do; from Python, pass `suites=`)")
+        return RequiredSuite(requirement.suite, requirement.suite, tuple(requirement.tasks) if requirement.tasks else None)
 
 
 @dataclass
@@ -96,31 +144,62 @@ def _mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values)
 
 
-def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: ModelInfo | None) -> list[Check]:
+def _threshold_checks(label: str, scores: dict[str, float], gate: Gate) -> list[Check]:
+    checks = []
+    average = _mean(scores)
+    if gate.min_average is not None:
+        checks.append(Check(f"{label} average {gate.metric}", average >= gate.min_average, round(average, 6),
+                            gate.min_average))
+    if gate.max_average is not None:
+        checks.append(Check(f"{label} average {gate.metric} at most", average <= gate.max_average, round(average, 6),
+                            gate.max_average))
+    for bound, rule, ok in ((gate.min_per_task, "", lambda v, t: v >= t), (gate.max_per_task, " at most",
+                                                                          lambda v, t: v <= t)):
+        if bound is None:
+            continue
+        for task, value in sorted(scores.items()):
+            limit = bound.get(task) if isinstance(bound, dict) else bound
+            if limit is not None:
+                checks.append(Check(f"{label}/{task} {gate.metric}{rule}", ok(value, limit), round(value, 6), limit))
+    return checks
+
+
+def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: ModelInfo | None,
+                  suites: list[RequiredSuite] | None = None) -> list[Check]:
+    """The gate's checks. `suites` are its required suites resolved to digests (by the caller, who can open
+    suite files); without them only suites named by digest can be checked."""
     checks: list[Check] = []
-    for suite in gate.required_suites:
-        scores = registry.latest_evaluations(model.id, suite, gate.metric)
+    if suites is None:
+        suites = [RequiredSuite.by_digest(r) for r in gate.requirements()]
+    lower_better = gate.metric in LOWER_IS_BETTER
+    for required in suites:
+        label = required.label if not DIGEST.match(required.label) else required.label[:19]
+        scores = registry.evaluations_on(model.id, required.digest, gate.metric)
         if not scores:
-            checks.append(Check(f"evaluated on {suite}", False, None, "required", f"no {gate.metric} on {suite}"))
+            checks.append(Check(f"evaluated on {label}", False, None, required.digest[:19],
+                                f"no {gate.metric} on suite digest {required.digest[:19]} (an evaluation on other "
+                                "tasks or other data does not count): run `mergeyard evaluate`"))
+            continue
+        # every task records its loss; the gate's metric may be one only some tasks measure (perplexity)
+        covered = set(scores) | set(registry.evaluations_on(model.id, required.digest, "loss"))
+        if required.tasks is not None and not set(required.tasks) <= covered:
+            missing = sorted(set(required.tasks) - covered)
+            checks.append(Check(f"evaluated on every task of {label}", False, sorted(scores), list(required.tasks),
+                                f"missing {', '.join(missing)}"))
             continue
         average = _mean(scores)
-        if gate.min_average is not None:
-            checks.append(Check(f"{suite} average {gate.metric}", average >= gate.min_average, round(average, 6),
-                                gate.min_average))
-        if gate.min_per_task is not None:
-            for task, value in sorted(scores.items()):
-                floor = gate.min_per_task.get(task) if isinstance(gate.min_per_task, dict) else gate.min_per_task
-                if floor is not None:
-                    checks.append(Check(f"{suite}/{task} {gate.metric}", value >= floor, round(value, 6), floor))
+        checks += _threshold_checks(label, scores, gate)
         if gate.max_regression is not None and previous is not None:
-            before = registry.latest_evaluations(previous.id, suite, gate.metric)
+            before = registry.evaluations_on(previous.id, required.digest, gate.metric)
             if before:
-                allowed = _mean(before) - gate.max_regression
-                checks.append(Check(f"{suite} no regression vs {previous.digest[:19]}", average >= allowed,
+                allowed = _mean(before) + (gate.max_regression if lower_better else -gate.max_regression)
+                ok = average <= allowed if lower_better else average >= allowed
+                checks.append(Check(f"{label} no regression vs {previous.digest[:19]}", ok,
                                     round(average, 6), round(allowed, 6), f"holder's average {_mean(before):.6f}"))
             else:
-                checks.append(Check(f"{suite} no regression", False, round(average, 6), None,
-                                    f"the current holder {previous.digest[:19]} has no {suite} evaluation to compare"))
+                checks.append(Check(f"{label} no regression", False, round(average, 6), None,
+                                    f"the current holder {previous.digest[:19]} has no evaluation on this suite digest "
+                                    "to compare"))
     rules = gate.lineage
     if rules.allowed_sources is not None:
         with registry.Session() as s:
@@ -137,15 +216,18 @@ def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: Mo
     return checks
 
 
-def promote(registry: Registry, model_ref: str, alias: str, gate: Gate, actor: str, reason: str | None = None) -> Decision:
+def promote(registry: Registry, model_ref: str, alias: str, gate: Gate, actor: str, reason: str | None = None,
+            suites: list[RequiredSuite] | None = None) -> Decision:
     """Run the gate and record the event; on success move the alias (DB event + MLflow alias)."""
     model = registry.resolve(model_ref)
     with registry.Session() as s:
         holder = registry.alias_holder(s, model.name, alias)
     previous = registry.get(holder) if holder is not None else None
-    checks = evaluate_gate(registry, model, gate, previous)
+    if suites is None:
+        suites = [RequiredSuite.by_digest(r) for r in gate.requirements()]
+    checks = evaluate_gate(registry, model, gate, previous, suites)
     passed = all(c.passed for c in checks)
-    record = {"gate": gate.model_dump(), "checks": [asdict(c) for c in checks]}
+    record = {"gate": gate.model_dump(), "suites": [asdict(r) for r in suites], "checks": [asdict(c) for c in checks]}
     move_alias = passed and registry.mirror is not None and model.mlflow_version
     moved = False
     try:

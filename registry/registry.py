@@ -9,6 +9,8 @@ model's bytes live in the content-addressed store.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -20,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 import registry.audit  # noqa: F401  (installs the append-only guard)
+from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from registry.db import ensure_schema, make_engine
@@ -166,25 +169,59 @@ class Registry:
     # ---- writes -----------------------------------------------------------------------------
 
     def ingest(self, uri: str, name: str | None = None, base: str | None = None) -> tuple[ModelInfo, bool]:
-        """Validate, store and record a checkpoint. Returns (model, created); the same bytes again are a no-op."""
+        """Validate, store and record a checkpoint. Returns (model, created); the same bytes again are a no-op.
+
+        With a declared base, a task model that wraps it (`bert.encoder…` around `encoder…`) is accepted, and
+        its head (the tensors outside the base) is registered too, linked to it in lineage."""
         base_info = self.resolve(base) if base else None
         with resolve_source(uri, hf_cache=self.config.hf_cache, scratch=self.config.scratch,
                             mlflow_tracking_uri=self.config.mlflow_tracking_uri) as src:
             ckpt = Checkpoint(src.path)
-            validate_checkpoint(ckpt, Checkpoint(base_info.store_path) if base_info else None)
+            label = src.uri.removeprefix("file://")
+            alignment = validate_checkpoint(ckpt, Checkpoint(base_info.store_path) if base_info else None,
+                                            label=label, base_label=f"{base_info.name} ({base_info.digest[:19]})"
+                                            if base_info else None)
             digest = checkpoint_digest(ckpt)
             existing = self.find_digest(digest)
             if existing is not None:
                 return existing, False
-            return self.register(ckpt, digest, kind="ingested", name=name or src.default_name, source_uri=src.uri,
-                                 revision=src.revision, architecture=src.architecture,
-                                 base_model_id=base_info.id if base_info else None)
+            model, created = self.register(ckpt, digest, kind="ingested", name=name or src.default_name,
+                                           source_uri=src.uri, revision=src.revision, architecture=src.architecture,
+                                           base_model_id=base_info.id if base_info else None)
+        if alignment is not None and alignment.wraps:
+            self.register_head(model, alignment)
+        return model, created
+
+    def register_head(self, model: ModelInfo, alignment: Alignment) -> ModelInfo:
+        """A task model's head (its tensors outside the base it wraps) as a model of its own, kind `head`, linked
+        to the task model by a `head` lineage edge; the same head again is the same row. Heads are not mirrored
+        to MLflow: they are a part of their fine-tune, which is."""
+        from safetensors.torch import save_file
+
+        source = Checkpoint(model.store_path)
+        tensors = {n: source.read(n).contiguous() for n in alignment.head}
+        self.config.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="head-", dir=self.config.scratch) as tmp:
+            save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            config = Path(model.store_path) / "config.json"
+            if config.is_file():
+                shutil.copyfile(config, Path(tmp) / "config.json")
+            ckpt = Checkpoint(tmp)
+            digest = checkpoint_digest(ckpt)
+            existing = self.find_digest(digest)
+            if existing is not None:
+                return existing
+            head, _ = self.register(ckpt, digest, kind="head", name=f"{model.name}-head",
+                                    source_uri=f"mergeyard://head-of/{model.digest}", architecture=model.architecture,
+                                    parents=[Parent(model, "head", details={"prefix": alignment.prefix})],
+                                    mirror=False)
+        return head
 
     def register(self, ckpt: Checkpoint, digest: str, *, kind: str, name: str, source_uri: str,
                  revision: str | None = None, architecture: str | None = None, base_model_id: int | None = None,
                  parents: list[Parent] = (), merge_run_id: int | None = None,
                  in_transaction: Callable[[Session, Model], None] | None = None,
-                 mlflow_run_id: str | None = None) -> tuple[ModelInfo, bool]:
+                 mlflow_run_id: str | None = None, mirror: bool = True) -> tuple[ModelInfo, bool]:
         """Store the bytes and record the model (and whatever `in_transaction` adds) atomically."""
         path, files, created = self.store.put(ckpt, digest)
         mirrored: MirroredModel | None = None
@@ -203,7 +240,7 @@ class Registry:
                                       details=p.details, merge_run_id=merge_run_id))
                 if in_transaction is not None:
                     in_transaction(s, row)
-                if self.mirror is not None:
+                if self.mirror is not None and mirror:
                     tags = {"mergeyard.digest": digest, "mergeyard.source": source_uri, "mergeyard.kind": kind,
                             "mergeyard.parents": ",".join(p.model.digest for p in parents)}
                     mirrored = self.mirror.register_model(name, path, tags, source_run_id=mlflow_run_id)
@@ -327,6 +364,14 @@ class Registry:
         with self.Session() as s:
             rows = s.execute(select(Evaluation.task, Evaluation.value)
                              .where(Evaluation.model_id == model_id, Evaluation.suite_name == suite_name,
+                                    Evaluation.metric == metric).order_by(Evaluation.id)).all()
+        return {task: value for task, value in rows}
+
+    def evaluations_on(self, model_id: int, suite_digest: str, metric: str) -> dict[str, float]:
+        """task → newest value of `metric` for this model on exactly this suite digest."""
+        with self.Session() as s:
+            rows = s.execute(select(Evaluation.task, Evaluation.value)
+                             .where(Evaluation.model_id == model_id, Evaluation.suite_digest == suite_digest,
                                     Evaluation.metric == metric).order_by(Evaluation.id)).all()
         return {task: value for task, value in rows}
 

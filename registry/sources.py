@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from merging.companions import MODEL_FILES
 from registry.errors import SourceError
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
 _OPEN_CLIP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
 _MLFLOW_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "open_clip_config.json"]
+SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *MODEL_FILES]
 
 
 @dataclass

@@ -16,10 +16,12 @@ import uuid
 from pathlib import Path
 
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from merging.companions import MODEL_FILES
 
 MANIFEST = "mergeyard-files.json"
-# Beside the tensors: the index, a model config (architecture), a model card and provenance.
-COMPANIONS = (INDEX_NAME, "config.json", "README.md", "mergeyard.json", "open_clip_config.json")
+# Beside the tensors: the index, what makes the model loadable (config, generation config, tokenizer,
+# preprocessor config), a model card and provenance.
+COMPANIONS = (INDEX_NAME, *MODEL_FILES, "README.md", "mergeyard.json")
 
 
 def _copy_hashing(src: Path, dst: Path) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from merging.checkpoint import Checkpoint
-from merging.engine import check_compatible
+from merging.alignment import Alignment, align_all
+from merging.engine import check_buffers_equal
 from merging.finite import all_finite
 from registry.errors import ValidationFailed
 
@@ -19,8 +20,10 @@ def check_tensor_name(name: str) -> None:
         raise ValidationFailed(f"tensor name {name!r} is not allowed (empty, too long, absolute, '..' or control characters)")
 
 
-def validate_checkpoint(ckpt: Checkpoint, base: Checkpoint | None = None) -> None:
-    """Readable headers (checked on open), safe names, finite values, same tensors as the declared base."""
+def validate_checkpoint(ckpt: Checkpoint, base: Checkpoint | None = None, *, label: str | None = None,
+                        base_label: str | None = None) -> Alignment | None:
+    """Readable headers (checked on open), safe names, finite values, the declared base's tensors (by name, or
+    under a task model's wrapper prefix: the rest is its head). Returns how it holds the base."""
     if not ckpt.entries:
         raise ValidationFailed(f"{ckpt.path}: holds no tensors")
     for name in ckpt.names:
@@ -28,5 +31,9 @@ def validate_checkpoint(ckpt: Checkpoint, base: Checkpoint | None = None) -> Non
     for name in ckpt.names:
         if ckpt.entries[name].is_float and not all_finite(ckpt.read(name)):
             raise ValidationFailed(f"{ckpt.path}: tensor {name!r} holds NaN or infinity; nothing was recorded")
-    if base is not None:
-        check_compatible(base, [ckpt])
+    if base is None:
+        return None
+    names = [base_label or str(base.path), label or str(ckpt.path)]
+    ((view, alignment),) = align_all(base, [ckpt], names)
+    check_buffers_equal(base, [view], {id(base): names[0], id(view): names[1]})
+    return alignment

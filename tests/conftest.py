@@ -142,6 +142,26 @@ def small_zoo(tmp_path_factory):
     return out, manifest, time.perf_counter() - started
 
 
+@pytest.fixture
+def cli(tmp_path, monkeypatch, mlflow_store):
+    """`mergeyard ...` in-process (one import of torch and MLflow for all); asserts exit 0 unless ok=False."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    uri, _ = mlflow_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output + result.stderr
+        return result
+
+    return invoke
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One Prefect test server for the session (18-25 s to start here: a generous timeout)."""

@@ -6,26 +6,9 @@ import json
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from conftest import random_family, save_checkpoint
-from flows.cli import app
 from merging.digest import checkpoint_digest
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch, mlflow_store):
-    uri, _ = mlflow_store
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output + result.stderr
-        return result
-
-    return invoke
 
 
 def test_a_model_s_life_from_ingest_to_production(cli, tmp_path):
@@ -54,13 +37,16 @@ def test_a_model_s_life_from_ingest_to_production(cli, tmp_path):
     assert "reproduced" in cli("reproduce", "product").stdout
 
     gate = tmp_path / "gate.yaml"
-    gate.write_text(yaml.safe_dump({"required_suites": ["suite-a"], "min_average": 0.5}))
-    refusal = cli("promote", "product", "--to", "production", "--gate", gate, "--actor", "ci", ok=False)
-    assert refusal.exit_code == 2 and "refused" in refusal.stdout and "no accuracy on suite-a" in refusal.stdout
+    suite_digest = "sha256:" + "5" * 64
+    gate.write_text(yaml.safe_dump({"required_suites": [suite_digest], "min_average": 0.5}))
+    refusal = cli("promote", "product", "--to", "production", "--gate", gate, "--actor", "ci", "--json", ok=False)
+    refused = json.loads(refusal.stdout)
+    assert refusal.exit_code == 2 and refused["decision"] == "refused"
+    assert refused["checks"][0]["detail"].startswith("no accuracy on suite digest sha256:5555")
     from flows.registry_access import open_registry
 
     registry = open_registry()
-    registry.record_evaluations(registry.resolve("product"), "suite-a", "sha256:s", [("t", "accuracy", 0.8)])
+    registry.record_evaluations(registry.resolve("product"), "suite-a", suite_digest, [("t", "accuracy", 0.8)])
     decision = json.loads(cli("promote", "product", "--to", "production", "--gate", gate, "--actor", "ci",
                               "--reason", "nightly", "--json").stdout)
     assert decision["decision"] == "promoted" and decision["checks"][0]["observed"] == 0.8

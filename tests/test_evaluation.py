@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evaluation.evaluator import SuiteResult, TaskResult, evaluate_state
+from evaluation.families.zero_shot import ZeroShotImageFamily
 from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
 from evaluation.paired import paired_difference
 from evaluation.suite import Suite, TaskData
@@ -54,7 +55,7 @@ class Flat(torch.nn.Module):
 def tiny_suite(images: torch.Tensor, labels: torch.Tensor, head: torch.Tensor) -> Suite:
     split = Split("t", "test", images, labels)
     task = TaskData("t", ("a", "b"), head, split, split)
-    return Suite("tiny", {"t": task}, Flat, lambda x: x.float(), {"t": 0.8})
+    return Suite("tiny", {"t": task}, ZeroShotImageFamily(Flat, lambda x: x.float()), {"t": 0.8})
 
 
 def test_evaluator_matches_a_hand_computed_case():
@@ -77,7 +78,7 @@ def test_evaluator_matches_a_hand_computed_case():
         expected += math.log(math.exp(z[0] - max(z)) + math.exp(z[1] - max(z))) + max(z) - z[label]
     assert task.loss == pytest.approx(expected / 4, rel=1e-5)
     # a suite scores at its model's own logit scale: the loss changes, the winning class does not
-    cooler = dataclasses.replace(suite, logit_scale=2.0)
+    cooler = dataclasses.replace(suite, family=suite.family.with_scale(2.0))
     expected = 0.0
     for (x, y), label in zip(images.tolist(), labels.tolist()):
         z = [2 * x / math.hypot(x, y), 2 * y / math.hypot(x, y)]

@@ -28,7 +28,8 @@ def pipeline_config(zoo: Path, name: str = "nightly", merges=None, **extra):
         "score": {"top_k": 3},
         "merges": merges or [{"method": "task_arithmetic", "parameters": {"lambda": 0.3}},
                              {"method": "ties", "parameters": {"density": 0.5, "lambda": 0.8}}],
-        "promotion": {"alias": "staging", "gate": {"required_suites": ["ta8-mini"], "min_average": 0.6,
+        "promotion": {"alias": "staging", "gate": {"required_suites": [{"suite": "ta8-mini", "tasks": TARGETS}],
+                                                   "min_average": 0.6,
                                                    "lineage": {"allowed_sources": ["file"]}}},
         **extra,
     }

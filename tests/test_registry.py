@@ -195,16 +195,19 @@ def test_reproduce_rebuilds_and_names_differing_tensors(registry, tmp_path):
     assert registry.latest_reproduction(merged.model.id).ok is False
 
 
+SUITE_A = "sha256:" + "a" * 64  # a suite's digest: what a gate checks evaluations against
+
+
 def evaluate(registry, model, scores, suite="suite-a"):
-    registry.record_evaluations(model, suite, "sha256:suite", [(task, "accuracy", v) for task, v in scores.items()])
+    registry.record_evaluations(model, suite, SUITE_A, [(task, "accuracy", v) for task, v in scores.items()])
 
 
 def test_promotion_gates_events_and_aliases(registry, tmp_path):
     first, _, _ = recorded_merge(registry, tmp_path, seed=10)
-    gate = Gate(required_suites=["suite-a"], min_average=0.6, min_per_task=0.3, max_regression=0.02,
+    gate = Gate(required_suites=[SUITE_A], min_average=0.6, min_per_task=0.3, max_regression=0.02,
                 lineage={"allowed_sources": ["file", "hf"], "require_reproduced": True})
     refused = promote(registry, "product", "production", gate, actor="ci", reason="no evals yet")
-    assert not refused.passed and any("evaluated on suite-a" == c.rule for c in refused.failures)
+    assert not refused.passed and any(f"evaluated on {SUITE_A[:19]}" == c.rule for c in refused.failures)
     evaluate(registry, first.model, {"t1": 0.7, "t2": 0.65})
     assert [c.rule for c in promote(registry, "product", "production", gate, actor="ci").failures] == ["reproduced bit for bit"]
     reproduce(registry, "product")
@@ -217,7 +220,7 @@ def test_promotion_gates_events_and_aliases(registry, tmp_path):
     reproduce(registry, second.model.digest)
     worse = promote(registry, second.model.digest, "production", gate, actor="bob")
     failed = worse.failures
-    assert [c.rule.split(" vs ")[0] for c in failed] == ["suite-a no regression"]
+    assert [c.rule.split(" vs ")[0] for c in failed] == [f"{SUITE_A[:19]} no regression"]
     assert failed[0].observed == pytest.approx(0.65) and failed[0].threshold == pytest.approx(0.655)
     assert registry.resolve("product@production").id == first.model.id
     # lineage rule: ingested from a source the gate does not allow
@@ -226,7 +229,7 @@ def test_promotion_gates_events_and_aliases(registry, tmp_path):
     log = audit(registry, alias="production")
     assert [r.decision for r in log] == ["refused", "refused", "promoted", "refused"]
     assert log[2].actor == "alice" and log[2].reason == "nightly" and log[3].previous == first.model.digest
-    assert any(c["rule"] == "suite-a average accuracy" and c["observed"] == pytest.approx(0.675) for c in log[2].checks)
+    assert any(c["rule"] == f"{SUITE_A[:19]} average accuracy" and c["observed"] == pytest.approx(0.675) for c in log[2].checks)
 
 
 def test_promotion_events_are_append_only(registry, tmp_path):

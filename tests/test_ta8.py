@@ -135,7 +135,7 @@ def test_the_ta8_suite_loads_offline_from_the_hub_cache_and_scores_like_transfor
     # the loss checks every logit, not only the arg max, at the model's own logit scale (TA8's heads carry it;
     # this tiny CLIP's is transformers' initial e^2.6592 = 14.3, OpenAI's 100)
     scale = float(clip.logit_scale.exp())
-    assert suite.logit_scale == pytest.approx(scale) and scale < 20
+    assert suite.family.logit_scale == pytest.approx(scale) and scale < 20
     assert result.tasks[0].loss == pytest.approx(float(torch.nn.functional.cross_entropy(scale * logits, labels)), rel=1e-4)
 
 

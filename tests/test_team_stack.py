@@ -190,7 +190,8 @@ def test_pipeline_runs_and_serves_on_postgres_mlflow_server_and_prefect_server(t
         "base": str(zoo / "base"), "candidate_globs": [str(zoo / "finetuned" / "*")],
         "score": {"top_k": 3},
         "merges": [{"method": "task_arithmetic", "parameters": {"lambda": 0.3}}, {"method": "average"}],
-        "promotion": {"alias": "production", "gate": {"required_suites": ["ta8-mini"], "min_average": 0.6}},
+        "promotion": {"alias": "production", "gate": {"required_suites": [
+            {"suite": "ta8-mini", "tasks": ["digits", "letters", "colours"]}], "min_average": 0.6}},
         "schedule": {"cron": "0 2 * * *", "timezone": "UTC"},
     }))
 

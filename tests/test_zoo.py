@@ -106,7 +106,7 @@ def test_suite_digest_is_stable_and_normalised_accuracy_uses_the_manifest(small_
     # scored, fine-tuned and keyed at the asset's own learned temperature (as TA8's heads carry CLIP's), not at
     # a fixed 100: three and a half times sharper, it made every fine-tune collapse the other tasks' features
     learned = float(load_asset()[0].logit_scale.exp())
-    assert suite.logit_scale == manifest["key"]["logit_scale"] == pytest.approx(learned) and 20 < learned < 40
+    assert suite.family.logit_scale == manifest["key"]["logit_scale"] == pytest.approx(learned) and 20 < learned < 40
 
 
 def test_suite_digest_does_not_depend_on_the_thread_count():

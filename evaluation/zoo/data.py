@@ -27,6 +27,12 @@ class Split:
     images: torch.Tensor  # N×32×32×3 uint8
     labels: torch.Tensor  # N int64
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def inputs(self, rows: slice) -> torch.Tensor:
+        return self.images[rows]
+
     def digest(self) -> str:
         h = hashlib.sha256()
         h.update(f"{GENERATOR_VERSION}/{self.task}/{self.name}".encode())

@@ -13,13 +13,13 @@ from pydantic import Field
 
 from merging.fw import FWParams, FWSoftParams, fw_hard, fw_soft
 from merging.determinism import SingleThread
-from merging.methods.registry import MethodParams, Solved, merge_method
+from merging.methods.registry import MethodParams, Solved, merge_method, path_field
 
 PAPER = "https://arxiv.org/abs/2503.12649"
 
 
 class _ObjectiveFields(MethodParams):
-    suite: str = Field("ta8-mini", description="the task suite whose loss is optimised")
+    suite: str = path_field("ta8-mini", description="the task suite whose loss is optimised (a name or a suite file)")
     tasks: tuple[str, ...] | None = Field(None, description="a subset of the suite's tasks")
     budget: int = Field(100, gt=0, description="samples per task (labelled for cross_entropy, unlabelled for entropy)")
     loss: Literal["cross_entropy", "entropy"] = Field("cross_entropy", description="the objective")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.determinism import SingleThread
-from merging.methods.registry import MethodParams, Solved, merge_method
+from merging.methods.registry import MethodParams, Solved, merge_method, path_field
 from merging.mudsc import MuDSCParams, mudsc, permutation_spec
 
 PAPER = "https://arxiv.org/abs/2403.01753"
@@ -23,7 +23,8 @@ PAPER = "https://arxiv.org/abs/2403.01753"
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    suite: str = Field("ta8-mini", description="whose images calibrate (and whose architecture the models have)")
+    suite: str = path_field("ta8-mini", description="whose inputs calibrate (and whose architecture the models have): "
+                            "a name or a suite file")
     tasks: tuple[str, ...] | None = Field(None, description="a subset of the suite's tasks")
     samples: int = Field(32, gt=0, le=100, description="unlabelled few-shot images per task")
 

@@ -9,10 +9,11 @@ correct output after seeing every tensor supplies `finalize`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merging.errors import RecipeError
 from merging.inputs import MergeInputs, TensorInputs
@@ -71,6 +72,11 @@ class MergeMethod:
     def data_informed(self) -> bool:
         return self.solve is not None
 
+    def rebase_paths(self, raw: dict[str, Any] | None, root: Path) -> dict[str, Any]:
+        """`raw` with every relative file path among its parameters (fields marked `path_field`, such as a suite
+        file) taken from `root`, the folder of the YAML that named it."""
+        return _rebase(self.params, dict(raw or {}), root)
+
     def parse_params(self, raw: dict[str, Any] | None) -> MethodParams:
         try:
             return self.params.model_validate(raw or {})
@@ -80,6 +86,25 @@ class MergeMethod:
             )
             allowed = ", ".join(f.alias or n for n, f in self.params.model_fields.items())
             raise RecipeError(f"method {self.name!r}: {problems} (parameters it takes: {allowed})") from None
+
+
+def path_field(default: Any = None, **kwargs) -> Any:
+    """A parameter that may name a file (a suite file): recipes resolve it against their own folder."""
+    return Field(default, json_schema_extra={"path": True}, **kwargs)
+
+
+def _rebase(model: type[BaseModel], raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        value = raw.get(key)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("path") and isinstance(value, str) and "://" not in value:
+            candidate = root / value
+            if not Path(value).is_absolute() and candidate.is_file():
+                raw[key] = str(candidate.resolve())
+        elif isinstance(value, dict) and isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            raw[key] = _rebase(info.annotation, dict(value), root)
+    return raw
 
 
 _METHODS: dict[str, MergeMethod] = {}

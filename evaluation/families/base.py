@@ -1,0 +1,120 @@
+"""A model family: how a checkpoint and a suite's tasks become class scores or token losses.
+
+Every evaluation, objective (FW-Merging, relevance scores) and calibration set
+(MuDSC) goes through this interface, so every data-informed method works on
+every family. A family names the architecture that merges combine (its state
+dict is the merged checkpoint); a `Runner` built from it on a device scores a
+task's batch under any state of that architecture, differentiably.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from merging.alignment import align_entries, state_entries
+from merging.errors import MergeyardError
+
+
+@dataclass
+class Outputs:
+    """A batch's outputs: class scores (classification, multiple choice) or token losses (language modelling)."""
+
+    scores: torch.Tensor | None = None  # B × classes
+    nll: torch.Tensor | None = None  # B: summed negative log-likelihood of each row's tokens
+    tokens: torch.Tensor | None = None  # B: how many tokens each row scored
+
+
+class Runner(ABC):
+    """A family's models on one device, ready to score batches under a given state."""
+
+    #: float tensors of the merged architecture the outputs depend on (objectives differentiate these)
+    names: tuple[str, ...]
+    #: every tensor of the architecture, as matching sees it (name → TensorSpec)
+    entries: dict
+
+    def __init__(self, family: "Family", device: torch.device):
+        self.family = family
+        self.device = device
+
+    def adapt(self, state: Mapping[str, torch.Tensor], label: str = "checkpoint") -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors under the architecture's names, on the device: a task model's wrapper
+        prefix is stripped and its own head dropped (each task's head comes from the suite)."""
+        try:
+            alignment = align_entries(self.entries, state_entries(state), f"suite family {self.family.name!r}", label)
+        except MergeyardError as exc:
+            raise MergeyardError(f"{label} does not fit the suite's architecture: {exc}") from None
+        out = {}
+        for name, spec in self.entries.items():
+            source = alignment.prefix + name
+            if source in state:
+                t = state[source]
+                out[name] = t.to(self.device, torch.float32) if spec.is_float else t.to(self.device)
+        return out
+
+    @abstractmethod
+    def prepare(self, task, raw: Any) -> Any:
+        """Raw inputs of a task (texts, images, choices) → the model's input batch on the device."""
+
+    @abstractmethod
+    def outputs(self, task, batch: Any, state: Mapping[str, torch.Tensor]) -> Outputs:
+        """The task's outputs for a prepared batch under `state` (differentiable in its float tensors)."""
+
+
+class Family(ABC):
+    """Registered by name (`evaluation.families`); a suite holds one instance, configured for its model.
+
+    What a suite file needs of a family: the metrics it measures (the first is a task's default), the column its
+    inputs come from, whether every task names a head (`load_head` reads one), and `from_suite_file`.
+    """
+
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+    input_column: ClassVar[str] = "text"
+    uses_heads: ClassVar[bool] = False
+
+    @classmethod
+    def load_head(cls, path: Path, label: str):
+        raise MergeyardError(f"{label}: {cls.name} tasks take no head")
+
+    @classmethod
+    def from_suite_file(cls, heads: dict, model_dir: Path | None, explicit_model: bool, options: dict) -> "Family":
+        """The family for a suite file: its tasks' heads, the `model:` directory (or None: the evaluated model's,
+        bound later by `Suite.for_model`), whether the file named it, and its `options`."""
+        return cls(heads, model_dir, explicit_model, options)
+
+    @abstractmethod
+    def create_model(self) -> torch.nn.Module:
+        """A fresh module of the merged architecture (its state dict keys are the merged checkpoint's)."""
+
+    @abstractmethod
+    def identity(self) -> dict:
+        """What defines the family's behaviour for the suite digest (architecture, preprocessing files)."""
+
+    def head_bytes(self, task) -> bytes:
+        """The bytes of a task's head, for the suite digest."""
+        head = task.head
+        if head is None:
+            return b"no-head"
+        if isinstance(head, torch.Tensor):
+            return head.detach().to(torch.float32).contiguous().numpy().tobytes()
+        return str(getattr(head, "digest", head)).encode()
+
+    @abstractmethod
+    def runner(self, device: torch.device) -> Runner:
+        """This family's models on `device`."""
+
+    def with_model_dir(self, directory: Path) -> "Family":
+        """The family reading config and preprocessing from `directory` where its suite names no model."""
+        return self
+
+
+def needs(value, what: str):
+    """A family's required setting, or a one-line error saying where to give it."""
+    if value is None:
+        raise MergeyardError(what)
+    return value

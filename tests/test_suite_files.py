@@ -1,0 +1,218 @@
+"""Suite files and the text-classification family on tiny BERTs built in the test: a user's own tasks, data and
+heads; every bad file is one line, exit 1, nothing recorded; gates check exactly the suite digest they name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tiny_models import tiny_bert_family
+
+TASKS = {"sentiment": ["neg", "pos"], "topic": ["film", "food", "other"]}
+SENTIMENT = [("the movie was very good", "pos"), ("the food was awful", "neg"), ("i love this film", "pos"),
+             ("this is the worst", "neg"), ("it is so nice", "pos"), ("we hate the service", "neg")]
+TOPIC = [("the movie was good", "film"), ("the food was bad", "food"), ("a happy day", "other"),
+         ("i love this film", "film"), ("we hate the service", "food"), ("it is so nice", "other")] * 3
+
+
+def write_csv(path: Path, header: str, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    """Tiny BERT base + two sequence-classification fine-tunes, their data, and a suite file beside them."""
+    base, fts = tiny_bert_family(tmp_path / "models", TASKS)
+    write_csv(tmp_path / "data" / "sentiment.csv", "review,stars", SENTIMENT)
+    (tmp_path / "data" / "topic.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in TOPIC))
+    suite = {"name": "tickets", "family": "text-classification", "tasks": [
+        {"name": "sentiment", "eval": "data/sentiment.csv", "calibration": "data/sentiment.csv", "text": "review",
+         "label": "stars", "head": "models/ft-sentiment"},
+        {"name": "topic", "eval": "data/topic.jsonl", "split": {"eval": 0.5, "calibration": 0.3, "seed": 0},
+         "head": "models/ft-topic", "metric": "macro_f1"}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return {"root": tmp_path, "base": base, "finetuned": fts, "suite": path, "spec": suite}
+
+
+def direct_predictions(finetune: Path, encoder_state: dict, texts: list[str], tokenizer_dir: Path) -> torch.Tensor:
+    """What transformers itself predicts: the fine-tune's task model with `encoder_state` loaded into its encoder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(finetune).eval()
+    missing, unexpected = model.bert.load_state_dict(encoder_state, strict=False)
+    assert not missing and set(unexpected) <= {"embeddings.position_ids"}
+    tokens = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, padding=True, truncation=True, max_length=128,
+                                                          return_tensors="pt")
+    with torch.no_grad():
+        return model(**tokens).logits
+
+
+def test_the_evaluator_scores_as_transformers_does_the_merged_encoder_plus_each_task_head(tiny_text):
+    from evaluation.evaluator import evaluate_checkpoint, load_state
+    from evaluation.suites import load_suite
+
+    suite = load_suite(str(tiny_text["suite"])).for_model(tiny_text["base"])
+    assert suite.tasks["sentiment"].classes == ("neg", "pos") and suite.tasks["topic"].metric == "macro_f1"
+    assert len(suite.tasks["topic"].test) == 9 and len(suite.tasks["topic"].fewshot) == 5  # the split's fractions
+    # a fine-tune as the user saved it: `bert.`-prefixed encoder and its own classifier; it is scored through
+    # each task's head, the standard protocol of task-vector papers
+    ft = tiny_text["finetuned"]["sentiment"]
+    result = evaluate_checkpoint(ft, suite)
+    state = {k.removeprefix("bert."): v for k, v in load_state(ft).items() if k.startswith("bert.")}
+    texts = [t for t, _ in SENTIMENT]
+    logits = direct_predictions(ft, state, texts, tiny_text["base"])
+    labels = torch.tensor([["neg", "pos"].index(y) for _, y in SENTIMENT])
+    sentiment = result.tasks[0]
+    assert sentiment.accuracy == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert sentiment.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    # the topic task is scored by the topic fine-tune's head over the sentiment fine-tune's encoder
+    topic = suite.tasks["topic"]
+    logits = direct_predictions(tiny_text["finetuned"]["topic"], state, list(topic.test.rows), tiny_text["base"])
+    assert result.tasks[1].accuracy == pytest.approx(float((logits.argmax(-1) == topic.test.labels).float().mean()))
+
+
+def test_a_suite_digest_covers_the_data_not_where_it_lies(tiny_text, tmp_path):
+    import shutil
+
+    from evaluation.suites import load_suite
+
+    digest = load_suite(str(tiny_text["suite"])).digest
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved)
+    assert load_suite(str(moved / "suite.yaml")).digest == digest
+    write_csv(moved / "data" / "sentiment.csv", "review,stars", SENTIMENT[:-1] + [("it is so nice", "neg")])
+    assert load_suite(str(moved / "suite.yaml")).digest != digest  # an edited CSV is a new suite
+    assert load_suite(str(tiny_text["suite"]), only=("topic",)).digest != digest  # so is a subset of the tasks
+
+
+def _bad_suites(t) -> dict[str, tuple[dict, str]]:
+    spec = t["spec"]
+    root = t["root"]
+    write_csv(root / "data" / "unknown-label.csv", "review,stars", SENTIMENT + [("a sad story", "meh")])
+    write_csv(root / "data" / "empty.csv", "review,stars", [])
+    sentiment = spec["tasks"][0]
+    return {
+        "missing column": ({**spec, "tasks": [{**sentiment, "text": "body"}]},
+                           "data/sentiment.csv has no column 'body'"),
+        "label not in the head's classes": ({**spec, "tasks": [{**sentiment, "eval": "data/unknown-label.csv"}]},
+                                            "row 7 of data/unknown-label.csv has label 'meh', not one of the head's "
+                                            "classes (neg, pos)"),
+        "empty task": ({**spec, "tasks": [{**sentiment, "eval": "data/empty.csv"}]}, "data/empty.csv holds no rows"),
+        "two tasks with one name": ({**spec, "tasks": [sentiment, {**spec["tasks"][1], "name": "sentiment"}]},
+                                    "two tasks are named 'sentiment'"),
+        "unknown family": ({**spec, "family": "text-clasification"},
+                           "unknown model family 'text-clasification'; known: causal-lm, image-classification, "
+                           "text-classification"),
+        "unknown key": ({**spec, "taks": []}, "taks (line"),
+        "missing data file": ({**spec, "tasks": [{**sentiment, "eval": "data/nope.csv"}]},
+                              "data/nope.csv: no such file or directory"),
+        "metric the family does not measure": ({**spec, "tasks": [{**sentiment, "metric": "perplexity"}]},
+                                               "metric 'perplexity' is not one a text-classification suite measures"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing column", "label not in the head's classes", "empty task",
+                                  "two tasks with one name", "unknown family", "unknown key", "missing data file",
+                                  "metric the family does not measure"])
+def test_a_bad_suite_file_is_one_line_exit_1_and_records_nothing(tiny_text, cli, case):
+    spec, expected = _bad_suites(tiny_text)[case]
+    bad = tiny_text["root"] / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec, sort_keys=False))
+    for command in (["evaluate", tiny_text["finetuned"]["sentiment"], "--suite", bad],
+                    ["score", tiny_text["finetuned"]["sentiment"], "--suite", bad, "--base", tiny_text["base"]]):
+        result = cli(*command, ok=False)
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    from flows.registry_access import open_registry
+    from registry.schema import Evaluation, Model, RelevanceScore
+
+    registry = open_registry()
+    assert [registry.count(t) for t in (Model, Evaluation, RelevanceScore)] == [0, 0, 0]
+
+
+def test_yaml_errors_name_the_line(tiny_text, cli):
+    bad = tiny_text["root"] / "broken.yaml"
+    bad.write_text("name: x\nfamily: text-classification\ntasks:\n  - name: a\n   eval: b.csv\n")
+    result = cli("evaluate", tiny_text["base"], "--suite", bad, ok=False)
+    assert result.exit_code == 1 and "broken.yaml line 5" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+
+
+def test_task_models_merge_as_the_user_has_them_and_each_head_is_registered(tiny_text, cli, tmp_path):
+    """The recipe names the pretrained directory and the sequence-classification fine-tunes as they are on disk."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(tiny_text["base"]),
+                                      "models": [str(p) for p in tiny_text["finetuned"].values()],
+                                      "parameters": {"lambda": 0.5}}))
+    merged = json.loads(cli("merge", recipe, "--name", "tickets-ta", "--json").stdout)
+    from merging.checkpoint import Checkpoint
+
+    out = Checkpoint(merged["store_path"])
+    base = Checkpoint(tiny_text["base"])
+    assert set(out.entries) == set(base.entries)  # the encoder, under the base's names; no head
+    fts = [Checkpoint(p) for p in tiny_text["finetuned"].values()]
+    name = "encoder.layer.0.attention.self.query.weight"
+    expected = base.read(name) + 0.5 * sum(f.read("bert." + name) - base.read(name) for f in fts)
+    assert torch.allclose(out.read(name), expected, atol=1e-6)
+    listed = json.loads(cli("models", "list", "--json").stdout)
+    heads = [m for m in listed if m["kind"] == "head"]
+    assert sorted(h["name"] for h in heads) == ["ft-sentiment-head", "ft-topic-head"]
+    graph = json.loads(cli("lineage", heads[0]["digest"], "--format", "json").stdout)
+    assert [e["role"] for e in graph["edges"]] == ["head"]
+    assert json.loads(cli("reproduce", "tickets-ta", "--json").stdout)["ok"]
+    # evaluated on the suite file: the merged encoder plus each task's head, tokenizer from the base in lineage
+    report = json.loads(cli("evaluate", "tickets-ta", "--suite", tiny_text["suite"], "--json").stdout)
+    assert [t["task"] for t in report["tasks"]] == ["sentiment", "topic"]
+    assert report["tasks"][1]["metric"] == "macro_f1" and "macro_f1" in report["tasks"][1]["metrics"]
+
+
+def test_ingest_with_base_accepts_a_task_model_and_a_missing_position_ids_buffer(tiny_text, cli, tmp_path):
+    """transformers 5 no longer saves `embeddings.position_ids`; an older base holds it."""
+    from safetensors.torch import load_file, save_file
+
+    base_file = tiny_text["base"] / "model.safetensors"
+    state = load_file(str(base_file))
+    assert "embeddings.position_ids" not in state
+    old_base = tmp_path / "old-base"
+    old_base.mkdir()
+    save_file({**state, "embeddings.position_ids": torch.arange(64).unsqueeze(0)}, str(old_base / "model.safetensors"))
+    cli("ingest", old_base, "--name", "old-base")
+    ingested = json.loads(cli("ingest", tiny_text["finetuned"]["topic"], "--base", "old-base", "--json").stdout)
+    assert ingested["created"] and ingested["base_model_id"] is not None
+    # a buffer both have but with other values is a clear error naming it
+    other = tmp_path / "other-ft"
+    other.mkdir()
+    ft = load_file(str(tiny_text["finetuned"]["sentiment"] / "model.safetensors"))
+    save_file({**ft, "bert.embeddings.position_ids": torch.arange(64).flip(0).unsqueeze(0)}, str(other / "model.safetensors"))
+    refused = cli("ingest", other, "--base", "old-base", ok=False)
+    assert refused.exit_code == 1 and "non-float tensor 'embeddings.position_ids' differs" in refused.stderr
+    # a shape mismatch names both sides and the tensor, in plain words
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    save_file({**ft, "bert.pooler.dense.weight": torch.zeros(16, 32)}, str(wrong / "model.safetensors"))
+    refused = cli("ingest", wrong, "--base", "old-base", ok=False)
+    assert "tensor 'pooler.dense.weight' is [32, 32] in old-base" in refused.stderr and "[16, 32] in" in refused.stderr
+
+
+def test_a_gate_naming_a_suite_file_is_not_satisfied_by_a_subset_evaluation(tiny_text, cli, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "average", "base": str(tiny_text["base"]),
+                                      "models": [str(p) for p in tiny_text["finetuned"].values()]}))
+    cli("merge", recipe, "--name", "tickets-avg")
+    gate = tmp_path / "gates" / "production.yaml"
+    gate.parent.mkdir()
+    gate.write_text(yaml.safe_dump({"required_suites": ["../suite.yaml"], "min_average": 0.0}))  # beside the gate
+    cli("evaluate", "tickets-avg", "--suite", tiny_text["suite"], "--tasks", "sentiment")
+    refused = json.loads(cli("promote", "tickets-avg", "--to", "production", "--gate", gate, "--json", ok=False).stdout)
+    assert refused["decision"] == "refused" and refused["checks"][0]["rule"] == "evaluated on tickets"
+    cli("evaluate", "tickets-avg", "--suite", tiny_text["suite"])
+    passed = json.loads(cli("promote", "tickets-avg", "--to", "production", "--gate", gate, "--json").stdout)
+    assert passed["decision"] == "promoted" and passed["checks"][0]["rule"] == "tickets average accuracy"
