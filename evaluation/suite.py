@@ -82,10 +82,13 @@ class Suite:
         return replace(self, tasks={t: self.tasks[t] for t in tasks},
                        reference_accuracy={t: v for t, v in self.reference_accuracy.items() if t in tasks})
 
-    def for_model(self, directory: str | Path | None) -> "Suite":
-        """The suite with its family reading config and tokenizer from `directory` where the suite names no
-        `model:` (the evaluated model's own directory, or its base's). The digest does not change."""
-        family = self.family.with_model_dir(Path(directory)) if directory is not None else self.family
+    def for_model(self, directories: str | Path | list[Path] | None) -> "Suite":
+        """The suite with its family reading config and tokenizer from `directories` where the suite names no
+        `model:` (the evaluated model's own directory, then its bases' in lineage: the first that holds what the
+        family needs). The digest does not change."""
+        if isinstance(directories, (str, Path)):
+            directories = [Path(directories)]
+        family = self.family.with_model_dirs(list(directories)) if directories else self.family
         if family is self.family:
             return self
         bound = replace(self, family=family)

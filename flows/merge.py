@@ -127,10 +127,10 @@ def data_objective(device: str, registry: Registry | None = None, base: ModelInf
     the base's config and tokenizer where the suite names no model."""
     def build(params):
         from flows.objectives import objective_for
-        from flows.suites import model_directory
+        from flows.suites import model_directories
 
-        model_dir = model_directory(registry, base) if registry is not None else None
-        return objective_for(params, device, model_dir, registry)
+        model_dirs = model_directories(registry, base) if registry is not None else None
+        return objective_for(params, device, model_dirs, registry)
 
     return build
 

@@ -10,7 +10,7 @@ from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
 from flows.suites import suite_for
 
 
-def objective_for(params, device: str = "cpu", model_dir: Path | None = None, registry=None):
+def objective_for(params, device: str = "cpu", model_dirs: list[Path] | Path | None = None, registry=None):
     """fw_hard: one objective over the suite's tasks. fw_soft: (per-task objectives for the selections,
     the objective its coefficients learn on). mudsc: the calibration inputs and the suite's architecture."""
     from merging.fw import FWSoftParams
@@ -21,9 +21,9 @@ def objective_for(params, device: str = "cpu", model_dir: Path | None = None, re
 
         spec = params.calibration
         tasks = list(spec.tasks) if spec.tasks else None
-        return SuiteCalibration(suite_for(spec.suite, tasks, registry=registry).for_model(model_dir), tasks, spec.samples)
+        return SuiteCalibration(suite_for(spec.suite, tasks, registry=registry).for_model(model_dirs), tasks, spec.samples)
     suite = suite_for(params.suite, list(params.tasks) if params.tasks else None,
-                      registry=registry).for_model(model_dir)
+                      registry=registry).for_model(model_dirs)
     kind = FewShotCrossEntropy if params.loss == "cross_entropy" else PredictionEntropy
     if isinstance(params, FWSoftParams):
         per_task = {t: FewShotCrossEntropy(suite, tasks=[t], samples_per_task=params.budget, device=device)

@@ -27,22 +27,20 @@ def suite_for(ref: str, tasks: list[str] | None, zoo_manifest: Path | None = Non
                       resolve=resolve, hf_cache=hf_cache)
 
 
-def model_directory(registry: Registry, model: ModelInfo | None) -> Path | None:
-    """Where a model's config and tokenizer are: its own store directory if it holds a config.json, else the
-    nearest base in its lineage that does."""
-    seen = set()
+def model_directories(registry: Registry, model: ModelInfo | None) -> list[Path]:
+    """Where a model's config and tokenizer may be: its own store directory, then its bases' down its lineage (a
+    fine-tune saved without its tokenizer has its base's)."""
+    seen, out = set(), []
     while model is not None and model.id not in seen:
         seen.add(model.id)
-        directory = Path(model.store_path)
-        if (directory / "config.json").is_file():
-            return directory
+        out.append(Path(model.store_path))
         model = registry.get(model.base_model_id) if model.base_model_id else None
-    return None
+    return out
 
 
 def bound_to(suite: Suite, registry: Registry, model: ModelInfo | None) -> Suite:
-    """The suite reading preprocessing from `model`'s directory (or its base's) where it names no model itself."""
-    return suite.for_model(model_directory(registry, model))
+    """The suite reading preprocessing from `model`'s directory (or its bases') where it names no model itself."""
+    return suite.for_model(model_directories(registry, model))
 
 
 def suite_label(ref: str) -> str:

@@ -108,13 +108,23 @@ class Family(ABC):
     def runner(self, device: torch.device) -> Runner:
         """This family's models on `device`."""
 
-    def with_model_dir(self, directory: Path) -> "Family":
-        """The family reading config and preprocessing from `directory` where its suite names no model."""
+    def with_model_dirs(self, directories: list[Path]) -> "Family":
+        """The family reading config and preprocessing from the first of `directories` that holds them, where
+        its suite names no model."""
         return self
 
 
-def needs(value, what: str):
-    """A family's required setting, or a one-line error saying where to give it."""
-    if value is None:
-        raise MergeyardError(what)
-    return value
+def as_dirs(model_dir: Path | list[Path] | None) -> list[Path]:
+    """A family's model directories: the suite's `model:` ([one]) or the evaluated model's lineage (several)."""
+    if model_dir is None:
+        return []
+    return [Path(model_dir)] if isinstance(model_dir, (str, Path)) else [Path(d) for d in model_dir]
+
+
+def first_with(directories: list[Path], names: tuple[str, ...]) -> Path | None:
+    """The first directory holding any of `names`."""
+    for directory in directories:
+        directory = directory if directory.is_dir() else directory.parent
+        if any((directory / n).is_file() for n in names):
+            return directory
+    return None

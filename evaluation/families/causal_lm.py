@@ -17,32 +17,23 @@ from typing import Mapping
 import torch
 from torch.func import functional_call
 
-from evaluation.families.base import Family, Outputs, Runner
+from evaluation.families.base import Family, Outputs, Runner, as_dirs, first_with
+from evaluation.families.hf_names import checkpoint_names
 from evaluation.families.task_heads import files_digest
 from merging.alignment import state_entries
+from merging.companions import TOKENIZER_FILES
 from merging.errors import MergeyardError
-
-
-def untied_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the second name of a tied tensor (what `save_pretrained` writes once)."""
-    seen: dict[int, str] = {}
-    out = {}
-    for name, value in module.state_dict(keep_vars=True).items():
-        key = value.data_ptr() if value.numel() else id(value)
-        if key in seen and value.is_floating_point():
-            continue
-        seen[key] = name
-        out[name] = value.detach()
-    return out
 
 
 class CausalLMRunner(Runner):
     def __init__(self, family: "CausalLMFamily", device: torch.device):
         super().__init__(family, device)
         self.model = family.create_model().to(device).eval()
-        state = untied_state(self.model)
-        self.entries = state_entries(state)
-        self.names = tuple(k for k, v in state.items() if v.is_floating_point())
+        # by checkpoint name (what merges hold; a tied output embedding is saved once) → module name
+        self.to_module = checkpoint_names(self.model)
+        state = self.model.state_dict()
+        self.entries = state_entries({k: state[v] for k, v in self.to_module.items()})
+        self.names = tuple(k for k, spec in self.entries.items() if spec.is_float)
         self.batch_size = family.batch_size
         self.tokenizer = family.tokenizer
 
@@ -77,7 +68,8 @@ class CausalLMRunner(Runner):
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = functional_call(self.model, dict(state), args=(), kwargs={"input_ids": ids, "attention_mask": mask},
+        weights = {self.to_module[k]: v for k, v in state.items() if k in self.to_module}
+        logits = functional_call(self.model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": mask},
                                  strict=False).logits
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # position t scores token t + 1
@@ -103,31 +95,32 @@ class CausalLMFamily(Family):
     name = "causal-lm"
     metrics = ("choice_accuracy", "perplexity")
 
-    def __init__(self, heads: dict | None = None, model_dir: Path | None = None, explicit_model: bool = False,
-                 options: dict | None = None):
-        self.model_dir = model_dir
+    def __init__(self, heads: dict | None = None, model_dir: Path | list[Path] | None = None,
+                 explicit_model: bool = False, options: dict | None = None):
+        self.model_dirs = as_dirs(model_dir)
         self.explicit_model = explicit_model
         self.options = dict(options or {})
         self.batch_size = int(self.options.get("batch_size", 8))
         self.max_length = int(self.options.get("max_length", 512))
 
-    def _directory(self) -> Path:
-        if self.model_dir is None or not (self.model_dir / "config.json").is_file():
-            raise MergeyardError("a causal-lm suite needs the model's config.json and tokenizer: give `model:` in the "
-                                 "suite file, or evaluate a registered model whose files (or its base's) include them")
-        return self.model_dir
+    def _directory(self, names: tuple[str, ...], what: str) -> Path:
+        found = first_with(self.model_dirs, names)
+        if found is None:
+            raise MergeyardError(f"a causal-lm suite needs the model's {what}: give `model:` in the suite file, or "
+                                 "evaluate a registered model whose files (or its base's) include it")
+        return found
 
     @cached_property
     def config(self):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self._directory())
+        return AutoConfig.from_pretrained(self._directory(("config.json",), "config.json"))
 
     @cached_property
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self._directory())
+        return AutoTokenizer.from_pretrained(self._directory(TOKENIZER_FILES, "tokenizer"))
 
     def create_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -137,13 +130,13 @@ class CausalLMFamily(Family):
             return AutoModelForCausalLM.from_config(self.config)
 
     def identity(self) -> dict:
-        model = files_digest(self.model_dir) if self.explicit_model and self.model_dir else "lineage"
+        model = files_digest(self.model_dirs[0]) if self.explicit_model and self.model_dirs else "lineage"
         return {"family": self.name, "model": model, "options": self.options}
 
-    def with_model_dir(self, directory: Path) -> "CausalLMFamily":
+    def with_model_dirs(self, directories: list[Path]) -> "CausalLMFamily":
         if self.explicit_model:
             return self
-        return CausalLMFamily(None, directory, False, self.options)
+        return CausalLMFamily(None, directories, False, self.options)
 
     def runner(self, device: torch.device) -> CausalLMRunner:
         return CausalLMRunner(self, device)

@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch.func import functional_call
 
-from evaluation.families.base import Family, Outputs, Runner
+from evaluation.families.base import Family, Outputs, Runner, as_dirs, first_with
+from evaluation.families.hf_names import checkpoint_names
 from merging.alignment import state_entries
 from merging.checkpoint import Checkpoint
 from merging.companions import companion_files
@@ -122,32 +123,50 @@ class TaskHeadsRunner(Runner):
     def __init__(self, family: "TaskHeadsFamily", device: torch.device):
         super().__init__(family, device)
         self.encoder = family.create_model().to(device).eval()
-        state = self.encoder.state_dict()
-        self.entries = state_entries(state)
-        self.names = tuple(k for k, v in state.items() if v.is_floating_point())
+        head = family.reference_head
+        prefix = head.prefix + "."
         self._task_models: dict[str, torch.nn.Module] = {}
+        self._module_names: dict[str, dict[str, str]] = {}
+        reference = self._build(head)
+        names = self._module_names[id(head)]
+        # the encoder's tensors by checkpoint name (what merges hold) → its module names (what scores them)
+        self.to_module = {k[len(prefix):]: v[len(prefix):] for k, v in names.items() if k.startswith(prefix)}
+        state = dict(reference.state_dict())
+        self.entries = state_entries({k: state[prefix + v] for k, v in self.to_module.items()})
+        self.names = tuple(k for k, spec in self.entries.items() if spec.is_float)
         self.batch_size = family.batch_size
+
+    def _build(self, head: Head) -> torch.nn.Module:
+        """The head's task class with the shared encoder inside (memory of one model for every task)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = head.task_class(head.config)
+        setattr(model, head.prefix, self.encoder)
+        names = checkpoint_names(model)
+        self._module_names[id(head)] = names
+        return model
 
     def prepare(self, task, raw) -> dict:
         return self.family.prepare(raw, self.device)
 
     def task_model(self, task) -> torch.nn.Module:
-        """The task's model: its head's task class with the shared encoder inside and the head's weights."""
+        """The task's model: its head's task class around the shared encoder, with the head's weights."""
         if task.name not in self._task_models:
             head: Head = task.head
-            model = head.task_class(head.config)
-            setattr(model, head.prefix, self.encoder)  # one encoder for every task: memory of one model
-            missing, unexpected = model.load_state_dict(head.tensors, strict=False)
-            if unexpected:
-                raise MergeyardError(f"task {task.name!r}: its head's tensors {unexpected[:3]} do not fit "
+            model = self._build(head)
+            names = self._module_names[id(head)]
+            unknown = [k for k in head.tensors if k not in names]
+            if unknown:
+                raise MergeyardError(f"task {task.name!r}: its head's tensors {unknown[:3]} do not fit "
                                      f"{head.task_class.__name__}")
+            model.load_state_dict({names[k]: v for k, v in head.tensors.items()}, strict=False)
             self._task_models[task.name] = model.to(self.device).eval()
         return self._task_models[task.name]
 
     def outputs(self, task, batch, state: Mapping[str, torch.Tensor]) -> Outputs:
         model = self.task_model(task)
         prefix = task.head.prefix + "."
-        weights = {prefix + k: v for k, v in state.items()}
+        weights = {prefix + self.to_module[k]: v for k, v in state.items() if k in self.to_module}
         out = functional_call(model, weights, args=(), kwargs=batch, strict=False)
         return Outputs(scores=out.logits)
 
@@ -160,49 +179,46 @@ class TaskHeadsFamily(Family):
     def load_head(cls, path: Path, label: str) -> Head:
         return load_head(path, cls.auto_class, label)
 
-    def __init__(self, heads: dict[str, Head], model_dir: Path | None = None, explicit_model: bool = False,
+    def __init__(self, heads: dict[str, Head], model_dir: Path | list[Path] | None = None, explicit_model: bool = False,
                  options: dict | None = None):
         self.heads = heads
-        self.model_dir = model_dir
+        self.model_dirs = as_dirs(model_dir)
         self.explicit_model = explicit_model
         self.options = dict(options or {})
         self.batch_size = int(self.options.get("batch_size", 32))
 
     @cached_property
-    def _reference_head(self) -> Head:
+    def reference_head(self) -> Head:
         if not self.heads:
             raise MergeyardError(f"a {self.name} suite needs a head for each task (`head:` naming a fine-tune)")
         return next(iter(self.heads.values()))
 
     def create_model(self) -> torch.nn.Module:
         """The encoder exactly as the task class holds it (ViT's task class has no pooler, for one)."""
-        head = self._reference_head
+        head = self.reference_head
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = head.task_class(head.config)
         return getattr(model, head.prefix)
 
     def identity(self) -> dict:
-        model = files_digest(self.model_dir) if self.explicit_model and self.model_dir else "lineage"
+        model = files_digest(self.model_dirs[0]) if self.explicit_model and self.model_dirs else "lineage"
         return {"family": self.name, "model": model, "options": self.options}
 
     def head_bytes(self, task) -> bytes:
         return task.head.digest.encode()
 
-    def with_model_dir(self, directory: Path) -> "TaskHeadsFamily":
+    def with_model_dirs(self, directories: list[Path]) -> "TaskHeadsFamily":
         if self.explicit_model:
             return self
-        return type(self)(self.heads, directory, False, self.options)
+        return type(self)(self.heads, directories, False, self.options)
 
     def preprocessing_dir(self, what: str) -> Path:
         """Where the tokenizer or image processor comes from: the suite's `model:`, else the evaluated model's
-        directory (or its base's), else the first head's fine-tune."""
-        for candidate in [self.model_dir, *(Path(h.source) for h in self.heads.values())]:
-            if candidate is None:
-                continue
-            directory = candidate if candidate.is_dir() else candidate.parent
-            if any((directory / f).is_file() for f in self.preprocessing_files):
-                return directory
+        directory or its bases', else a head's fine-tune."""
+        found = first_with([*self.model_dirs, *(Path(h.source) for h in self.heads.values())], self.preprocessing_files)
+        if found is not None:
+            return found
         raise MergeyardError(f"no {what} found for this {self.name} suite: give `model:` in the suite file (a "
                              f"directory holding the {what}), or evaluate a registered model whose files (or its "
                              "base's) include it")
