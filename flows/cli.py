@@ -35,6 +35,7 @@ def _defaults() -> None:
     import os
 
     os.environ.setdefault("MPLCONFIGDIR", str((Path(get_settings().home) / "cache" / "matplotlib").resolve()))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bars, or none
 
 
 @app.command()
@@ -326,6 +327,29 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="print as JSO
 
 @app.command()
 @user_errors
+def export(
+    model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write (must not exist unless --overwrite)"),
+    head: Optional[str] = typer.Option(None, help="a fine-tuned task model (or its head) whose head to put on the encoder"),
+    overwrite: bool = typer.Option(False, help="replace an existing directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Write a registered model as a directory transformers loads; with --head, as that fine-tune's task model
+    (AutoModelForSequenceClassification) around the model's encoder."""
+    from flows.export import export_model
+    from flows.registry_access import open_registry
+
+    info, head_info = export_model(open_registry(), model, out, head, overwrite)
+    if as_json:
+        print(json.dumps({"model": info.digest, "name": info.name, "head": head_info.digest if head_info else None,
+                          "out": str(out)}, indent=2))
+    else:
+        with_head = f" with the head of {head_info.name}" if head_info else ""
+        stdout.print(f"wrote {info.name}{with_head} to {out}", highlight=False)
+
+
+@app.command()
+@user_errors
 def lineage(
     model: str = typer.Argument(..., help="digest (or unique prefix), name, or NAME@ALIAS"),
     fmt: str = typer.Option("tree", "--format", help="tree, json or mermaid"),
@@ -433,17 +457,35 @@ def reproduce(
 @user_errors
 def evaluate(
     model: str = typer.Argument(..., help="digest, name, NAME@ALIAS, or a checkpoint path (ingested first)"),
-    suite: str = typer.Option(..., "--suite", help="a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"),
+    import_file: Optional[Path] = typer.Option(None, "--import", help="record an lm-evaluation-harness results file instead (marked imported)"),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda"),
     record: bool = typer.Option(True, help="record the results in the registry and MLflow"),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ) -> None:
-    """Score a model on a task suite: each task's metric, its loss and normalised accuracy."""
+    """Score a model on a task suite: each task's metric, its loss and normalised accuracy. With --import, record
+    an lm-evaluation-harness results file as the model's imported evaluation (gates need allow_imported: true)."""
     from flows.evaluate import evaluate_model
     from flows.registry_access import open_registry
 
     settings = get_settings()
+    if (suite is None) == (import_file is None):
+        raise MergeyardError("give --suite (evaluate here) or --import RESULTS.json (record lm-evaluation-harness results)")
+    if import_file is not None:
+        from flows.evaluate import import_results
+
+        info, imported = import_results(open_registry(settings), model, import_file)
+        if as_json:
+            print(json.dumps({"model": info.digest, "name": info.name, "imported": imported.provenance,
+                              "rows": [{"task": t, "metric": m, "value": v} for t, m, v in imported.rows]}, indent=2))
+            return
+        table = Table("task", "metric", "value", title=f"{info.name}: imported from {imported.provenance['file']} "
+                      f"({imported.provenance['harness']} {imported.provenance['harness_version']})")
+        for t, m, v in imported.rows:
+            table.add_row(t, m, f"{v:.4f}")
+        stdout.print(table)
+        return
     with progress_bars(enabled=not as_json) as progress:
         info, result = evaluate_model(open_registry(settings), model, suite, tasks=tasks,
                                       zoo_manifest=settings.zoo_dir / "manifest.json", device=device or settings.device,

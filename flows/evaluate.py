@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluation.evaluator import SuiteResult, evaluate_checkpoint
+from evaluation.imported import ImportedResults, read_lm_eval_results
 from flows.merge import resolve_input
 from flows.suites import bound_to, suite_for
+from registry.promotion import IMPORTED_SUITE
 from registry.registry import ModelInfo, Registry
 
 
@@ -31,3 +33,21 @@ def evaluate_model(registry: Registry, ref: str, suite_ref: str, *, tasks: list[
                 registry.mirror.log_metrics(producing.mlflow_run_id, {f"{suite.name}/{k}": v for k, v in metrics.items()})
         registry.record_evaluations(model, suite.name, suite.digest, result.rows(), run_id=run_id)
     return model, result
+
+
+def import_results(registry: Registry, ref: str, results_file: Path) -> tuple[ModelInfo, ImportedResults]:
+    """An lm-evaluation-harness results file recorded for a model, marked imported (its tasks, metrics, harness
+    version and the file's sha256); gates accept it only with `allow_imported: true`."""
+    results = read_lm_eval_results(results_file)  # read first: a bad file ingests and records nothing
+    model = resolve_input(registry, ref)
+    digest = f"{IMPORTED_SUITE}:sha256:{results.provenance['file_sha256']}"
+    run_id = None
+    if registry.mirror is not None:
+        metrics = {f"{task}/{metric}": value for task, metric, value in results.rows}
+        run_id = registry.mirror.log_evaluation(model.mlflow_model_id, model.digest, IMPORTED_SUITE, digest, metrics,
+                                                extra_tags={"mergeyard.imported": results.provenance["harness"],
+                                                            "mergeyard.harness_version":
+                                                                str(results.provenance["harness_version"])})
+    registry.record_evaluations(model, IMPORTED_SUITE, digest, results.rows, run_id=run_id, imported=True,
+                                provenance=results.provenance)
+    return model, results

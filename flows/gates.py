@@ -12,14 +12,14 @@ from pathlib import Path
 
 from evaluation.suites import is_suite_file
 from flows.suites import suite_for
-from registry.promotion import DIGEST, Gate, RequiredSuite, promote
+from registry.promotion import DIGEST, IMPORTED_SUITE, Gate, RequiredSuite, promote
 from registry.registry import Registry
 
 
 def required_suites(gate: Gate, registry: Registry | None = None, zoo_manifest: Path | None = None) -> list[RequiredSuite]:
     out = []
     for requirement in gate.requirements():
-        if DIGEST.match(requirement.suite):
+        if DIGEST.match(requirement.suite) or requirement.suite == IMPORTED_SUITE:
             out.append(RequiredSuite.by_digest(requirement))
             continue
         suite = suite_for(requirement.suite, requirement.tasks, zoo_manifest, registry=registry)

@@ -24,6 +24,7 @@ from merging.version import __version__
 from flows.provenance import code_revision
 from registry.errors import ModelNotFoundError, RegistryError
 from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
+from registry.serving import ServedHead
 
 
 @dataclass
@@ -49,11 +50,14 @@ def resolve_input(registry: Registry, ref: str) -> ModelInfo:
         raise RegistryError(f"recipe input {ref!r} is neither a path, a source URI nor a registered model") from None
 
 
-def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo]) -> Recipe:
-    """The same recipe with every input named by its digest."""
+def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo],
+               tokenizer: ModelInfo | None = None) -> Recipe:
+    """The same recipe with every input (and the tokenizer's source) named by its digest."""
     data = recipe.canonical()
     data["base"] = base.digest if base else None
     data["models"] = [{"model": m.digest, "weight": entry["weight"]} for m, entry in zip(models, data["models"])]
+    if tokenizer is not None:
+        data["tokenizer_source"] = tokenizer.digest
     return parse_recipe(data)
 
 
@@ -139,7 +143,8 @@ def pin_inputs(recipe: Recipe, registry: Registry) -> tuple[Recipe, ModelInfo | 
     """Resolve (ingesting where needed) every input and name it by digest."""
     base = resolve_input(registry, recipe.base) if recipe.base else None
     models = [resolve_input(registry, m.model) for m in recipe.models]
-    return pin_recipe(recipe, base, models), base, models
+    tokenizer = resolve_input(registry, recipe.tokenizer_source) if recipe.tokenizer_source else None
+    return pin_recipe(recipe, base, models, tokenizer), base, models
 
 
 def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, device: str = "cpu",
@@ -170,16 +175,19 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
 def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluations: list[SuiteEvaluation] = (),
                  keep_output: bool = False, details: dict | None = None) -> ModelInfo:
     """Register the staged output with its lineage and evaluations, and mark the run succeeded, atomically.
-    `details` joins what the method decided in the run's record (e.g. the MAP front a point came from)."""
+    `details` joins what the method decided in the run's record (e.g. the MAP front a point came from).
+    Each task model among the candidates has its head registered first: the merged encoder serves their tasks."""
     try:
+        heads = [ServedHead(staged.models[i].name, Path(registry.register_head(staged.models[i], alignment).store_path),
+                            alignment.prefix.rstrip("."))
+                 for i, alignment in staged.wrapped().items()]
         model = registry.complete_merge_run(staged.run_id, staged.path, staged.result.digest, name, staged.parents(),
                                             staged.result.seconds, evaluations=evaluations,
-                                            details={**(staged.run_details() or {}), **(details or {})} or None)
+                                            details={**(staged.run_details() or {}), **(details or {})} or None,
+                                            heads=heads)
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise
-    for i, alignment in staged.wrapped().items():  # each task model's head, linked to it in lineage
-        registry.register_head(staged.models[i], alignment)
     if not keep_output:
         shutil.rmtree(staged.path, ignore_errors=True)  # the store holds the registered copy
     return model

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from merging.alignment import align_all
-from merging.checkpoint import Checkpoint
+from merging.checkpoint import SINGLE_NAME, Checkpoint
+from merging.companions import CONFIG_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 from merging.digest import checkpoint_digest
 from merging.finite import all_finite
 from merging.errors import CheckpointError, IncompatibleModelsError, MergeyardError, NonFiniteError
@@ -146,6 +147,9 @@ def run_merge(
                         {id(views[r]): label[r] for r in refs})
     base = views[recipe.base] if recipe.base else None
     models = [views[m.model] for m in recipe.models]
+    # config from the base, tokenizer from it or the recipe's tokenizer_source: found before any work is done
+    companions = loadability_files(paths[reference_ref],
+                                   resolve(recipe.tokenizer_source) if recipe.tokenizer_source else None)
     wrapped = {i: aligned[m.model][1].as_dict() for i, m in enumerate(recipe.models) if aligned[m.model][1].wraps}
 
     # Digests the caller already knows (the registry does) are not recomputed.
@@ -220,7 +224,8 @@ def run_merge(
         # The digest is known only once the shards are complete; the card is written after it.
         t0 = time.perf_counter()
         digest, files = writer.commit_with(
-            lambda digest: _card_files(provenance(recipe, records, digest, environment(dev)))
+            lambda digest: _card_files(provenance(recipe, records, digest, environment(dev))),
+            companions,
         )
         phases["commit"] = time.perf_counter() - t0
     except BaseException:
@@ -232,6 +237,23 @@ def run_merge(
         seconds=time.perf_counter() - started, phases=phases,
         details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
     )
+
+
+def loadability_files(reference: Path, tokenizer_source: Path | None = None) -> list[Path]:
+    """What makes the output loadable by transformers: the reference's (the base's) config and generation config,
+    and the tokenizer and preprocessor files of `tokenizer_source` (default: the reference). Only a checkpoint
+    directory's files count: beside a loose .safetensors file may lie anything."""
+    def folder(path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = Path(path)
+        return path if path.is_dir() else path.parent if path.name == SINGLE_NAME else None
+
+    config_dir, tokenizer_dir = folder(reference), folder(tokenizer_source) or folder(reference)
+    if tokenizer_source is not None and tokenizer_dir is None:
+        raise MergeyardError(f"tokenizer_source {tokenizer_source}: not a model directory holding a tokenizer")
+    out = companion_files(config_dir, CONFIG_FILES) if config_dir else []
+    return out + (companion_files(tokenizer_dir, TOKENIZER_FILES + PREPROCESSOR_FILES) if tokenizer_dir else [])
 
 
 def _card_files(record: dict) -> dict[str, str]:

@@ -167,9 +167,10 @@ class CheckpointWriter:
                 fh.write(raw[n * size:(n + 1) * size])
         self._digest_valid = False
 
-    def commit_with(self, extra_files: Callable[[str], dict[str, str]]) -> tuple[str, list[str]]:
-        """Finish the shards, write the index and the extra files (made from the finished digest), move
-        into place. Returns (digest, file names)."""
+    def commit_with(self, extra_files: Callable[[str], dict[str, str]],
+                    copies: list[Path] = ()) -> tuple[str, list[str]]:
+        """Finish the shards, write the index, the extra files (made from the finished digest) and copies of
+        `copies` (a config, a tokenizer), move into place. Returns (digest, file names)."""
         self._io.drain()
         self._io.stop()
         if self._current is not None:
@@ -190,6 +191,10 @@ class CheckpointWriter:
         for fname, text in extra_files(digest).items():
             (self.tmp_dir / fname).write_text(text)
             files.append(fname)
+        for source in copies:
+            if source.name not in files:
+                shutil.copyfile(source, self.tmp_dir / source.name)
+                files.append(source.name)
         self._move_into_place()
         return digest, files
 

@@ -45,6 +45,9 @@ class Recipe(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     out_dtype: OutDtype | None = None
     seed: int = 0
+    # where the output's tokenizer files come from, as mergekit's key: `base` (the default: the base's, or the
+    # first model's without one) or a model; the config always comes from the base
+    tokenizer_source: str | None = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -69,8 +72,15 @@ class Recipe(BaseModel):
             raise RecipeError(f"method {self.method!r} needs a `base:` model (the one the others were fine-tuned from)")
         return self
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _one_source(cls, value: str | None) -> str | None:
+        if value is not None and (value == "union" or value.startswith("model:")):
+            raise ValueError(f"tokenizer_source {value!r}: mergeyard takes `base` or a model, not a merged vocabulary")
+        return None if value == "base" else value
+
     def canonical(self) -> dict[str, Any]:
-        return {
+        data = {
             "method": self.method,
             "base": self.base,
             "models": [{"model": m.model, "weight": m.weight} for m in self.models],
@@ -78,6 +88,9 @@ class Recipe(BaseModel):
             "out_dtype": self.out_dtype,
             "seed": self.seed,
         }
+        if self.tokenizer_source is not None:  # only when set: recipes without one keep their hash
+            data["tokenizer_source"] = self.tokenizer_source
+        return data
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
@@ -122,6 +135,7 @@ def parse_recipe(data: Any, root: Path | None = None) -> Recipe:
                 "base": _resolve_local(recipe.base, root) if recipe.base else None,
                 "models": [m.model_copy(update={"model": _resolve_local(m.model, root)}) for m in recipe.models],
                 "parameters": recipe.method_spec.rebase_paths(recipe.parameters, root),
+                "tokenizer_source": _resolve_local(recipe.tokenizer_source, root) if recipe.tokenizer_source else None,
             }
         )
     return recipe.check()

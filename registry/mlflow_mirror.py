@@ -65,15 +65,27 @@ class MlflowMirror:
         except MlflowException:  # created meanwhile by another process
             return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 
-    def register_model(self, name: str, model_dir: Path, tags: dict[str, str], source_run_id: str | None = None) -> MirroredModel:
+    def register_model(self, name: str, model_dir: Path, tags: dict[str, str], source_run_id: str | None = None,
+                       serving=None, files: list[str] | None = None) -> MirroredModel:
+        """A logged model + registered version. With a `serving` spec its artifacts are an MLflow pyfunc model
+        (registry.serving) holding the checkpoint's `files`, else the checkpoint directory as it is."""
+        import tempfile
+
         from mlflow.entities import LoggedModelStatus
         from mlflow.exceptions import MlflowException
 
         rname = registered_name(name)
         try:
             logged = self.client.create_logged_model(self.experiment_id, name=rname, source_run_id=source_run_id,
-                                                     tags=tags, model_type="safetensors")
-            self.client.log_model_artifacts(logged.model_id, str(model_dir))
+                                                     tags=tags, model_type="mergeyard-pyfunc" if serving else "safetensors")
+            if serving is not None:
+                from registry.serving import package
+
+                with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+                    package(Path(model_dir), serving, Path(tmp) / "model", files or [])
+                    self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+            else:
+                self.client.log_model_artifacts(logged.model_id, str(model_dir))
             self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
             try:
                 self.client.create_registered_model(rname)
@@ -117,13 +129,14 @@ class MlflowMirror:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
     def log_evaluation(self, model_id: str | None, digest: str, suite: str, suite_digest: str,
-                       metrics: dict[str, float]) -> str:
+                       metrics: dict[str, float], extra_tags: dict[str, str] | None = None) -> str:
         """An MLflow run holding one evaluation: metrics per task, the model as input."""
         from mlflow.entities import LoggedModelInput
 
         run = self.client.create_run(self.experiment_id, run_name=f"evaluate-{suite}",
                                      tags={"mergeyard.kind": "evaluation", "mergeyard.digest": digest,
-                                           "mergeyard.suite": suite, "mergeyard.suite_digest": suite_digest})
+                                           "mergeyard.suite": suite, "mergeyard.suite_digest": suite_digest,
+                                           **(extra_tags or {})})
         run_id = run.info.run_id
         if model_id:
             self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
@@ -137,7 +150,10 @@ class MlflowMirror:
         import time
 
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        # MLflow names allow letters, digits, _ - . / and spaces: a harness metric `exact_match,strict-match` shows
+        # as `exact_match-strict-match`
+        self.client.log_batch(run_id, metrics=[Metric(re.sub(r"[^\w\-./ ]", "-", k), float(v), now, 0)
+                                               for k, v in metrics.items()])
 
     def log_run(self, run_name: str, tags: dict[str, str], params: dict[str, str], metrics: dict[str, float],
                 artifacts: list[Path]) -> str:

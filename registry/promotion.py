@@ -59,6 +59,9 @@ class SuiteRequirement(BaseModel):
 
 
 LOWER_IS_BETTER = {"perplexity", "loss"}
+# Results imported from lm-evaluation-harness are filed under this suite name; a gate names them by it and their
+# tasks (`{suite: lm-eval, tasks: [arc_easy]}`) and accepts them only with `allow_imported: true`.
+IMPORTED_SUITE = "lm-eval"
 
 
 class Gate(BaseModel):
@@ -72,6 +75,7 @@ class Gate(BaseModel):
     max_average: float | None = None
     max_per_task: float | dict[str, float] | None = None
     max_regression: float | None = Field(None, ge=0)
+    allow_imported: bool = Field(False, description="accept evaluations imported from lm-evaluation-harness")
     lineage: LineageRules = Field(default_factory=LineageRules)
 
     def requirements(self) -> list[SuiteRequirement]:
@@ -100,11 +104,16 @@ class RequiredSuite:
     """A gate's suite, resolved: the digest its evaluation must carry and the tasks it must cover."""
 
     label: str  # as the gate names it
-    digest: str
+    digest: str | None
     tasks: tuple[str, ...] | None = None  # None: named by digest, the tasks are the evaluation's
+    imported: str | None = None  # the suite name imported results are filed under (lm-eval), instead of a digest
 
     @staticmethod
     def by_digest(requirement: SuiteRequirement) -> "RequiredSuite":
+        """A requirement that needs no suite opened: a digest, or imported harness results by name."""
+        if requirement.suite == IMPORTED_SUITE:
+            return RequiredSuite(IMPORTED_SUITE, None, tuple(requirement.tasks) if requirement.tasks else None,
+                                 imported=IMPORTED_SUITE)
         if not DIGEST.match(requirement.suite):
             raise RegistryError(f"the gate names suite {requirement.suite!r}: a suite name or file must be opened to "
                                 "know its digest (the CLI and the pipeline do; from Python, pass `suites=`)")
@@ -164,6 +173,14 @@ def _threshold_checks(label: str, scores: dict[str, float], gate: Gate) -> list[
     return checks
 
 
+def _records(registry: Registry, model: ModelInfo, required: RequiredSuite, metric: str) -> dict:
+    """task → (value, row) of `metric` on the required suite: by digest, or imported results by name and tasks."""
+    if not required.imported:
+        return registry.evaluation_records(model.id, metric, digest=required.digest)
+    records = registry.evaluation_records(model.id, metric, suite_name=required.imported)
+    return {t: r for t, r in records.items() if required.tasks is None or t in required.tasks}
+
+
 def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: ModelInfo | None,
                   suites: list[RequiredSuite] | None = None) -> list[Check]:
     """The gate's checks. `suites` are its required suites resolved to digests (by the caller, who can open
@@ -174,14 +191,23 @@ def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: Mo
     lower_better = gate.metric in LOWER_IS_BETTER
     for required in suites:
         label = required.label if not DIGEST.match(required.label) else required.label[:19]
-        scores = registry.evaluations_on(model.id, required.digest, gate.metric)
+        records = _records(registry, model, required, gate.metric)
+        scores = {task: value for task, (value, _) in records.items()}
         if not scores:
-            checks.append(Check(f"evaluated on {label}", False, None, required.digest[:19],
-                                f"no {gate.metric} on suite digest {required.digest[:19]} (an evaluation on other "
-                                "tasks or other data does not count): run `mergeyard evaluate`"))
+            where = (f"{required.imported} results" if required.imported else f"suite digest {required.digest[:19]}"
+                     " (an evaluation on other tasks or other data does not count)")
+            checks.append(Check(f"evaluated on {label}", False, None, required.digest[:19] if required.digest else label,
+                                f"no {gate.metric} on {where}: run `mergeyard evaluate`"))
+            continue
+        imported = sorted({row.provenance.get("file", "?") if row.provenance else "?"
+                           for _, row in records.values() if row.imported})
+        if imported and not gate.allow_imported:
+            checks.append(Check(f"{label} measured by mergeyard", False, f"imported from {', '.join(imported)}",
+                                "allow_imported: true", "imported evaluations count only where the gate allows them"))
             continue
         # every task records its loss; the gate's metric may be one only some tasks measure (perplexity)
-        covered = set(scores) | set(registry.evaluations_on(model.id, required.digest, "loss"))
+        covered = set(scores) if required.imported else \
+            set(scores) | set(registry.evaluations_on(model.id, required.digest, "loss"))
         if required.tasks is not None and not set(required.tasks) <= covered:
             missing = sorted(set(required.tasks) - covered)
             checks.append(Check(f"evaluated on every task of {label}", False, sorted(scores), list(required.tasks),
@@ -190,7 +216,7 @@ def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: Mo
         average = _mean(scores)
         checks += _threshold_checks(label, scores, gate)
         if gate.max_regression is not None and previous is not None:
-            before = registry.evaluations_on(previous.id, required.digest, gate.metric)
+            before = {task: value for task, (value, _) in _records(registry, previous, required, gate.metric).items()}
             if before:
                 allowed = _mean(before) + (gate.max_regression if lower_better else -gate.max_regression)
                 ok = average <= allowed if lower_better else average >= allowed

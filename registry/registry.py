@@ -28,6 +28,7 @@ from merging.digest import checkpoint_digest
 from registry.db import ensure_schema, make_engine
 from registry.errors import AmbiguousModelError, ModelNotFoundError
 from registry.mlflow_mirror import MirroredModel, MlflowMirror
+from registry.serving import ServedHead, serving_spec
 from registry.schema import Evaluation, LineageEdge, MergeRun, Model, PromotionEvent, RelevanceScore, Reproduction, utcnow
 from registry.sources import resolve_source
 from registry.store import ModelStore
@@ -102,10 +103,13 @@ class SuiteEvaluation:
     suite_name: str
     suite_digest: str
     rows: tuple[tuple[str, str, float], ...]
+    imported: bool = False  # measured elsewhere (lm-evaluation-harness) and recorded as given
+    provenance: dict | None = None
 
     def rows_for(self, model_id: int, run_id: str | None) -> list[Evaluation]:
         return [Evaluation(model_id=model_id, suite_name=self.suite_name, suite_digest=self.suite_digest, task=task,
-                           metric=metric, value=float(value), run_id=run_id) for task, metric, value in self.rows]
+                           metric=metric, value=float(value), run_id=run_id, imported=self.imported,
+                           provenance=self.provenance) for task, metric, value in self.rows]
 
 
 class Registry:
@@ -221,8 +225,10 @@ class Registry:
                  revision: str | None = None, architecture: str | None = None, base_model_id: int | None = None,
                  parents: list[Parent] = (), merge_run_id: int | None = None,
                  in_transaction: Callable[[Session, Model], None] | None = None,
-                 mlflow_run_id: str | None = None, mirror: bool = True) -> tuple[ModelInfo, bool]:
-        """Store the bytes and record the model (and whatever `in_transaction` adds) atomically."""
+                 mlflow_run_id: str | None = None, mirror: bool = True,
+                 serving_heads: list[ServedHead] = ()) -> tuple[ModelInfo, bool]:
+        """Store the bytes and record the model (and whatever `in_transaction` adds) atomically. MLflow gets it as a
+        pyfunc model where transformers can load it (serving each of `serving_heads`' tasks)."""
         path, files, created = self.store.put(ckpt, digest)
         mirrored: MirroredModel | None = None
         try:
@@ -243,7 +249,9 @@ class Registry:
                 if self.mirror is not None and mirror:
                     tags = {"mergeyard.digest": digest, "mergeyard.source": source_uri, "mergeyard.kind": kind,
                             "mergeyard.parents": ",".join(p.model.digest for p in parents)}
-                    mirrored = self.mirror.register_model(name, path, tags, source_run_id=mlflow_run_id)
+                    mirrored = self.mirror.register_model(name, path, tags, source_run_id=mlflow_run_id,
+                                                          serving=serving_spec(path, list(serving_heads)),
+                                                          files=[f["path"] for f in files])
                     row.mlflow_model_id, row.mlflow_version = mirrored.model_id, mirrored.version
                 info = ModelInfo.of(row)
         except IntegrityError:
@@ -276,7 +284,7 @@ class Registry:
 
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
                            seconds: float, evaluations: list[SuiteEvaluation] = (),
-                           details: dict | None = None) -> ModelInfo:
+                           details: dict | None = None, heads: list[ServedHead] = ()) -> ModelInfo:
         """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction."""
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
@@ -293,6 +301,7 @@ class Registry:
             Checkpoint(out_dir), digest, kind="merged", name=name, source_uri=f"mergeyard://merge-run/{run_id}",
             architecture=base.architecture if base else None, base_model_id=base.id if base else None,
             parents=parents, merge_run_id=run_id, in_transaction=finish, mlflow_run_id=mlflow_run_id,
+            serving_heads=heads,
         )
         if not created:  # the same bytes were made before: this run made them too
             with self.Session.begin() as s:
@@ -331,6 +340,17 @@ class Registry:
             return s.scalar(select(MergeRun).where(MergeRun.output_model_id == model.id, MergeRun.status == "succeeded")
                             .order_by(MergeRun.id).limit(1))
 
+    def head_of(self, model: ModelInfo) -> tuple[ModelInfo, str] | None:
+        """The registered head of a task model (or the head itself), with the prefix its encoder sits under."""
+        with self.Session() as s:
+            if model.kind == "head":
+                edge = s.scalar(select(LineageEdge).where(LineageEdge.child_id == model.id, LineageEdge.role == "head"))
+                return (model, (edge.details or {}).get("prefix", "")) if edge is not None else None
+            row = s.execute(select(Model, LineageEdge.details).join(LineageEdge, LineageEdge.child_id == Model.id)
+                            .where(LineageEdge.parent_id == model.id, LineageEdge.role == "head")
+                            .order_by(LineageEdge.id.desc()).limit(1)).first()
+            return (ModelInfo.of(row[0]), (row[1] or {}).get("prefix", "")) if row else None
+
     def parents_of(self, model: ModelInfo) -> list[tuple[LineageEdge, ModelInfo]]:
         with self.Session() as s:
             rows = s.execute(select(LineageEdge, Model).join(Model, Model.id == LineageEdge.parent_id)
@@ -340,10 +360,12 @@ class Registry:
     # ---- measurements -----------------------------------------------------------------------
 
     def record_evaluations(self, model: ModelInfo, suite_name: str, suite_digest: str,
-                           rows: list[tuple[str, str, float]], run_id: str | None = None) -> None:
+                           rows: list[tuple[str, str, float]], run_id: str | None = None, *, imported: bool = False,
+                           provenance: dict | None = None) -> None:
         """(task, metric, value) rows for one model and suite, in one transaction."""
         with self.Session.begin() as s:
-            s.add_all(SuiteEvaluation(suite_name, suite_digest, tuple(rows)).rows_for(model.id, run_id))
+            s.add_all(SuiteEvaluation(suite_name, suite_digest, tuple(rows), imported, provenance)
+                      .rows_for(model.id, run_id))
 
     @staticmethod
     def _has_evaluation(s: Session, model_id: int, suite_digest: str) -> bool:
@@ -369,11 +391,19 @@ class Registry:
 
     def evaluations_on(self, model_id: int, suite_digest: str, metric: str) -> dict[str, float]:
         """task → newest value of `metric` for this model on exactly this suite digest."""
+        return {task: value for task, (value, _) in self.evaluation_records(model_id, metric, digest=suite_digest).items()}
+
+    def evaluation_records(self, model_id: int, metric: str, *, digest: str | None = None,
+                           suite_name: str | None = None) -> dict[str, tuple[float, Evaluation]]:
+        """task → (newest value of `metric`, its row) for this model, on a suite digest or under a suite name."""
+        query = select(Evaluation).where(Evaluation.model_id == model_id, Evaluation.metric == metric)
+        if digest is not None:
+            query = query.where(Evaluation.suite_digest == digest)
+        if suite_name is not None:
+            query = query.where(Evaluation.suite_name == suite_name)
         with self.Session() as s:
-            rows = s.execute(select(Evaluation.task, Evaluation.value)
-                             .where(Evaluation.model_id == model_id, Evaluation.suite_digest == suite_digest,
-                                    Evaluation.metric == metric).order_by(Evaluation.id)).all()
-        return {task: value for task, value in rows}
+            rows = s.scalars(query.order_by(Evaluation.id)).all()
+        return {row.task: (row.value, row) for row in rows}
 
     def record_scores(self, suite_name: str, suite_digest: str, method: str, scores: dict[int, float]) -> None:
         with self.Session.begin() as s:

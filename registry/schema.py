@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -101,6 +101,10 @@ class Evaluation(Base):
     value: Mapped[float] = mapped_column(Float, nullable=False)
     run_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    # measured elsewhere (an lm-evaluation-harness results file) and recorded as given: gates accept such rows
+    # only where they say `allow_imported: true`
+    imported: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), nullable=False)
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # harness, version, file sha256, ...
 
 
 class RelevanceScore(Base):

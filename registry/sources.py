@@ -24,6 +24,7 @@ from typing import Iterator
 
 from merging.companions import MODEL_FILES
 from registry.errors import SourceError
+from registry.serving import checkpoint_dir
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
@@ -180,10 +181,22 @@ def _resolve_mlflow(uri: str, scratch: Path | None, tracking_uri: str | None) ->
     except MlflowException as exc:
         raise SourceError(f"{uri}: not in the MLflow registry ({exc.message.splitlines()[0]})") from None
     with _scratch_dir(scratch) as tmp:
-        # The version's source is the logged model (models:/m-...): fetch its artifacts through the same client.
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri))
-        found = sorted(local.rglob("*.safetensors"))
-        if not found:
-            raise SourceError(f"{uri}: the model version's artifacts hold no .safetensors files")
-        yield ResolvedSource(f"mlflow://{name}/{mv.version}", found[0].parent, f"{name}/{mv.version}",
-                             _architecture_from_config(found[0].parent), name)
+        # The version's source is a logged model (models:/m-...); MLflow resolves that name through the process-wide
+        # tracking URI, not this client's, so fetch the logged model's own artifact location through this client.
+        source = mv.source
+        try:
+            if source.startswith("models:/m-"):
+                source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                             tracking_uri=tracking_uri))
+        except MlflowException as exc:
+            raise SourceError(f"{uri}: MLflow could not fetch the version's files ({exc.message.splitlines()[0]})") from None
+        # one of ours is a pyfunc model whose data holds the checkpoint (and its tasks' heads beside it)
+        directory = checkpoint_dir(local)
+        if directory is None:
+            found = sorted(local.rglob("*.safetensors"))
+            if not found:
+                raise SourceError(f"{uri}: the model version's artifacts hold no .safetensors files")
+            directory = found[0].parent
+        yield ResolvedSource(f"mlflow://{name}/{mv.version}", directory, f"{name}/{mv.version}",
+                             _architecture_from_config(directory), name)

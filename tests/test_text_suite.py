@@ -24,23 +24,18 @@ def accuracies(report: dict) -> dict[str, float]:
     return {t["task"]: t["accuracy"] for t in report["tasks"]}
 
 
-def transformers_accuracy(finetune, merged_dir, tokenizer_dir, test_csv) -> float:
-    """The task's accuracy as transformers computes it: the fine-tune's task model, the merged encoder loaded into
-    it by load_state_dict, the base's tokenizer; nothing of mergeyard's evaluation path."""
-    from safetensors.torch import load_file
+def transformers_predictions(task_model_dir, test_csv) -> tuple[list[str], list[str]]:
+    """(predicted labels, true labels) as transformers computes them from a directory it loads on its own (the
+    exported task model: config, labels, tokenizer, weights), with nothing of mergeyard's evaluation path."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(finetune).eval()
-    encoder = load_file(str(merged_dir / "model.safetensors"))
-    _, unexpected = model.bert.load_state_dict(encoder, strict=False)
-    assert set(unexpected) <= {"embeddings.position_ids"}
+    model = AutoModelForSequenceClassification.from_pretrained(task_model_dir).eval()
     rows = list(csv.DictReader(open(test_csv)))
-    tokens = AutoTokenizer.from_pretrained(tokenizer_dir)([r["text"] for r in rows], padding=True, truncation=True,
-                                                          max_length=MAX_LENGTH, return_tensors="pt")
+    tokens = AutoTokenizer.from_pretrained(task_model_dir)([r["text"] for r in rows], padding=True, truncation=True,
+                                                           max_length=MAX_LENGTH, return_tensors="pt")
     with torch.no_grad():
-        predicted = model(**tokens).logits.argmax(-1)
-    labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
-    return float((predicted == labels).float().mean())
+        predicted = model(**tokens).logits.argmax(-1).tolist()
+    return [model.config.id2label[i] for i in predicted], [r["label"] for r in rows]
 
 
 def test_real_minilm_fine_tunes_from_ingest_to_a_reproduced_promotion(text_suite, cli, tmp_path):
@@ -78,14 +73,24 @@ def test_real_minilm_fine_tunes_from_ingest_to_a_reproduced_promotion(text_suite
     for method, report in reports.items():
         assert mean(accuracies(report).values()) > mean(accuracies(base).values()) + 0.05, (method, report, base)
 
-    # mergeyard's numbers are transformers' own
+    # every output loads in transformers with its tokenizer, and predicts exactly the labels mergeyard's own
+    # evaluation scored: row by row, for every method
+    from evaluation.evaluator import evaluate_checkpoint
     from flows.registry_access import open_registry
-    from pathlib import Path
+    from flows.suites import bound_to, suite_for
+    from transformers import AutoModel, AutoTokenizer
 
-    merged = Path(open_registry().resolve("text-task_arithmetic").store_path)
-    for task in ("sentiment", "chain"):
-        assert accuracies(reports["task_arithmetic"])[task] == pytest.approx(
-            transformers_accuracy(s.finetuned[task], merged, s.base, s.root / "data" / f"{task}-test.csv"))
+    registry = open_registry()
+    suite = suite_for(str(s.suite), ["department"], registry=registry)
+    for method in merges:
+        model = registry.resolve(f"text-{method}")
+        assert type(AutoModel.from_pretrained(model.store_path)).__name__ == "BertModel"
+        AutoTokenizer.from_pretrained(model.store_path)
+        cli("export", f"text-{method}", "--head", "ft-department", "--out", tmp_path / f"export-{method}")
+        predicted, labels = transformers_predictions(tmp_path / f"export-{method}",
+                                                     s.root / "data" / "department-test.csv")
+        hits = evaluate_checkpoint(model.store_path, bound_to(suite, registry, model)).tasks[0].hits.tolist()
+        assert hits == [p == y for p, y in zip(predicted, labels)], method
 
     # a gate naming the suite file; promoted to production; every merge rebuilds to its digest
     best = max(reports, key=lambda m: mean(accuracies(reports[m]).values()))
@@ -98,3 +103,28 @@ def test_real_minilm_fine_tunes_from_ingest_to_a_reproduced_promotion(text_suite
     decision = json.loads(cli("promote", f"text-{best}", "--to", "production", "--gate", gate, "--json").stdout)
     assert decision["decision"] == "promoted"
     assert json.loads(cli("lineage", f"text-{best}@production", "--format", "json").stdout)["model"] == decision["model"]
+
+    # served from MLflow: the promoted version is a pyfunc model, one label column per task's head, and
+    # `mlflow models serve` answers /invocations with the same labels
+    import os
+
+    import mlflow
+    import pandas as pd
+
+    from test_serving import mlflow_serve
+
+    cli("promote", f"text-{best}", "--to", "staging")
+    texts = [r["text"] for r in csv.DictReader(open(s.root / "data" / "department-test.csv"))][:8]
+    cli("export", f"text-{best}", "--head", "ft-department", "--out", tmp_path / "best-department")
+    expected = transformers_predictions(tmp_path / "best-department", s.root / "data" / "department-test.csv")[0][:8]
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    served = mlflow.pyfunc.load_model(f"models:/text-{best}@staging").predict(pd.DataFrame({"text": texts}))
+    assert sorted(served.columns) == sorted(f"ft-{t}" for t in s.finetuned)
+    assert served["ft-department"].tolist() == expected
+    answer = mlflow_serve(f"models:/text-{best}@staging", os.environ["MLFLOW_TRACKING_URI"],
+                          {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]},
+                           "params": {"task": "ft-department"}})
+    assert [row["ft-department"] for row in answer["predictions"]] == expected
+    # and it comes back in by its alias: the same bytes, the same model
+    back = json.loads(cli("ingest", f"mlflow://text-{best}@staging", "--json").stdout)
+    assert back["created"] is False and back["digest"] == decision["model"]

@@ -1,0 +1,46 @@
+"""`mergeyard export`: a registered model as a directory transformers loads, optionally with a task's head.
+
+A merge of sequence-classification fine-tunes is an encoder; with `--head FINETUNE` the directory is that
+fine-tune's task model around the merged encoder (its config, labels and classifier), which
+`AutoModelForSequenceClassification.from_pretrained` loads. Written to a temporary directory beside the target and
+renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+from merging.errors import MergeyardError, OutputExistsError
+from registry.registry import ModelInfo, Registry
+from registry.serving import write_task_model
+from registry.store import MANIFEST
+
+
+def export_model(registry: Registry, ref: str, out: Path, head: str | None = None, overwrite: bool = False) -> tuple[ModelInfo, ModelInfo | None]:
+    model = registry.resolve(ref)
+    head_info = None
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if head is not None:
+        task_model = registry.resolve(head)
+        found = registry.head_of(task_model)
+        if found is None:
+            raise MergeyardError(f"{task_model.name} has no registered head: ingest it with `--base BASE` (or merge it "
+                                 "with its base), which registers the head of a task model")
+        head_info, prefix = found
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if head_info is not None:
+            write_task_model(Path(model.store_path), Path(head_info.store_path), prefix.rstrip("."), tmp)
+        else:
+            shutil.copytree(model.store_path, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, head_info
