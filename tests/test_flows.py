@@ -205,10 +205,10 @@ def test_a_merge_whose_registration_fails_leaves_no_model_no_evaluation(prefect_
     zoo, _, _ = small_zoo
     real = MlflowMirror.register_model
 
-    def refuse_merged(self, name, model_dir, tags, source_run_id=None):
+    def refuse_merged(self, name, model_dir, tags, source_run_id=None, **options):
         if tags["mergeyard.kind"] == "merged":
             raise ConnectionError("injected: MLflow went away")
-        return real(self, name, model_dir, tags, source_run_id)
+        return real(self, name, model_dir, tags, source_run_id, **options)
 
     monkeypatch.setattr(MlflowMirror, "register_model", refuse_merged)
     config = pipeline_config(zoo, name="unregistered", merges=[{"method": "average"}], score={"method": "none"})
