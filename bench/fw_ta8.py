@@ -29,7 +29,7 @@ def main() -> None:
     from evaluation.suites import load_suite
     from evaluation.zoo.build import build_zoo
     from evaluation.zoo.tasks import TA8_MINI, TASKS
-    from flows.merge import data_objective
+    from flows.merge import data_builder
     from merging.engine import run_merge
     from merging.recipe import parse_recipe
 
@@ -86,7 +86,7 @@ def main() -> None:
                 started = time.perf_counter()
                 recipe = parse_recipe({"method": method, "base": base, "models": models, "parameters": params})
                 out = work / f"{len(rows)}"
-                run_merge(recipe, out, objective=data_objective("cpu"))
+                run_merge(recipe, out, data=data_builder("cpu"))
                 result = evaluate_checkpoint(out, suite)
                 rows.append({"pool": pool_name, "method": label, "seconds": time.perf_counter() - started,
                              "avg": result.average_accuracy, "norm": result.average_normalized_accuracy,

@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from evaluation.evaluator import evaluate_checkpoint  # noqa: E402
 from evaluation.suites import load_suite  # noqa: E402
-from flows.objectives import objective_for  # noqa: E402
+from flows.objectives import build_request  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
 from merging.recipe import parse_recipe  # noqa: E402
 from text_fixture import build_text_suite  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
         out = args.work / "merged"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        run_merge(recipe, out, objective=lambda p: objective_for(p, model_dirs=[s.base]))
+        run_merge(recipe, out, data=lambda request: build_request(request, model_dirs=[s.base]))
         merge_seconds = time.perf_counter() - t0
         rows.append((label(method, params), scores(out), merge_seconds))
     shutil.rmtree(args.work / "merged", ignore_errors=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
+
+from merging.methods import get_method
 
 
 def render_tree(graph):
@@ -21,7 +24,7 @@ def render_tree(graph):
             shown = ", ".join(built[:3]) + (f", … ({len(built)} tensors)" if len(built) > 3 else "")
             return f"{role}[bold]{n.name}[/] {n.digest[:19]} built {shown}"
         metrics = "".join(f"  {k}={v:.3f}" for k, v in sorted(n.metrics.items()))
-        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{_decided(n.run_details)}{metrics}"
+        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{_decided(n.run_details, n.method)}{metrics}"
 
     def grow(tree, node_id, seen):
         for edge in graph.parents(node_id):
@@ -34,15 +37,14 @@ def render_tree(graph):
     return root
 
 
-def _decided(details: dict | None) -> str:
+def _decided(details: dict | None, method: str | None = None) -> str:
     """One line of what the producing run decided, where it says more than its recipe."""
     if not details:
         return ""
-    if "mudsc" in details:
-        d = details["mudsc"]
-        moved = sum(sum(g["moved"]) for g in d["groups"].values())
-        return (f" [dim](α={d['alpha']:g} {d['mode']}, {len(d['groups'])} groups, {moved} units moved, "
-                f"calibration {d['calibration_digest'][:19]})[/]")
+    if method is not None:
+        describe = get_method(method).describe
+        if describe is not None:
+            return f" [dim]({escape(describe(details))})[/]"
     if "map" in details:
         d = details["map"]
         return f" [dim](MAP front {d['front']} point {d['point']}, preference {d['preference']})[/]"

@@ -23,19 +23,6 @@ from evaluation.zoo.tasks import TA8_MINI, TASKS
 from merging.methods import all_methods
 from flows.settings import Settings
 
-DEMO_PARAMS = {
-    "average": {},
-    "task_arithmetic": {"lambda": 0.3},
-    "ties": {"density": 0.5, "lambda": 0.8},
-    "dare_linear": {"drop_rate": 0.5, "lambda": 0.3},
-    "dare_ties": {"drop_rate": 0.5, "lambda": 0.5},
-    # FW-Merging: the paper's 10 iterations and λ; step_size 1 moves far enough in 10 steps on this small tower
-    "fw_hard": {"iterations": 10, "step_size": 1.0, "lambda": 0.3},
-    "fw_soft": {"iterations": 3, "step_size": 1.0, "lambda": 0.3, "adam_steps": 10, "adam_lr": 0.05},
-    # MuDSC is for models trained apart; on fine-tunes of one base it finds their units already aligned and
-    # lands near averaging, which the demo shows side by side (bench/mudsc.py shows what it is for)
-    "mudsc": {"alpha": 0.5, "calibration": {"samples": 32}},
-}
 DEMO_NAME = "demo-ta8"
 
 
@@ -54,7 +41,9 @@ def demo_pipeline(zoo: Path, manifest: dict, full: bool) -> dict:
         "base": str(zoo / manifest["base"]["path"]),
         "candidates": [str(zoo / finetuned[t]["path"]) for t in targets + off_target],
         "score": {"method": "gradient", "samples_per_task": 100, "top_k": len(targets)},
-        "merges": [{"method": m.name, "parameters": DEMO_PARAMS.get(m.name, {})} for m in all_methods()],
+        # every method with the parameters it registered as its example (fw_hard: step 1 moves far enough in
+        # 10 steps on this small tower)
+        "merges": [{"method": m.name, "parameters": dict(m.example or {})} for m in all_methods()],
         "promotion": {
             "alias": "staging",
             # exactly the suite the merges were evaluated on: these tasks of ta8-mini

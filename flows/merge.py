@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.alignment import Alignment
+from merging.methods import get_method
+from merging.methods.hooks import MethodLineage
 from merging.engine import MergeResult, environment, resolve_device, run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
@@ -82,15 +84,20 @@ class StagedMerge:
     base: ModelInfo | None
     models: list[ModelInfo]
 
+    def lineage(self) -> MethodLineage:
+        """What the method's decisions add to lineage (its own hook; none for a streaming merge)."""
+        hook = get_method(self.recipe.method).lineage
+        return hook(self.result.details) if hook is not None and self.result.details else MethodLineage()
+
     def parents(self) -> list[Parent]:
-        alignment = alignment_details(self.result.details.get("mudsc"))
-        wrapped = self.wrapped()
+        lineage, wrapped = self.lineage(), self.wrapped()
         return ([Parent(self.base, "base")] if self.base else []) + [
             Parent(m, "candidate", weight=entry.weight,
-                   details={"position": i, **alignment.get(i, {}),
+                   details={"position": i, **lineage.candidate_details.get(i, {}),
                             **({"wrapper": wrapped[i].prefix} if i in wrapped else {})})
             for i, (m, entry) in enumerate(zip(self.models, self.recipe.models))
-        ] + selection_edges(self.result.details.get("selections", []), self.models)
+        ] + [Parent(self.models[e.position], e.role, weight=e.weight, step=e.step, details=e.details)
+             for e in lineage.edges]
 
     def wrapped(self) -> dict[int, Alignment]:
         """Candidates that are task models around the base: their encoder was merged, their head was not."""
@@ -98,43 +105,21 @@ class StagedMerge:
                 for i, a in self.result.details.get("wrapped_inputs", {}).items()}
 
     def run_details(self) -> dict | None:
-        """What the method decided, for the run's record (FW's selections are lineage edges already)."""
-        details = {k: v for k, v in self.result.details.items() if k != "selections"}
+        """What the method decided, for the run's record (less what its lineage edges carry already)."""
+        carried = set(self.lineage().carried)
+        details = {k: v for k, v in self.result.details.items() if k not in carried}
         return details or None
 
 
-def alignment_details(mudsc: dict | None) -> dict[int, dict]:
-    """MuDSC: for each model, how many of each group's units its matching moved (model 0 is the reference)."""
-    if not mudsc:
-        return {}
-    out: dict[int, dict] = {}
-    for group, entry in mudsc["groups"].items():
-        for i, moved in enumerate(entry["moved"]):
-            out.setdefault(i, {"units_moved": {}})["units_moved"][group] = moved
-    return out
-
-
-def selection_edges(selections: list[dict], models: list[ModelInfo]) -> list[Parent]:
-    """FW-Merging's choices as lineage: one `selected` edge per (iteration, candidate), naming the tensors it
-    built, their oracle scores and the step taken, so `mergeyard lineage` shows who built which layers."""
-    grouped: dict[tuple[int, int], list[dict]] = {}
-    for s in selections:
-        grouped.setdefault((s["iteration"], s["candidate"]), []).append(s)
-    return [Parent(models[cand], "selected", step=it, weight=rows[0]["step"],
-                   details={"position": cand, "tensors": [r["tensor"] for r in rows],
-                            "scores": [round(r["score"], 6) for r in rows]})
-            for (it, cand), rows in sorted(grouped.items())]
-
-
-def data_objective(device: str, registry: Registry | None = None, base: ModelInfo | None = None):
-    """What the engine calls to build a data-informed method's objective from its parameters: its suite reads
-    the base's config and tokenizer where the suite names no model."""
-    def build(params):
-        from flows.objectives import objective_for
+def data_builder(device: str, registry: Registry | None = None, base: ModelInfo | None = None):
+    """What the engine calls to build each data request of a data-informed method: its suite reads the base's
+    config and tokenizer where the suite names no model."""
+    def build(request):
+        from flows.objectives import build_request
         from flows.suites import model_directories
 
         model_dirs = model_directories(registry, base) if registry is not None else None
-        return objective_for(params, device, model_dirs, registry)
+        return build_request(request, device, model_dirs, registry)
 
     return build
 
@@ -163,7 +148,7 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     try:
         result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                            progress=progress, resolve=store_resolver(registry),
-                           objective=data_objective(device, registry, base),
+                           data=data_builder(device, registry, base),
                            input_digests={m.digest: m.digest for m in ([base] if base else []) + models},
                            labels={m.digest: f"{m.name} ({m.digest[:19]})" for m in ([base] if base else []) + models})
     except BaseException as exc:
@@ -176,8 +161,12 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
                  keep_output: bool = False, details: dict | None = None) -> ModelInfo:
     """Register the staged output with its lineage and evaluations, and mark the run succeeded, atomically.
     `details` joins what the method decided in the run's record (e.g. the MAP front a point came from).
-    Each task model among the candidates has its head registered first: the merged encoder serves their tasks."""
+    Each task model among the candidates has its head registered first: the merged encoder serves their tasks.
+    A method that needs a base declares it for candidates registered without one (task vectors are taken from it)."""
     try:
+        if staged.base is not None and get_method(staged.recipe.method).requires_base:
+            for m in staged.models:
+                registry.declare_base(m, staged.base)
         heads = [ServedHead(staged.models[i].name, Path(registry.register_head(staged.models[i], alignment).store_path),
                             alignment.prefix.rstrip("."))
                  for i, alignment in staged.wrapped().items()]

@@ -1,32 +1,26 @@
-"""What data-informed recipes learn from, built from the suite their parameters name (a name or a suite
-file): objectives for fw_hard and fw_soft, calibration data for mudsc. The suite reads its model's config
-and tokenizer from the merge's base where it names no model itself."""
+"""What data-informed methods learn from: each of their data requests (merging.objective) built from the suite it
+names (a name or a suite file). The suite reads the model's config and tokenizer from the merge's base where it
+names no model itself. Nothing here knows which method asked."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from evaluation.calibration import SuiteCalibration
 from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
 from flows.suites import suite_for
+from merging.objective import CalibrationRequest, ObjectiveRequest
 
 
-def objective_for(params, device: str = "cpu", model_dirs: list[Path] | Path | None = None, registry=None):
-    """fw_hard: one objective over the suite's tasks. fw_soft: (per-task objectives for the selections,
-    the objective its coefficients learn on). mudsc: the calibration inputs and the suite's architecture."""
-    from merging.fw import FWSoftParams
-    from merging.methods.mudsc import MuDSCRecipeParams
-
-    if isinstance(params, MuDSCRecipeParams):
-        from evaluation.calibration import SuiteCalibration
-
-        spec = params.calibration
-        tasks = list(spec.tasks) if spec.tasks else None
-        return SuiteCalibration(suite_for(spec.suite, tasks, registry=registry).for_model(model_dirs), tasks, spec.samples)
-    suite = suite_for(params.suite, list(params.tasks) if params.tasks else None,
-                      registry=registry).for_model(model_dirs)
-    kind = FewShotCrossEntropy if params.loss == "cross_entropy" else PredictionEntropy
-    if isinstance(params, FWSoftParams):
-        per_task = {t: FewShotCrossEntropy(suite, tasks=[t], samples_per_task=params.budget, device=device)
-                    for t in suite.tasks}
-        return per_task, kind(suite, samples_per_task=params.budget, device=device)
-    return kind(suite, samples_per_task=params.budget, device=device)
+def build_request(request, device: str = "cpu", model_dirs: list[Path] | Path | None = None, registry=None):
+    """An `ObjectiveRequest` → an objective (or one per task); a `CalibrationRequest` → calibration inputs."""
+    tasks = list(request.tasks) if request.tasks else None
+    suite = suite_for(request.suite, tasks, registry=registry).for_model(model_dirs)
+    if isinstance(request, CalibrationRequest):
+        return SuiteCalibration(suite, tasks, request.samples)
+    if not isinstance(request, ObjectiveRequest):
+        raise TypeError(f"no builder for a {type(request).__name__}")
+    kind = FewShotCrossEntropy if request.loss == "cross_entropy" else PredictionEntropy
+    if request.per_task:
+        return {t: kind(suite, tasks=[t], samples_per_task=request.budget, device=device) for t in suite.tasks}
+    return kind(suite, samples_per_task=request.budget, device=device)

@@ -238,16 +238,8 @@ def recipe_for(spec: MergeSpec, base: str, candidates: list[str], suite: str | N
     from merging.methods import get_method
 
     parameters = dict(spec.parameters)
-    method = get_method(spec.method)
-    if method.data_informed and suite is not None:
-        fields = method.params.model_fields
-        if "suite" in fields and "suite" not in parameters:  # FW-Merging's objective
-            parameters["suite"] = suite
-            if tasks:
-                parameters["tasks"] = list(tasks)
-        elif "calibration" in fields and "suite" not in parameters.get("calibration", {}):  # MuDSC's data
-            parameters["calibration"] = {**parameters.get("calibration", {}), "suite": suite,
-                                         **({"tasks": list(tasks)} if tasks else {})}
+    if suite is not None:  # wherever the method takes its data from, unless its parameters name a suite
+        parameters = get_method(spec.method).with_suite(parameters, suite, tasks)
     data = {"method": spec.method, "base": base, "models": candidates, "parameters": parameters, "seed": spec.seed}
     if spec.out_dtype:
         data["out_dtype"] = spec.out_dtype

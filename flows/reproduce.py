@@ -18,10 +18,11 @@ from pathlib import Path
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.engine import run_merge
+from merging.methods import get_method
 from merging.inputs import ProgressFn
 from merging.recipe import parse_recipe
 from merging.version import __version__
-from flows.merge import data_objective, store_resolver
+from flows.merge import data_builder, store_resolver
 from registry.registry import ModelInfo, Registry
 
 
@@ -32,12 +33,12 @@ class Reproduction:
     rebuilt_digest: str
     differing: list[str] = field(default_factory=list)
     run_id: int | None = None
-    calibration: dict | None = None  # MuDSC: recorded vs rebuilt calibration digest, when they differ
+    data: dict | None = None  # a data-informed method's data digests, recorded vs rebuilt, when they differ
 
     def as_dict(self) -> dict:
         return {"model": self.model.digest, "name": self.model.name, "ok": self.ok, "rebuilt_digest": self.rebuilt_digest,
                 "differing_tensors": self.differing, "merge_run": self.run_id,
-                **({"calibration_digest": self.calibration} if self.calibration else {})}
+                **({"data_digests": self.data} if self.data else {})}
 
 
 def _tensor_sha256(ckpt: Checkpoint, name: str) -> str:
@@ -76,24 +77,26 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         try:
             base = registry.find_digest(recipe.base) if recipe.base else None
             result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
-                               objective=data_objective(device, registry, base),
+                               data=data_builder(device, registry, base),
                                progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
             ok = result.digest == model.digest
             differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))
             outcome = Reproduction(model, ok, result.digest, differing, run.id)
-            outcome.calibration = _calibration_change(run.details, result.details)
+            outcome.data = _data_change(recipe.method, run.details, result.details)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     registry.record_reproduction(model, outcome.ok, outcome.rebuilt_digest, {
         "merge_run": outcome.run_id, "differing_tensors": outcome.differing[:100], "mergeyard_version": __version__,
         "recorded_mergeyard_version": run.mergeyard_version if run else None,
-        **({"calibration_digest": outcome.calibration} if outcome.calibration else {}),
+        **({"data_digests": outcome.data} if outcome.data else {}),
     })
     return outcome
 
 
-def _calibration_change(recorded: dict | None, rebuilt: dict) -> dict | None:
-    """MuDSC's calibration data, when the rebuild read other bytes than the recorded merge did."""
-    before = ((recorded or {}).get("mudsc") or {}).get("calibration_digest")
-    after = (rebuilt.get("mudsc") or {}).get("calibration_digest")
+def _data_change(method: str, recorded: dict | None, rebuilt: dict) -> dict | None:
+    """The data a data-informed method read (its own `data_digests` hook), where the rebuild read other bytes."""
+    hook = get_method(method).data_digests
+    if hook is None or not rebuilt:
+        return None
+    before, after = (hook(recorded) if recorded else {}), hook(rebuilt)
     return {"recorded": before, "rebuilt": after} if before != after else None

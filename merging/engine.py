@@ -112,14 +112,14 @@ def run_merge(
     resolve: Resolver = local_path,
     input_digests: dict[str, str] | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    objective: Callable[[Any], Any] | None = None,
+    data: Callable[[Any], Any] | None = None,
     labels: dict[str, str] | None = None,
 ) -> MergeResult:
     """Merge as the recipe says and write the result to `out_dir`. All or nothing.
 
-    A data-informed method (FW-Merging) needs `objective`: a function of the method's parameters that
-    builds the loss it optimises (the caller knows the suites; `merging/` does not). `labels` names inputs
-    in messages (a registry passes model names where the recipe holds digests).
+    A data-informed method (FW-Merging, MuDSC) asks for its data with requests (`merging.objective`); `data`
+    builds each into an objective or calibration set (the caller knows the suites; `merging/` does not).
+    `labels` names inputs in messages (a registry passes model names where the recipe holds digests).
     """
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -178,11 +178,15 @@ def run_merge(
 
     solved = None
     if spec.data_informed:
-        if objective is None:
-            raise MergeyardError(f"method {spec.name!r} learns from data: it needs an objective built from its suite; "
-                                 "run it with `mergeyard merge` or a pipeline, which build one")
+        built = None
+        if spec.data is not None:
+            if data is None:
+                raise MergeyardError(f"method {spec.name!r} learns from data: it needs an objective (or calibration "
+                                     "inputs) built from its suite; run it with `mergeyard merge` or a pipeline, "
+                                     "which build them")
+            built = _build_each(spec.data(params), data)
         t0 = time.perf_counter()
-        solved = spec.solve(inputs, params, objective(params), progress)
+        solved = spec.solve(inputs, params, built, progress)
         phases["solve"] = time.perf_counter() - t0
 
     writer = CheckpointWriter(out_dir, layout, max_shard_bytes, overwrite=overwrite,
@@ -237,6 +241,11 @@ def run_merge(
         seconds=time.perf_counter() - started, phases=phases,
         details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
     )
+
+
+def _build_each(requests: Any, build: Callable[[Any], Any]) -> Any:
+    """Each request of a method's (one, or a tuple of them) built into what it asked for, in the same shape."""
+    return tuple(build(r) for r in requests) if isinstance(requests, tuple) else build(requests)
 
 
 def loadability_files(reference: Path, tokenizer_source: Path | None = None) -> list[Path]:

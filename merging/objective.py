@@ -2,12 +2,16 @@
 
 `merging/` defines the protocol; `evaluation/` implements it for task suites.
 A merge method sees only tensors: the loss of a model state and its gradient
-with respect to the floating-point tensors it names.
+with respect to the floating-point tensors it names. A method asks for its
+data with requests (`ObjectiveRequest`, `CalibrationRequest`) built from its
+parameters; whoever runs the recipe turns each into the object here, so the
+flows never need to know which method is running.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Literal, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -38,3 +42,30 @@ class Calibration(Protocol):
 
     def batches(self) -> list[torch.Tensor]:
         """Model inputs, in a fixed order."""
+
+
+# ---- what a data-informed method asks for: it names the data, whoever runs the recipe builds it -----------------
+
+
+@dataclass(frozen=True)
+class ObjectiveRequest:
+    """A loss on a suite's data, built into an `Objective`: cross-entropy on the labelled calibration budget, or
+    the entropy of the predictions on unlabelled inputs. `per_task`: one objective per task (a dict task → it)."""
+
+    suite: str  # a suite name or a suite file
+    tasks: tuple[str, ...] | None
+    budget: int
+    loss: Literal["cross_entropy", "entropy"] = "cross_entropy"
+    per_task: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """Unlabelled inputs of a suite's tasks and its architecture, built into a `Calibration`."""
+
+    suite: str
+    tasks: tuple[str, ...] | None
+    samples: int
+
+
+DataRequest = ObjectiveRequest | CalibrationRequest

@@ -187,14 +187,25 @@ class Registry:
                                             if base_info else None)
             digest = checkpoint_digest(ckpt)
             existing = self.find_digest(digest)
-            if existing is not None:
-                return existing, False
+            if existing is not None:  # the same bytes: a no-op, but a base now declared is recorded
+                return (self.declare_base(existing, base_info) if base_info else existing), False
             model, created = self.register(ckpt, digest, kind="ingested", name=name or src.default_name,
                                            source_uri=src.uri, revision=src.revision, architecture=src.architecture,
                                            base_model_id=base_info.id if base_info else None)
         if alignment is not None and alignment.wraps:
             self.register_head(model, alignment)
         return model, created
+
+    def declare_base(self, model: ModelInfo, base: ModelInfo) -> ModelInfo:
+        """Record `base` as the model's declared base where none was (a candidate first ingested as a recipe
+        input, then named with its base); a different declared base is left as it is."""
+        if model.base_model_id is not None or model.id == base.id:
+            return model
+        with self.Session.begin() as s:
+            row = s.get(Model, model.id)
+            if row.base_model_id is None:
+                row.base_model_id = base.id
+            return ModelInfo.of(row)
 
     def register_head(self, model: ModelInfo, alignment: Alignment) -> ModelInfo:
         """A task model's head (its tensors outside the base it wraps) as a model of its own, kind `head`, linked

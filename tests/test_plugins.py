@@ -84,12 +84,32 @@ def make_suite():
 '''
 
 
+METHODS = '''
+"""A streaming method from a plugin: the base plus `factor` times the first model's task vector."""
+from pydantic import Field
+
+from merging.methods import MethodParams, merge_method
+
+
+class ScaleParams(MethodParams):
+    factor: float = Field(0.5, description="how far along the first task vector")
+
+
+@merge_method("first_scaled", params=ScaleParams, paper="https://example.org/first-scaled")
+def first_scaled(tensor, params, state):
+    """θ_base + factor · (θ_1 − θ_base)."""
+    for chunk in tensor.chunks():
+        yield chunk.base + params.factor * (chunk.models[0] - chunk.base)
+'''
+
+
 @pytest.fixture(scope="module")
 def installed_plugin(tmp_path_factory):
     root = tmp_path_factory.mktemp("plugin")
     package = root / "src"
     (package / "mergeyard_bow").mkdir(parents=True)
     (package / "mergeyard_bow" / "__init__.py").write_text(PLUGIN)
+    (package / "mergeyard_bow" / "methods.py").write_text(METHODS)
     (package / "pyproject.toml").write_text(textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=61"]
@@ -104,6 +124,9 @@ def installed_plugin(tmp_path_factory):
 
         [project.entry-points."mergeyard.suites"]
         plugin-suite = "mergeyard_bow:make_suite"
+
+        [project.entry-points."mergeyard.methods"]
+        first-scaled = "mergeyard_bow.methods"
 
         [tool.setuptools]
         packages = ["mergeyard_bow"]
@@ -144,3 +167,22 @@ def test_a_plugin_suite_and_family_work_by_name_and_from_a_suite_file(installed_
     unknown = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", str(checkpoint), "--suite", "no-such-suite"],
                              capture_output=True, text=True, env=env, timeout=300)
     assert unknown.returncode == 1 and "plugin-suite" in unknown.stderr  # the message lists the plugin's name
+
+
+def test_a_plugin_method_is_listed_and_merges(installed_plugin, tmp_path):
+    base, model = torch.zeros(3), torch.tensor([2.0, 4.0, -2.0])
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
+    save_file({"w": model}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"method": "first_scaled", "base": "base.safetensors",
+                                                          "models": ["a.safetensors"], "parameters": {"factor": 0.25}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_plugin), os.environ.get("PYTHONPATH", "")]),
+           "MERGEYARD_HOME": str(tmp_path / "home")}
+    listed = subprocess.run([sys.executable, "-m", "flows.cli", "methods", "--json"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert listed.returncode == 0 and "first_scaled" in [m["name"] for m in json.loads(listed.stdout)]
+    merged = subprocess.run([sys.executable, "-m", "flows.cli", "merge", str(tmp_path / "recipe.yaml"), "--out",
+                             str(tmp_path / "out"), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], torch.tensor([0.5, 1.0, -0.5]))

@@ -44,7 +44,8 @@ def dare_task_vectors(tensor: TensorInputs, chunk, params: DareParams) -> list[t
     return out
 
 
-@merge_method("dare_linear", params=DareParams, paper="https://arxiv.org/abs/2311.03099", propagates_non_finite=True)
+@merge_method("dare_linear", params=DareParams, paper="https://arxiv.org/abs/2311.03099", propagates_non_finite=True,
+              example={"drop_rate": 0.5, "lambda": 0.3})
 def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i DARE(τ_i)."""
     for chunk in tensor.chunks():
@@ -54,7 +55,8 @@ def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterat
         yield chunk.base + params.lambda_ * merged
 
 
-@merge_method("dare_ties", params=DareTiesParams, paper="https://arxiv.org/abs/2311.03099")
+@merge_method("dare_ties", params=DareTiesParams, paper="https://arxiv.org/abs/2311.03099",
+              example={"drop_rate": 0.5, "lambda": 0.5})
 def dare_ties(tensor: TensorInputs, params: DareTiesParams, state: None) -> Iterator[torch.Tensor]:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
     for chunk in tensor.chunks():

@@ -36,7 +36,7 @@ class TaskArithmeticParams(MethodParams):
 
 
 @merge_method("task_arithmetic", params=TaskArithmeticParams, paper="https://arxiv.org/abs/2212.04089",
-              propagates_non_finite=True)
+              propagates_non_finite=True, example={"lambda": 0.3})
 def task_arithmetic(tensor: TensorInputs, params: TaskArithmeticParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i (θ_i − θ_base)."""
     lam = params.lambda_

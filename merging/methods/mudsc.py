@@ -14,7 +14,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.determinism import SingleThread
+from merging.methods.hooks import MethodLineage
 from merging.methods.registry import MethodParams, Solved, merge_method, path_field
+from merging.objective import CalibrationRequest
 from merging.mudsc import MuDSCParams, mudsc, permutation_spec
 
 PAPER = "https://arxiv.org/abs/2403.01753"
@@ -46,7 +48,34 @@ def _solve(inputs, params, calibration, progress) -> Solved:
     return Solved({k: v for k, v in result.state.items() if v.is_floating_point()}, details)
 
 
-@merge_method("mudsc", params=MuDSCRecipeParams, paper=PAPER, solve=_solve, requires_base=False)
+def _calibration(params) -> CalibrationRequest:
+    spec = params.calibration
+    return CalibrationRequest(spec.suite, spec.tasks, spec.samples)
+
+
+def _lineage(details: dict) -> MethodLineage:
+    """For each model, how many of each group's units its matching moved (model 0 is the reference)."""
+    out: dict[int, dict] = {}
+    for group, entry in details["mudsc"]["groups"].items():
+        for i, moved in enumerate(entry["moved"]):
+            out.setdefault(i, {"units_moved": {}})["units_moved"][group] = moved
+    return MethodLineage(candidate_details=out)
+
+
+def _describe(details: dict) -> str:
+    d = details["mudsc"]
+    moved = sum(sum(g["moved"]) for g in d["groups"].values())
+    return (f"α={d['alpha']:g} {d['mode']}, {len(d['groups'])} groups, {moved} units moved, "
+            f"calibration {d['calibration_digest'][:19]}")
+
+
+@merge_method("mudsc", params=MuDSCRecipeParams, paper=PAPER, solve=_solve, requires_base=False,
+              data=_calibration, suite_param="calibration.suite", tasks_param="calibration.tasks",
+              lineage=_lineage, describe=_describe,
+              data_digests=lambda details: {"calibration": details["mudsc"]["calibration_digest"]},
+              # on fine-tunes of one base MuDSC finds their units already aligned and lands near averaging, which the
+              # demo shows side by side (bench/mudsc.py shows what it is for: models trained apart)
+              example={"alpha": 0.5, "calibration": {"samples": 32}})
 def mudsc_method(inputs, params, state):  # pragma: no cover  (the engine calls solve instead)
     """MuDSC: align (or zip) hidden units under weight + activation similarity, then average; for models
     trained from different initialisations."""

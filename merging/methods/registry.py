@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merging.errors import RecipeError
 from merging.inputs import MergeInputs, TensorInputs
+from merging.methods.hooks import MethodLineage
+from merging.yaml_input import validation_problems
 
 
 class MethodParams(BaseModel):
@@ -67,6 +69,19 @@ class MergeMethod:
     # A data-informed method works on the whole model at once with an objective (a loss and its
     # gradient, see merging.objective) instead of streaming tensor by tensor.
     solve: SolveFn | None = None
+    # ---- wiring: what the flows call, for every method alike ----
+    # the data it learns from, as requests built from its parameters (a request, or a tuple of them)
+    data: Callable[[Any], Any] | None = None
+    # where its parameters name a suite and its tasks ("suite", "calibration.suite"): a pipeline fills in its own
+    suite_param: str | None = None
+    tasks_param: str | None = None
+    # what its decisions (the engine's `details`) add to lineage, and a one-line summary of them for the console
+    lineage: Callable[[dict], MethodLineage] | None = None
+    describe: Callable[[dict], str] | None = None
+    # digests of the data it read, from its details: `reproduce` says when a rebuild read other bytes
+    data_digests: Callable[[dict], dict[str, str]] | None = None
+    # parameters that show it at work on the demo's small zoo
+    example: dict[str, Any] | None = None
 
     @property
     def data_informed(self) -> bool:
@@ -81,11 +96,31 @@ class MergeMethod:
         try:
             return self.params.model_validate(raw or {})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}" for err in exc.errors()
-            )
             allowed = ", ".join(f.alias or n for n, f in self.params.model_fields.items())
-            raise RecipeError(f"method {self.name!r}: {problems} (parameters it takes: {allowed})") from None
+            raise RecipeError(f"method {self.name!r}: {validation_problems(exc, root='parameters')} "
+                              f"(parameters it takes: {allowed})") from None
+
+    def with_suite(self, raw: dict[str, Any], suite: str, tasks: list[str] | None) -> dict[str, Any]:
+        """`raw` parameters naming `suite` (and `tasks`) wherever the method takes its data from, unless they name
+        a suite already (a pipeline's data-informed merges optimise the pipeline's suite by default)."""
+        if self.suite_param is None or _get(raw, self.suite_param) is not None:
+            return raw
+        out = _set(raw, self.suite_param, suite)
+        return _set(out, self.tasks_param, list(tasks)) if tasks and self.tasks_param else out
+
+
+def _get(raw: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        raw = raw.get(key) if isinstance(raw, dict) else None
+    return raw
+
+
+def _set(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    head, _, rest = path.partition(".")
+    if not rest:
+        return {**raw, head: value}
+    inner = raw.get(head) if isinstance(raw.get(head), dict) else {}
+    return {**raw, head: _set(inner, rest, value)}
 
 
 def path_field(default: Any = None, **kwargs) -> Any:
@@ -108,33 +143,49 @@ def _rebase(model: type[BaseModel], raw: dict[str, Any], root: Path) -> dict[str
 
 
 _METHODS: dict[str, MergeMethod] = {}
+ENTRY_POINT_GROUP = "mergeyard.methods"
+_plugins_loaded = False
 
 
-def merge_method(
-    name: str,
-    *,
-    params: type[MethodParams],
-    paper: str,
-    requires_base: bool = True,
-    prepare: PrepareFn | None = None,
-    finalize: FinalizeFn | None = None,
-    propagates_non_finite: bool = False,
-    solve: SolveFn | None = None,
-) -> Callable[[MergeFn], MergeFn]:
-    """Register `fn` as the merge method `name`."""
+def merge_method(name: str, *, params: type[MethodParams], paper: str, **options: Any) -> Callable[[MergeFn], MergeFn]:
+    """Register `fn` as the merge method `name`; `options` are `MergeMethod`'s fields (requires_base, prepare,
+    finalize, propagates_non_finite, solve, and the wiring: data, suite_param, tasks_param, lineage, describe,
+    data_digests, example). Third parties do the same in a module named in the entry-point group
+    `mergeyard.methods`."""
 
     def register(fn: MergeFn) -> MergeFn:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _METHODS[name] = MergeMethod(name, params, paper, summary, fn, requires_base, prepare, finalize,
-                                     propagates_non_finite, solve)
+        _METHODS[name] = MergeMethod(name=name, params=params, paper=paper, summary=summary, merge=fn, **options)
         return fn
 
     return register
 
 
+def unregister(name: str) -> None:
+    """Remove a registered method (a test's or a notebook's own)."""
+    _METHODS.pop(name, None)
+
+
+def _load_plugins() -> None:
+    """Import each module the `mergeyard.methods` entry points name: importing one registers its methods."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not look like a mergeyard bug
+            raise RecipeError(f"the plugin method module {ep.value!r} ({ep.name}) failed to load: {exc}") from None
+
+
 def get_method(name: str) -> MergeMethod:
+    if name not in _METHODS:
+        _load_plugins()
     try:
         return _METHODS[name]
     except KeyError:
@@ -142,4 +193,5 @@ def get_method(name: str) -> MergeMethod:
 
 
 def all_methods() -> list[MergeMethod]:
+    _load_plugins()
     return [_METHODS[n] for n in sorted(_METHODS)]

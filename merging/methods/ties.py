@@ -203,6 +203,7 @@ def _combine(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[flo
     paper="https://arxiv.org/abs/2306.01708",
     prepare=prepare_ties,
     finalize=finalize_ties,
+    example={"density": 0.5, "lambda": 0.8},
 )
 def ties(tensor: TensorInputs, params: TiesParams, state: GlobalTiesState | None) -> Iterator[torch.Tensor]:
     """Trim each task vector to its top entries, elect a sign per parameter, average the agreeing ones."""
