@@ -138,10 +138,10 @@ def _run_pipeline(config, dask: Optional[str], refresh: bool) -> dict:
     configure_prefect(settings)
     if refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    from flows.pipeline import Env, pipeline_flow
+    from flows.pipeline import pipeline_flow
     from flows.runtime import with_runner
 
-    env = Env.from_settings(settings).model_copy(update={"device": config.device})
+    env = settings.pinned().model_copy(update={"device": config.device})
     return with_runner(pipeline_flow, dask)(config, env)
 
 
@@ -235,12 +235,11 @@ def serve(
     settings = get_settings()
     config = load_pipeline(pipeline)
     configure_prefect(settings)
-    from flows.pipeline import Env
     from flows.runtime import serve_pipeline
 
     # Fail now, not at 2 a.m.: after the server, the suite's tasks and the base and listed candidates (globs
     # are matched at each run, so an empty one is not an error yet).
-    serve_pipeline(config, Env.from_settings(settings).model_copy(update={"device": config.device}), dask, limit,
+    serve_pipeline(config, settings.pinned().model_copy(update={"device": config.device}), dask, limit,
                    preflight=lambda: preflight(settings, config.suite, config.tasks, [config.base, *config.candidates]))
 
 

@@ -58,13 +58,12 @@ def map_sweep(
 
     configure_prefect(settings)
     from flows.map_flow import MapConfig, map_flow
-    from flows.pipeline import Env
 
     config = MapConfig(suite=suite, base=base, candidates=_split(candidates), tasks=_split(tasks) or None,
                        variant="bayesian" if bayesian else "nested" if nested else "plain",
                        params=MapParams(samples=samples, low=low, high=high, seed=seed),
                        preference=parse_preference(prefer) if prefer else None)
-    report = with_runner(map_flow, dask)(config, Env.from_settings(settings))
+    report = with_runner(map_flow, dask)(config, settings.pinned())
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return

@@ -26,11 +26,13 @@ import glob
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from merging.errors import MergeyardError
 from merging.methods import get_method
+from merging.recipe import MergeStep
+from merging.references import parse_ref
+from merging.yaml_input import YamlDoc, read_yaml, validation_problems
 from registry.promotion import Gate, load_gate
 
 
@@ -49,21 +51,10 @@ class ScoreConfig(_Strict):
     top_k: int | None = Field(None, gt=0, description="keep only the k most relevant candidates")
 
 
-class MergeSpec(_Strict):
-    method: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    name: str | None = Field(None, description="registry name (default: the pipeline's name)")
-    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    seed: int = 0
+class MergeSpec(MergeStep):
+    """One of a pipeline's merges: a recipe's method part (its inputs are the pipeline's), and a registry name."""
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        try:
-            get_method(v)
-        except MergeyardError as exc:  # its message lists the known methods
-            raise ValueError(str(exc)) from None
-        return v
+    name: str | None = Field(None, description="registry name (default: the pipeline's name)")
 
 
 class PromotionConfig(_Strict):
@@ -125,17 +116,16 @@ class PipelineConfig(_Strict):
 
 
 def _rebase(value: str, root: Path) -> str:
-    """A relative path becomes absolute against the YAML's directory; URIs and registry refs stay."""
-    if "://" in value:
-        scheme, _, rest = value.partition("://")
-        if scheme == "file" and not rest.startswith("/"):
-            return f"file://{(root / rest).resolve()}"
-        return value
-    candidate = root / value
-    return str(candidate.resolve()) if candidate.exists() or any(ch in value for ch in "*?[") else value
+    """A relative path becomes absolute against the YAML's directory (a glob too); URIs and registry refs stay."""
+    if any(ch in value for ch in "*?[") and "://" not in value:
+        return str((root / value).resolve())
+    ref = parse_ref(value, root)
+    if ref.is_file and value.startswith("file://"):
+        return f"file://{ref.path}"
+    return str(ref)
 
 
-def parse_pipeline(data: Any, root: Path | None = None) -> PipelineConfig:
+def parse_pipeline(data: Any, root: Path | None = None, doc: YamlDoc | None = None) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ConfigError("a pipeline is a YAML mapping (name, suite, base, candidates, merges, ...)")
     if root is not None:
@@ -156,9 +146,7 @@ def parse_pipeline(data: Any, root: Path | None = None) -> PipelineConfig:
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'pipeline'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        raise ConfigError(f"invalid pipeline: {problems}") from None
+        raise ConfigError(f"invalid pipeline: {validation_problems(exc, doc, root='pipeline')}") from None
     if root is not None and config.promotion is not None and isinstance(config.promotion.gate, Gate):
         config.promotion.gate = config.promotion.gate.rebased(root)  # suite files beside the pipeline
     return config
@@ -177,13 +165,8 @@ def _rebase_parameters(merge: Any, root: Path) -> Any:
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     path = Path(path)
+    doc = read_yaml(path, ConfigError, "pipeline")
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read pipeline ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    try:
-        return parse_pipeline(data, path.resolve().parent)
+        return parse_pipeline(doc.data, path.resolve().parent, doc)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.map import MapParams
-from flows.pipeline import IO_RETRIES, Env, ingest_task, registry_for, suite_of
+from flows.pipeline import IO_RETRIES, ingest_task, pinned_settings, registry_for, suite_of
+from flows.settings import Settings
 
 
 class MapConfig(BaseModel):
@@ -37,7 +38,7 @@ class MapConfig(BaseModel):
 
 
 @task(name="map-sample", task_run_name="sample {coefficients}", cache_policy=NO_CACHE, **IO_RETRIES)
-def sample_task(env: Env, base: str, candidates: list[str], coefficients: list[float], suite: str,
+def sample_task(env: Settings, base: str, candidates: list[str], coefficients: list[float], suite: str,
                 tasks: list[str] | None) -> dict:
     from flows.map_steps import evaluate_sample
 
@@ -47,12 +48,12 @@ def sample_task(env: Env, base: str, candidates: list[str], coefficients: list[f
 
 
 @flow(name="mergeyard-map", log_prints=True)
-def map_flow(config: MapConfig, env: Env | None = None) -> dict:
+def map_flow(config: MapConfig, env: Settings | None = None) -> dict:
     from merging.map import run_bayesian, run_map, run_nested
 
     from flows.map_steps import store_front
 
-    env = env or Env.from_settings()
+    env = env or pinned_settings()
     suite = suite_of(env, config.suite, config.tasks)
     tasks = list(suite.tasks)
     base = ingest_task(env, config.base)
@@ -95,7 +96,7 @@ def _owners(config: MapConfig, tasks: list[str], n: int) -> list[list[str]] | No
     return [[t] for t in tasks] if n == len(tasks) else None
 
 
-def publish(env: Env, record, samples: list[dict[str, float]], picked: list[dict] = ()) -> dict:
+def publish(env: Settings, record, samples: list[dict[str, float]], picked: list[dict] = ()) -> dict:
     """The front as JSON and a PNG of 2-task panels, logged to MLflow and (inside a flow) as a Prefect artifact."""
     from flows.map_plot import plot_front
     from registry import map_records

@@ -11,7 +11,6 @@ this merge created.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from merging.alignment import Alignment
 from merging.methods import get_method
 from merging.methods.hooks import MethodLineage
+from merging.references import parse_ref
 from merging.engine import MergeResult, environment, resolve_device, run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
@@ -39,7 +39,7 @@ class RecordedMerge:
 
 def is_source(ref: str) -> bool:
     """A recipe input that names bytes to ingest (a URI or an existing path), not a registry reference."""
-    return "://" in ref or os.path.exists(ref)
+    return parse_ref(ref).is_source
 
 
 def resolve_input(registry: Registry, ref: str) -> ModelInfo:

@@ -1,8 +1,8 @@
 """Prefect flows: ingest → score → merge → evaluate → promote, and `pipeline`, which runs them all.
 
 Flows only wire tasks; each task calls one plain function of `flows.steps`
-(or the registry). Tasks pass URIs and digests, never tensors, plus `Env`, the
-few settings a task needs to open the same registry in any process (a Dask
+(or the registry). Tasks pass URIs and digests, never tensors, plus the
+pinned `Settings` a task needs to open the same registry in any process (a Dask
 worker included).
 
 Cache keys are content digests + recipe hash + suite digest + mergeyard
@@ -13,7 +13,7 @@ recorded merge or evaluation and reuse it.
 """
 
 # No `from __future__ import annotations`: Prefect validates flow parameters from the real types,
-# and a served deployment must resolve them (PipelineConfig, Env) when it loads this file.
+# and a served deployment must resolve them (PipelineConfig, Settings) when it loads this file.
 
 import hashlib
 import json
@@ -23,7 +23,6 @@ from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from merging.recipe import parse_recipe
 from merging.version import __version__
@@ -60,46 +59,22 @@ def _retry_if_transient(task, task_run, state) -> bool:
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_if_transient)
 
 
-class Env(BaseModel):
-    """What a task needs to reach the same registry from any process."""
-
-    home: str
-    database_url: str
-    mlflow_tracking_uri: str | None
-    hf_cache: str | None = None
-    device: str = "cpu"
-
-    @classmethod
-    def from_settings(cls, s: Settings | None = None) -> "Env":
-        s = s or get_settings()
-        return cls(home=str(Path(s.home).resolve()), database_url=s.lineage_database_url, mlflow_tracking_uri=s.mlflow_uri,
-                   hf_cache=str(s.hf_cache) if s.hf_cache else None, device=s.device)
-
-    def settings(self) -> Settings:
-        return Settings(home=Path(self.home), database_url=self.database_url, mlflow_tracking_uri=self.mlflow_tracking_uri,
-                        hf_cache=Path(self.hf_cache) if self.hf_cache else None, device=self.device)
-
-    @property
-    def zoo_manifest(self) -> Path:
-        return self.settings().zoo_dir / "manifest.json"
-
-    @property
-    def results_dir(self) -> Path:
-        """Prefect's persisted task results (what its caches return) live with the registry they describe."""
-        return Path(self.home) / "prefect-results"
+def pinned_settings() -> Settings:
+    """The process's settings as tasks receive them (see `Settings.pinned`)."""
+    return get_settings().pinned()
 
 
 @lru_cache(maxsize=4)
 def _registry(env_json: str):
     from flows.registry_access import open_registry
 
-    registry = open_registry(Env.model_validate_json(env_json).settings())
+    registry = open_registry(Settings.model_validate_json(env_json))
     if registry.mirror is not None:
         registry.mirror.client  # noqa: B018  (create the MLflow client once, before tasks share it across threads)
     return registry
 
 
-def registry_for(env: Env):
+def registry_for(env: Settings):
     return _registry(env.model_dump_json())
 
 
@@ -110,7 +85,7 @@ def _named_suite(name: str, tasks: tuple[str, ...] | None, manifest: str):
     return suite_for(name, list(tasks) if tasks else None, Path(manifest))
 
 
-def suite_of(env: Env, ref: str, tasks: list[str] | None):
+def suite_of(env: Settings, ref: str, tasks: list[str] | None):
     """The suite `ref` names. A suite file is read afresh each time (its data may change between runs of a served
     pipeline; a task that finds another digest than its flow computed refuses to go on)."""
     from evaluation.suites import is_suite_file
@@ -143,7 +118,7 @@ def _score_key(context, p: dict) -> str:
 
 
 @task(name="ingest", task_run_name="ingest {uri}", cache_policy=NO_CACHE, **IO_RETRIES)
-def ingest_task(env: Env, uri: str, base: str | None = None) -> str:
+def ingest_task(env: Settings, uri: str, base: str | None = None) -> str:
     """A source URI or path → its digest (sources change, so never cached; the registry makes it idempotent)."""
     from flows.merge import is_source, resolve_input
 
@@ -154,7 +129,7 @@ def ingest_task(env: Env, uri: str, base: str | None = None) -> str:
 
 
 @task(name="score", cache_key_fn=_score_key, persist_result=True, **IO_RETRIES)
-def score_task(env: Env, suite: str, tasks: list[str] | None, suite_digest: str, base: str, candidates: list[str],
+def score_task(env: Settings, suite: str, tasks: list[str] | None, suite_digest: str, base: str, candidates: list[str],
                samples_per_task: int) -> dict[str, float]:
     from flows.steps import score_candidates
 
@@ -165,7 +140,7 @@ def score_task(env: Env, suite: str, tasks: list[str] | None, suite_digest: str,
 
 @task(name="evaluate", task_run_name="evaluate {digest:.19}", cache_key_fn=_evaluate_key, persist_result=True,
       **IO_RETRIES)
-def evaluate_task(env: Env, digest: str, suite: str, tasks: list[str] | None, suite_digest: str) -> dict:
+def evaluate_task(env: Settings, digest: str, suite: str, tasks: list[str] | None, suite_digest: str) -> dict:
     from flows.steps import evaluate_or_reuse
 
     registry = registry_for(env)
@@ -178,7 +153,7 @@ def evaluate_task(env: Env, digest: str, suite: str, tasks: list[str] | None, su
 # One retry: a merge that failed on a transient error left a failed run and nothing else, so it can start over.
 @task(name="merge", task_run_name="merge {name} ({label})", cache_key_fn=_merge_key, persist_result=True,
       retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_if_transient)
-def merge_task(env: Env, recipe_json: str, name: str, label: str, suite: str, tasks: list[str] | None,
+def merge_task(env: Settings, recipe_json: str, name: str, label: str, suite: str, tasks: list[str] | None,
                suite_digest: str) -> dict:
     """Merge + evaluate + register atomically (see flows.steps.merge_evaluate_commit)."""
     from flows.steps import merge_evaluate_commit
@@ -189,7 +164,7 @@ def merge_task(env: Env, recipe_json: str, name: str, label: str, suite: str, ta
 
 
 @task(name="promote", task_run_name="promote {digest:.19} to {alias}", cache_policy=NO_CACHE, **IO_RETRIES)
-def promote_task(env: Env, digest: str, alias: str, gate_json: str, actor: str, reason: str | None = None) -> dict:
+def promote_task(env: Settings, digest: str, alias: str, gate_json: str, actor: str, reason: str | None = None) -> dict:
     from flows.steps import promote_if_changed
     from registry.promotion import Gate
 
@@ -198,7 +173,7 @@ def promote_task(env: Env, digest: str, alias: str, gate_json: str, actor: str, 
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(env: Env, report: dict) -> list[str]:
+def publish_task(env: Settings, report: dict) -> list[str]:
     """One markdown artifact per merge and one for the run (Prefect UI → Artifacts)."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -218,7 +193,7 @@ def publish_task(env: Env, report: dict) -> list[str]:
 # ---- flows -------------------------------------------------------------------------------------
 
 
-def _with_results(env: Env, *tasks_):
+def _with_results(env: Settings, *tasks_):
     """The tasks, persisting results under this registry's home (a block Prefect's API knows, as it requires)."""
     from prefect.filesystems import LocalFileSystem
 
@@ -240,22 +215,20 @@ def recipe_for(spec: MergeSpec, base: str, candidates: list[str], suite: str | N
     parameters = dict(spec.parameters)
     if suite is not None:  # wherever the method takes its data from, unless its parameters name a suite
         parameters = get_method(spec.method).with_suite(parameters, suite, tasks)
-    data = {"method": spec.method, "base": base, "models": candidates, "parameters": parameters, "seed": spec.seed}
-    if spec.out_dtype:
-        data["out_dtype"] = spec.out_dtype
+    data = {**spec.model_dump(exclude={"name"}), "base": base, "models": candidates, "parameters": parameters}
     return parse_recipe(data).canonical_json()
 
 
 @flow(name="mergeyard-ingest")
-def ingest_flow(uris: list[str], base: str | None = None, env: Env | None = None) -> list[str]:
-    env = env or Env.from_settings()
+def ingest_flow(uris: list[str], base: str | None = None, env: Settings | None = None) -> list[str]:
+    env = env or pinned_settings()
     base_digest = ingest_task(env, base) if base else None
     return ingest_task.map(unmapped(env), uris, base=unmapped(base_digest)).result()
 
 
 @flow(name="mergeyard-evaluate")
-def evaluate_flow(models: list[str], suite: str, tasks: list[str] | None = None, env: Env | None = None) -> list[dict]:
-    env = env or Env.from_settings()
+def evaluate_flow(models: list[str], suite: str, tasks: list[str] | None = None, env: Settings | None = None) -> list[dict]:
+    env = env or pinned_settings()
     (evaluate,) = _with_results(env, evaluate_task)
     digest = suite_of(env, suite, tasks).digest
     refs = [registry_for(env).resolve(m).digest for m in models]
@@ -264,9 +237,9 @@ def evaluate_flow(models: list[str], suite: str, tasks: list[str] | None = None,
 
 @flow(name="mergeyard-score")
 def score_flow(suite: str, base: str, candidates: list[str], tasks: list[str] | None = None,
-               samples_per_task: int = 100, env: Env | None = None) -> dict[str, float]:
+               samples_per_task: int = 100, env: Settings | None = None) -> dict[str, float]:
     """Relevance of each candidate (ingested first if it is a source) to the suite, recorded."""
-    env = env or Env.from_settings()
+    env = env or pinned_settings()
     (score,) = _with_results(env, score_task)
     base_digest = ingest_task(env, base)
     digests = ingest_task.map(unmapped(env), candidates, base=unmapped(base_digest)).result()
@@ -275,9 +248,9 @@ def score_flow(suite: str, base: str, candidates: list[str], tasks: list[str] | 
 
 @flow(name="mergeyard-merge")
 def merge_flow(spec: MergeSpec, base: str, candidates: list[str], suite: str, tasks: list[str] | None = None,
-               name: str | None = None, env: Env | None = None) -> dict:
+               name: str | None = None, env: Settings | None = None) -> dict:
     """One merge, evaluated on the suite and registered atomically with its lineage."""
-    env = env or Env.from_settings()
+    env = env or pinned_settings()
     (merge,) = _with_results(env, merge_task)
     base_digest = ingest_task(env, base)
     digests = ingest_task.map(unmapped(env), candidates, base=unmapped(base_digest)).result()
@@ -287,19 +260,19 @@ def merge_flow(spec: MergeSpec, base: str, candidates: list[str], suite: str, ta
 
 @flow(name="mergeyard-promote")
 def promote_flow(model: str, alias: str, gate: Gate | None = None, actor: str = "mergeyard-flow",
-                 reason: str | None = None, env: Env | None = None) -> dict:
+                 reason: str | None = None, env: Settings | None = None) -> dict:
     """The model through the gate to NAME@ALIAS (an audit event either way; none if it already holds it)."""
-    env = env or Env.from_settings()
+    env = env or pinned_settings()
     return promote_task(env, registry_for(env).resolve(model).digest, alias, (gate or Gate()).model_dump_json(),
                         actor, reason)
 
 
 @flow(name="mergeyard-pipeline", log_prints=True)
-def pipeline_flow(config: PipelineConfig, env: Env | None = None) -> dict:
+def pipeline_flow(config: PipelineConfig, env: Settings | None = None) -> dict:
     """Ingest the base and candidates, score, merge with each method, evaluate, promote the best, publish."""
     from flows.steps import select_candidates
 
-    env = env or Env.from_settings()
+    env = env or pinned_settings()
     score, evaluate, merge = _with_results(env, score_task, evaluate_task, merge_task)
     suite = suite_of(env, config.suite, config.tasks)
     tasks = list(config.tasks) if config.tasks else None

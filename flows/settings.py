@@ -14,7 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MERGEYARD_", extra="ignore")
+    # populate_by_name: settings travel to Prefect tasks and Dask workers as data, by their field names
+    model_config = SettingsConfigDict(env_prefix="MERGEYARD_", extra="ignore", populate_by_name=True)
 
     home: Path = Field(Path(".mergeyard"), description="root of every file mergeyard writes")
     device: str = Field("cpu", description="default compute device for merges (cpu or cuda)")
@@ -61,6 +62,21 @@ class Settings(BaseSettings):
     def demo_dir(self) -> Path:
         """Checkpoints and outputs of `mergeyard demo`."""
         return self.home / "demo"
+
+    @property
+    def zoo_manifest(self) -> Path:
+        return self.zoo_dir / "manifest.json"
+
+    @property
+    def results_dir(self) -> Path:
+        """Prefect's persisted task results (what its caches return) live with the registry they describe."""
+        return self.home / "prefect-results"
+
+    def pinned(self) -> "Settings":
+        """These settings with nothing left to the process that reads them: the home absolute, the lineage
+        database and MLflow spelled out, so a Prefect task or Dask worker elsewhere opens the same registry."""
+        return self.model_copy(update={"home": Path(self.home).resolve(), "database_url": self.lineage_database_url,
+                                       "mlflow_tracking_uri": self.mlflow_uri})
 
 
 @lru_cache(maxsize=1)

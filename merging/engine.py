@@ -27,6 +27,7 @@ from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn, check_i
 from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
 from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
 from merging.recipe import Recipe
+from merging.references import parse_ref
 from merging.safetensors_format import DTYPE_NAMES, DTYPES
 from merging.version import __version__
 
@@ -62,9 +63,10 @@ class MergeResult:
 
 def local_path(ref: str) -> Path:
     """The default resolver: local paths only (registry URIs need `mergeyard ingest` first)."""
-    if "://" in ref and not ref.startswith("file://"):
+    parsed = parse_ref(ref)
+    if parsed.scheme not in ("file", None):
         raise CheckpointError(f"{ref}: only local paths can be merged directly; ingest it into the registry first")
-    return Path(ref.removeprefix("file://"))
+    return parsed.path or Path(ref)
 
 
 def check_buffers_equal(reference: Checkpoint, others: list[Checkpoint], labels: dict[int, str]) -> None:

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import RecipeError
 from merging.methods import MergeMethod, MethodParams, get_method
+from merging.references import parse_ref
+from merging.yaml_input import YamlDoc, read_yaml, validation_problems
 
 OutDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -36,18 +38,39 @@ class ModelEntry(BaseModel):
     weight: float = 1.0
 
 
-class Recipe(BaseModel):
+class MergeStep(BaseModel):
+    """What a merge does, without its inputs: a recipe less `base` and `models` (a pipeline's `merges:` entries)."""
+
     model_config = ConfigDict(extra="forbid")
 
     method: str
-    base: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     out_dtype: OutDtype | None = None
     seed: int = 0
     # where the output's tokenizer files come from, as mergekit's key: `base` (the default: the base's, or the
     # first model's without one) or a model; the config always comes from the base
     tokenizer_source: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        try:
+            get_method(value)
+        except RecipeError as exc:  # its message lists the known methods
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _one_source(cls, value: str | None) -> str | None:
+        if value is not None and (value == "union" or value.startswith("model:")):
+            raise ValueError(f"tokenizer_source {value!r}: mergeyard takes `base` or a model, not a merged vocabulary")
+        return None if value == "base" else value
+
+
+class Recipe(MergeStep):
+    base: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -71,13 +94,6 @@ class Recipe(BaseModel):
         if spec.requires_base and not self.base:
             raise RecipeError(f"method {self.method!r} needs a `base:` model (the one the others were fine-tuned from)")
         return self
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _one_source(cls, value: str | None) -> str | None:
-        if value is not None and (value == "union" or value.startswith("model:")):
-            raise ValueError(f"tokenizer_source {value!r}: mergeyard takes `base` or a model, not a merged vocabulary")
-        return None if value == "base" else value
 
     def canonical(self) -> dict[str, Any]:
         data = {
@@ -103,32 +119,20 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.canonical(), sort_keys=False)
 
 
-def _format_validation(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in exc.errors())
-
-
 def _resolve_local(ref: str, root: Path) -> str:
     """A relative path that exists beside the recipe becomes absolute; anything else (a URI, a
     registry name or digest, a path that does not exist) is left for whoever runs the merge."""
-    if ref.startswith("file://"):
-        ref = ref[len("file://"):]
-    if "://" in ref:
-        return ref
-    path = Path(ref).expanduser()
-    if path.is_absolute():
-        return str(path)
-    candidate = root / path
-    return str(candidate.resolve()) if candidate.exists() else ref
+    return str(parse_ref(ref, root))
 
 
-def parse_recipe(data: Any, root: Path | None = None) -> Recipe:
-    """A checked Recipe from parsed YAML/JSON; relative paths resolve against `root`."""
+def parse_recipe(data: Any, root: Path | None = None, doc: YamlDoc | None = None) -> Recipe:
+    """A checked Recipe from parsed YAML/JSON; relative paths resolve against `root`; `doc` gives errors lines."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with at least `method:` and `models:`")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"invalid recipe: {_format_validation(exc)}") from None
+        raise RecipeError(f"invalid recipe: {validation_problems(exc, doc, root='recipe')}") from None
     if root is not None:
         recipe = recipe.model_copy(
             update={
@@ -143,10 +147,5 @@ def parse_recipe(data: Any, root: Path | None = None) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_recipe(data, root=path.parent.resolve())
+    doc = read_yaml(path, RecipeError, "recipe")
+    return parse_recipe(doc.data, root=path.parent.resolve(), doc=doc)

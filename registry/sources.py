@@ -20,13 +20,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 from merging.companions import MODEL_FILES
+from merging.references import parse_ref
 from registry.errors import SourceError
 from registry.serving import checkpoint_dir
 
-_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
 _OPEN_CLIP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
 _MLFLOW_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -60,47 +60,84 @@ def _architecture_from_config(directory: Path) -> str | None:
 
 
 def scheme_of(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
+    return parse_ref(uri).scheme or "file"
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What resolvers may use: the hub cache, a scratch folder for what they materialise, MLflow's store."""
+
+    hf_cache: Path | None = None
+    scratch: Path | None = None
+    mlflow_tracking_uri: str | None = None
 
 
 @contextmanager
-def resolve_source(uri: str, *, hf_cache: Path | None = None, scratch: Path | None = None,
-                   mlflow_tracking_uri: str | None = None) -> Iterator[ResolvedSource]:
-    """Resolve `uri` to local safetensors; temporary files are removed on exit."""
-    scheme = scheme_of(uri)
-    if scheme == "file":
-        yield _resolve_file(uri)
-    elif scheme == "hf":
-        yield _resolve_hf(uri, hf_cache)
-    elif scheme == "open_clip":
-        with _resolve_open_clip(uri, hf_cache, scratch) as resolved:
-            yield resolved
-    elif scheme == "mlflow":
-        with _resolve_mlflow(uri, scratch, mlflow_tracking_uri) as resolved:
-            yield resolved
-    else:
-        raise SourceError(f"{uri}: unknown source scheme {scheme!r}; use file://, hf://, open_clip:// or mlflow://")
-
-
-def _resolve_file(uri: str) -> ResolvedSource:
-    path = Path(uri.removeprefix("file://")).expanduser()
-    if not path.exists():
+def _resolve_file(uri: str, context: SourceContext) -> Iterator[ResolvedSource]:
+    path = parse_ref(uri).path
+    if path is None or not path.exists():
         raise SourceError(f"{uri}: no such file or directory")
     path = path.resolve()
     directory = path if path.is_dir() else path.parent
     name = path.name.removesuffix(".safetensors") if path.is_file() else path.name
     if path.is_file() and path.name == "model.safetensors":
         name = path.parent.name
-    return ResolvedSource(f"file://{path}", path, None, _architecture_from_config(directory), name)
+    yield ResolvedSource(f"file://{path}", path, None, _architecture_from_config(directory), name)
+
+
+@contextmanager
+def _resolve_hf_source(uri: str, context: SourceContext) -> Iterator[ResolvedSource]:
+    yield _resolve_hf(uri, context.hf_cache)
+
+
+@contextmanager
+def _resolve_open_clip_source(uri: str, context: SourceContext) -> Iterator[ResolvedSource]:
+    with _resolve_open_clip(uri, context.hf_cache, context.scratch) as resolved:
+        yield resolved
+
+
+@contextmanager
+def _resolve_mlflow_source(uri: str, context: SourceContext) -> Iterator[ResolvedSource]:
+    with _resolve_mlflow(uri, context.scratch, context.mlflow_tracking_uri) as resolved:
+        yield resolved
+
+
+# scheme → resolver: (uri, context) → a context manager yielding local safetensors. A new scheme is one entry.
+RESOLVERS: dict[str, Callable[[str, SourceContext], ContextManager[ResolvedSource]]] = {
+    "file": _resolve_file,
+    "hf": _resolve_hf_source,
+    "open_clip": _resolve_open_clip_source,
+    "mlflow": _resolve_mlflow_source,
+}
+
+
+@contextmanager
+def resolve_source(uri: str, *, hf_cache: Path | None = None, scratch: Path | None = None,
+                   mlflow_tracking_uri: str | None = None) -> Iterator[ResolvedSource]:
+    """Resolve `uri` (a path or a source URI) to local safetensors; temporary files are removed on exit."""
+    ref = parse_ref(uri)
+    resolver = RESOLVERS.get(ref.scheme or "")
+    if resolver is None:
+        known = ", ".join(f"{s}://" for s in RESOLVERS)
+        raise SourceError(f"{uri}: unknown source scheme {ref.scheme!r}; use a path or {known}" if ref.scheme else
+                          f"{uri}: no such file or directory, and not a source URI ({known})")
+    with resolver(uri, SourceContext(hf_cache, scratch, mlflow_tracking_uri)) as resolved:
+        yield resolved
 
 
 def _resolve_hf(uri: str, hf_cache: Path | None) -> ResolvedSource:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import validate_repo_id
 
     rest = uri[len("hf://"):]
     repo, _, revision = rest.partition("@")
-    if not _HF_REPO.match(repo) or ".." in repo:
+    try:
+        validate_repo_id(repo)  # the hub's own rules for a repo id
+    except HFValidationError as exc:
+        raise SourceError(f"{uri}: expected hf://ORG/NAME[@REVISION] ({str(exc).splitlines()[0]})") from None
+    if "/" not in repo or ".." in repo:
         raise SourceError(f"{uri}: expected hf://ORG/NAME[@REVISION]")
     if revision and (not _HF_REVISION.match(revision) or ".." in revision.split("/")):
         raise SourceError(f"{uri}: revision {revision!r} is not a valid branch, tag or commit")

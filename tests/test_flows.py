@@ -81,7 +81,7 @@ def test_pipeline_yaml_paths_are_relative_to_the_file_and_globs_expand_at_run_ti
     (tmp_path / "models" / "c.safetensors").write_bytes(b"")  # a candidate that arrived later
     assert config.resolved_candidates()[-1] == str(models / "c.safetensors")
     (tmp_path / "bad.yaml").write_text("name: p\nsuite: [\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml line \d+: not valid YAML"):
         load_pipeline(tmp_path / "bad.yaml")
 
 
@@ -94,7 +94,7 @@ def test_pipeline_scores_merges_evaluates_promotes_and_a_rerun_does_nothing_agai
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
     from evaluation.evaluator import evaluate_checkpoint
-    from flows.pipeline import pipeline_flow, registry_for, Env
+    from flows.pipeline import pinned_settings, pipeline_flow, registry_for
     from flows.report import artifact_key
     from flows.steps import suite_for
     from merging.checkpoint import Checkpoint
@@ -105,7 +105,7 @@ def test_pipeline_scores_merges_evaluates_promotes_and_a_rerun_does_nothing_agai
     zoo, manifest, _ = small_zoo
     config = pipeline_config(zoo)
     report = pipeline_flow(config)
-    registry = registry_for(Env.from_settings())
+    registry = registry_for(pinned_settings())
 
     # relevance: the off-target fine-tune scores lowest and is left out of every merge
     by_name = {c["name"]: c for c in report["candidates"]}
@@ -171,7 +171,7 @@ def test_pipeline_scores_merges_evaluates_promotes_and_a_rerun_does_nothing_agai
 
 def test_a_merge_whose_evaluation_fails_leaves_no_model_and_a_failed_run(prefect_api, small_zoo, monkeypatch):
     import flows.steps
-    from flows.pipeline import Env, pipeline_flow, registry_for
+    from flows.pipeline import pinned_settings, pipeline_flow, registry_for
     from registry.schema import LineageEdge, MergeRun, Model
 
     zoo, _, _ = small_zoo
@@ -186,7 +186,7 @@ def test_a_merge_whose_evaluation_fails_leaves_no_model_and_a_failed_run(prefect
     config = pipeline_config(zoo, name="breaks", merges=[{"method": "task_arithmetic", "parameters": {"lambda": 0.3}}])
     with pytest.raises(RuntimeError, match="injected"):
         pipeline_flow(config)
-    registry = registry_for(Env.from_settings())
+    registry = registry_for(pinned_settings())
     with registry.Session() as s:
         assert s.query(Model).filter(Model.kind == "merged").count() == 0
         assert s.query(LineageEdge).count() == 0
@@ -198,7 +198,7 @@ def test_a_merge_whose_evaluation_fails_leaves_no_model_and_a_failed_run(prefect
 
 
 def test_a_merge_whose_registration_fails_leaves_no_model_no_evaluation(prefect_api, small_zoo, monkeypatch):
-    from flows.pipeline import Env, pipeline_flow, registry_for
+    from flows.pipeline import pinned_settings, pipeline_flow, registry_for
     from registry.mlflow_mirror import MlflowMirror
     from registry.schema import Evaluation, MergeRun, Model
 
@@ -214,7 +214,7 @@ def test_a_merge_whose_registration_fails_leaves_no_model_no_evaluation(prefect_
     config = pipeline_config(zoo, name="unregistered", merges=[{"method": "average"}], score={"method": "none"})
     with pytest.raises(ConnectionError, match="injected"):
         pipeline_flow(config)
-    registry = registry_for(Env.from_settings())
+    registry = registry_for(pinned_settings())
     with registry.Session() as s:
         assert s.query(Model).filter(Model.kind == "merged").count() == 0
         merged_evals = s.query(Evaluation).join(Model, Model.id == Evaluation.model_id).filter(Model.kind == "merged").count()

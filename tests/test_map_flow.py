@@ -33,7 +33,7 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
     from evaluation.evaluator import evaluate_checkpoint
     from flows.map_flow import map_flow
     from flows.map_steps import ta_recipe
-    from flows.pipeline import Env, registry_for
+    from flows.pipeline import pinned_settings, registry_for
     from flows.steps import suite_for
     from merging.engine import run_merge
     from merging.recipe import parse_recipe
@@ -42,7 +42,7 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
 
     zoo, _, _ = small_zoo
     report = map_flow(_config(zoo))
-    registry = registry_for(Env.from_settings())
+    registry = registry_for(pinned_settings())
     suite = suite_for("ta8-mini", TASKS, None)
 
     # (n+1)(n+2) = 12 samples for two candidates, each one row keyed by digests + coefficients + suite digest

@@ -194,7 +194,7 @@ def test_a_pipeline_and_a_map_sweep_run_on_a_suite_file(tiny_text, prefect_api, 
     the gate names it, MAP charts it."""
     from flows.config import load_pipeline
     from flows.map_flow import MapConfig, map_flow
-    from flows.pipeline import Env, pipeline_flow
+    from flows.pipeline import pinned_settings, pipeline_flow
     from merging.map import MapParams
 
     pipeline = tmp_path / "pipeline.yaml"
@@ -205,12 +205,12 @@ def test_a_pipeline_and_a_map_sweep_run_on_a_suite_file(tiny_text, prefect_api, 
                    {"method": "fw_hard", "parameters": {"iterations": 2, "step_size": 1.0, "budget": 4}}],
         "promotion": {"alias": "staging", "gate": {"required_suites": ["suite.yaml"], "min_average": 0.0}},
     }))
-    report = pipeline_flow(load_pipeline(pipeline), Env.from_settings())
+    report = pipeline_flow(load_pipeline(pipeline), pinned_settings())
     assert report["suite"] == str(tiny_text["suite"].resolve()) and report["tasks"] == ["sentiment", "topic"]
     assert {m["method"] for m in report["merges"]} == {"task_arithmetic", "fw_hard"}
     assert report["promotion"]["decision"] == "promoted"
     assert [c["rule"] for c in report["promotion"]["checks"]] == ["tickets average accuracy"]
     front = map_flow(MapConfig(suite=str(tiny_text["suite"]), base=str(tiny_text["base"]),
                                candidates=[str(p) for p in tiny_text["finetuned"].values()],
-                               params=MapParams(population=12, generations=5)), Env.from_settings())
+                               params=MapParams(population=12, generations=5)), pinned_settings())
     assert front["tasks"] == ["sentiment", "topic"] and front["real_evaluations"] == 12 and front["points"]
