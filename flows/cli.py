@@ -256,7 +256,7 @@ def score(
 ) -> None:
     """Relevance of each candidate to a suite, recorded: cosine of −∇loss at the base with its task vector
     (per tensor, averaged; FW-Merging's oracle at θ₀), or with --reference the data-free task-vector cosine."""
-    from flows.merge import resolve_input
+    from flows.resolve import resolve_input
     from flows.registry_access import open_registry
     from flows.steps import score_candidates, score_data_free
     from flows.suites import suite_for

@@ -35,7 +35,7 @@ def preflight(settings, suite: str, tasks: list[str] | None, refs: list[str]) ->
     """What can be checked in a second before a flow run starts (a server, a sweep) only to fail on it: the suite
     (a suite file is read whole, data and heads), its tasks, and that the registered models named exist."""
     from evaluation.suites import check_tasks, is_suite_file
-    from flows.merge import is_source, resolve_input
+    from flows.resolve import is_source, resolve_input
 
     if is_suite_file(suite):
         from flows.registry_access import open_registry

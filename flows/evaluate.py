@@ -6,7 +6,7 @@ from pathlib import Path
 
 from evaluation.evaluator import SuiteResult, evaluate_checkpoint
 from evaluation.imported import ImportedResults, read_lm_eval_results
-from flows.merge import resolve_input
+from flows.resolve import resolve_input
 from flows.suites import bound_to, suite_for
 from registry.promotion import IMPORTED_SUITE
 from registry.registry import ModelInfo, Registry

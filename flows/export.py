@@ -9,9 +9,9 @@ renamed into place whole.
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
+from merging.atomic import atomic_directory
 from merging.errors import MergeyardError, OutputExistsError
 from registry.registry import ModelInfo, Registry
 from registry.serving import write_task_model
@@ -30,17 +30,9 @@ def export_model(registry: Registry, ref: str, out: Path, head: str | None = Non
             raise MergeyardError(f"{task_model.name} has no registered head: ingest it with `--base BASE` (or merge it "
                                  "with its base), which registers the head of a task model")
         head_info, prefix = found
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(out, replace=overwrite) as tmp:
         if head_info is not None:
             write_task_model(Path(model.store_path), Path(head_info.store_path), prefix.rstrip("."), tmp)
         else:
-            shutil.copytree(model.store_path, tmp, ignore=shutil.ignore_patterns(MANIFEST))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copytree(model.store_path, tmp, ignore=shutil.ignore_patterns(MANIFEST), dirs_exist_ok=True)
     return model, head_info

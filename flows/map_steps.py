@@ -20,7 +20,8 @@ from evaluation.suite import Suite
 from merging.engine import run_merge
 from merging.map import Front, MapRun, pick
 from merging.recipe import parse_recipe
-from flows.merge import merge_and_record, store_resolver
+from flows.merge import merge_and_record
+from flows.resolve import store_resolver
 from flows.suites import bound_to
 from registry import map_records
 from registry.errors import RegistryError

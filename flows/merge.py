@@ -18,13 +18,12 @@ from pathlib import Path
 from merging.alignment import Alignment
 from merging.methods import get_method
 from merging.methods.hooks import MethodLineage
-from merging.references import parse_ref
 from merging.engine import MergeResult, environment, resolve_device, run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
 from merging.version import __version__
 from flows.provenance import code_revision
-from registry.errors import ModelNotFoundError, RegistryError
+from flows.resolve import resolve_input, store_resolver
 from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
 from registry.serving import ServedHead
 
@@ -37,21 +36,6 @@ class RecordedMerge:
     out_dir: Path | None
 
 
-def is_source(ref: str) -> bool:
-    """A recipe input that names bytes to ingest (a URI or an existing path), not a registry reference."""
-    return parse_ref(ref).is_source
-
-
-def resolve_input(registry: Registry, ref: str) -> ModelInfo:
-    """A recipe input: a source to ingest (URI or existing path), else a registry reference."""
-    if is_source(ref):
-        return registry.ingest(ref)[0]
-    try:
-        return registry.resolve(ref)
-    except ModelNotFoundError:
-        raise RegistryError(f"recipe input {ref!r} is neither a path, a source URI nor a registered model") from None
-
-
 def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo],
                tokenizer: ModelInfo | None = None) -> Recipe:
     """The same recipe with every input (and the tokenizer's source) named by its digest."""
@@ -61,16 +45,6 @@ def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo],
     if tokenizer is not None:
         data["tokenizer_source"] = tokenizer.digest
     return parse_recipe(data)
-
-
-def store_resolver(registry: Registry):
-    def resolve(digest: str) -> Path:
-        info = registry.find_digest(digest)
-        if info is None:
-            raise ModelNotFoundError(f"input {digest} is not in the registry")
-        return Path(info.store_path)
-
-    return resolve
 
 
 @dataclass

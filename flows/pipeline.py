@@ -120,7 +120,7 @@ def _score_key(context, p: dict) -> str:
 @task(name="ingest", task_run_name="ingest {uri}", cache_policy=NO_CACHE, **IO_RETRIES)
 def ingest_task(env: Settings, uri: str, base: str | None = None) -> str:
     """A source URI or path → its digest (sources change, so never cached; the registry makes it idempotent)."""
-    from flows.merge import is_source, resolve_input
+    from flows.resolve import is_source, resolve_input
 
     registry = registry_for(env)
     if base is not None and is_source(uri):

@@ -22,7 +22,8 @@ from merging.methods import get_method
 from merging.inputs import ProgressFn
 from merging.recipe import parse_recipe
 from merging.version import __version__
-from flows.merge import data_builder, store_resolver
+from flows.merge import data_builder
+from flows.resolve import store_resolver
 from registry.registry import ModelInfo, Registry
 
 

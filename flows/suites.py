@@ -17,7 +17,7 @@ def suite_for(ref: str, tasks: list[str] | None, zoo_manifest: Path | None = Non
     resolve = None
     hf_cache = None
     if registry is not None:
-        from flows.merge import resolve_input
+        from flows.resolve import resolve_input
 
         def resolve(model_ref: str) -> Path:
             return Path(resolve_input(registry, model_ref).store_path)

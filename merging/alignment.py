@@ -136,6 +136,22 @@ def aligned_view(model: Checkpoint, reference: Checkpoint, alignment: Alignment)
     return model.renamed({n: alignment.prefix + n for n in reference.entries if alignment.prefix + n in model.entries})
 
 
+def check_buffers_equal(reference: Checkpoint, others: list[Checkpoint], labels: dict[int, str]) -> None:
+    """Non-float tensors are copied from the reference, never merged: every input that has one must agree."""
+    for name, entry in reference.entries.items():
+        if entry.is_float:
+            continue
+        mine = None
+        for other in others:
+            if name not in other.entries:
+                continue
+            mine = reference.read(name) if mine is None else mine
+            if not torch.equal(mine, other.read(name).to(mine.dtype)):
+                raise IncompatibleModelsError(
+                    f"non-float tensor {name!r} differs between {labels.get(id(reference), reference.path)} and "
+                    f"{labels.get(id(other), other.path)}: buffers are not merged, so they must be equal")
+
+
 def align_all(reference: Checkpoint, others: list[Checkpoint],
               labels: list[str] | None = None) -> list[tuple[Checkpoint, Alignment]]:
     """Each of `others` seen under `reference`'s names, with how it holds them; `labels` (the reference's first)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from merging.alignment import align_all
+from merging.alignment import align_all, check_buffers_equal
 from merging.checkpoint import SINGLE_NAME, Checkpoint
 from merging.companions import CONFIG_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 from merging.digest import checkpoint_digest
@@ -67,22 +67,6 @@ def local_path(ref: str) -> Path:
     if parsed.scheme not in ("file", None):
         raise CheckpointError(f"{ref}: only local paths can be merged directly; ingest it into the registry first")
     return parsed.path or Path(ref)
-
-
-def check_buffers_equal(reference: Checkpoint, others: list[Checkpoint], labels: dict[int, str]) -> None:
-    """Non-float tensors are copied from the reference, never merged: every input that has one must agree."""
-    for name, entry in reference.entries.items():
-        if entry.is_float:
-            continue
-        mine = None
-        for other in others:
-            if name not in other.entries:
-                continue
-            mine = reference.read(name) if mine is None else mine
-            if not torch.equal(mine, other.read(name).to(mine.dtype)):
-                raise IncompatibleModelsError(
-                    f"non-float tensor {name!r} differs between {labels.get(id(reference), reference.path)} and "
-                    f"{labels.get(id(other), other.path)}: buffers are not merged, so they must be equal")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import shutil
 import threading
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from merging.atomic import move_into_place, temp_beside
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.digest import DigestBuilder, checkpoint_digest
 from merging.errors import MergeyardError, OutputExistsError
@@ -107,9 +106,7 @@ class CheckpointWriter:
         if self.out_dir.exists() and not overwrite:
             raise OutputExistsError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
         self.overwrite = overwrite
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir()
+        self.tmp_dir = temp_beside(self.out_dir)
         self._shards = plan_shards(layout, max_shard_bytes)
         self._file_names = shard_file_names(len(self._shards))
         self._shard_of = {name: s for s, shard in enumerate(self._shards) for name, _, _ in shard}
@@ -199,13 +196,8 @@ class CheckpointWriter:
         return digest, files
 
     def _move_into_place(self) -> None:
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out_dir, old)
-        os.rename(self.tmp_dir, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not move_into_place(self.tmp_dir, self.out_dir, replace=self.overwrite):
+            raise OutputExistsError(f"{self.out_dir} appeared while the merge ran; choose another --out or pass --overwrite")
 
     def abort(self) -> None:
         self._io.stop()

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
+from merging.atomic import move_into_place, temp_beside
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.companions import MODEL_FILES
 
@@ -53,9 +52,7 @@ class ModelStore:
         final = self.path_for(digest)
         if self.has(digest):
             return final, self.files(digest), False
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        tmp = temp_beside(final)
         try:
             files = []
             single = len(ckpt.files) == 1 and not (ckpt.files[0].parent / INDEX_NAME).is_file()
@@ -67,12 +64,7 @@ class ModelStore:
                 if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME):
                     files.append({"path": extra, **_copy_hashing(source_dir / extra, tmp / extra)})
             (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not self.has(digest):  # not a lost race: a real failure
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+            if not move_into_place(tmp, final):  # another process stored the same digest first
                 return final, self.files(digest), False
             return final, files, True
         except BaseException:

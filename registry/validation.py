@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 from merging.checkpoint import Checkpoint
-from merging.alignment import Alignment, align_all
-from merging.engine import check_buffers_equal
+from merging.alignment import Alignment, align_all, check_buffers_equal
 from merging.finite import all_finite
 from registry.errors import ValidationFailed
 

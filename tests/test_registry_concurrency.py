@@ -59,4 +59,4 @@ def test_concurrent_ingest_of_the_same_bytes(registry, tmp_path):
     assert registry.count(Model) == 1
     assert len(registry.mirror.client.search_model_versions(f"tags.`mergeyard.digest` = '{digest}'")) == before + 1
     assert [p.name for p in registry.store.root.iterdir() if not p.name.startswith(".")] == [digest.replace(":", "-")]
-    assert not [p for p in registry.store.root.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in registry.store.root.iterdir() if ".tmp-" in p.name]  # merging.atomic.TEMP_MARK

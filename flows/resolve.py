@@ -1,0 +1,35 @@
+"""Models as flows take them: a source to ingest (a path or a URI) or a registered model, and the store's copy of
+an input named by its digest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merging.references import parse_ref
+from registry.errors import ModelNotFoundError, RegistryError
+from registry.registry import ModelInfo, Registry
+
+
+def is_source(ref: str) -> bool:
+    """A recipe input that names bytes to ingest (a URI or an existing path), not a registry reference."""
+    return parse_ref(ref).is_source
+
+
+def resolve_input(registry: Registry, ref: str) -> ModelInfo:
+    """A recipe input: a source to ingest (URI or existing path), else a registry reference."""
+    if is_source(ref):
+        return registry.ingest(ref)[0]
+    try:
+        return registry.resolve(ref)
+    except ModelNotFoundError:
+        raise RegistryError(f"recipe input {ref!r} is neither a path, a source URI nor a registered model") from None
+
+
+def store_resolver(registry: Registry):
+    def resolve(digest: str) -> Path:
+        info = registry.find_digest(digest)
+        if info is None:
+            raise ModelNotFoundError(f"input {digest} is not in the registry")
+        return Path(info.store_path)
+
+    return resolve
