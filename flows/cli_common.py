@@ -1,17 +1,45 @@
-"""What every CLI module shares: the console and the one-line error handling."""
+"""What every CLI module shares: the app, one set of conventions, and the one-line error handling.
+
+Exit codes (documented in `mergeyard --help` and the README):
+
+    0  ok
+    1  a user error: bad file, bad recipe, unknown model, ... (one line on stderr starting `error:`)
+    2  a usage error: an unknown option, a missing argument (click's)
+    3  a gate refused a promotion
+    4  a rebuilt model's digest differs from the recorded one
+
+Every command takes `--json` (machine-readable stdout); progress bars show only on a terminal and never with
+`--json`; `--tasks` is repeatable and comma-separated wherever a suite's tasks can be chosen; tables fold long
+names instead of cutting them, and `--wide` prints full digests.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from functools import wraps
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from merging.errors import MergeyardError
 from flows.progress import stderr
 
 stdout = Console()
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_GATE_REFUSED, EXIT_MISMATCH = 0, 1, 2, 3, 4
+EXIT_CODES = """Exit codes: 0 ok; 1 a user error (one line on stderr); 2 a usage error; 3 a gate refused the
+promotion; 4 a rebuilt model's digest differs from the recorded one."""
+
+
+def make_app(**options: Any) -> typer.Typer:
+    """A Typer (sub)app with mergeyard's defaults: help text is plain (no rich markup, so `[/PRETRAINED]` in a
+    help string is text), no completion commands, no tracebacks for what users cause."""
+    defaults = dict(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+    return typer.Typer(**{**defaults, **options})
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -22,13 +50,50 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MergeyardError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            # escaped: a message may hold brackets (`hf://ORG/NAME[@REVISION]`, a shape `[16, 32]`)
+            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             stderr.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+# ---- the options every command spells the same way ------------------------------------------------------------
+
+JSON = typer.Option(False, "--json", help="print the result as JSON on stdout")
+WIDE = typer.Option(False, "--wide", help="print full digests")
+TASKS = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable, or comma-separated)")
+DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: MERGEYARD_DEVICE or cpu)")
+DASK_HELP = "run mapped tasks on Dask: an ADDRESS (tcp://host:8786), or no value for a local cluster"
+
+
+def split_tasks(values: Optional[list[str]]) -> list[str] | None:
+    """`--tasks a --tasks b,c` → [a, b, c]; none given → None (all of the suite's)."""
+    found = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    return found or None
+
+
+def show_progress(as_json: bool) -> bool:
+    """The one rule for progress bars: on a terminal, and not when stdout is JSON."""
+    return sys.stderr.isatty() and not as_json
+
+
+def digest_text(digest: str | None, wide: bool) -> str:
+    return "" if digest is None else digest if wide else digest[:19]
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """A rich table whose cells wrap onto more lines instead of being cut (a model name is never shortened)."""
+    out = Table(title=title)
+    for column in columns:
+        out.add_column(column, overflow="fold")
+    return out
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
 
 
 def preflight(settings, suite: str, tasks: list[str] | None, refs: list[str]) -> None:

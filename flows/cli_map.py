@@ -14,15 +14,16 @@ import typer
 from rich.table import Table
 
 from merging.errors import MergeyardError
-from flows.cli_common import preflight, stdout, user_errors
+from flows.cli_common import DEVICE, JSON, TASKS, make_app, preflight, print_json, show_progress, split_tasks, stdout, \
+    user_errors
 from flows.progress import progress_bars
-from flows.settings import get_settings
 
-map_app = typer.Typer(help="Pareto fronts of task-arithmetic coefficients (MAP) and merging a chosen point.")
+map_app = make_app(no_args_is_help=False,
+                   help="Pareto fronts of task-arithmetic coefficients (MAP) and merging a chosen point.")
 
 
 def _split(values: list[str] | None) -> list[str]:
-    return [v for value in values or [] for v in value.split(",") if v]
+    return split_tasks(values) or []
 
 
 @map_app.callback(invoke_without_command=True)
@@ -32,7 +33,7 @@ def map_sweep(
     suite: Optional[str] = typer.Option(None, "--suite", help="a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"),
     base: Optional[str] = typer.Option(None, "--base", help="the base the candidates were fine-tuned from"),
     candidates: Optional[list[str]] = typer.Option(None, "--candidates", help="candidate models (repeat, or a,b,c)"),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="only these tasks of the suite (repeat, or a,b)"),
+    tasks: Optional[list[str]] = TASKS,
     bayesian: bool = typer.Option(False, "--bayesian", help="adaptive sampling where the front is uncertain"),
     nested: bool = typer.Option(False, "--nested", help="pairwise tree of 2-coefficient searches (many tasks)"),
     samples: Optional[int] = typer.Option(None, help="real evaluations (default (n+1)(n+2); nested: per node)"),
@@ -41,7 +42,8 @@ def map_sweep(
     seed: int = typer.Option(0),
     prefer: Optional[str] = typer.Option(None, help="nested: preference inner nodes choose by ('a=2,b=1')"),
     dask: Optional[str] = typer.Option(None, "--dask", help="run the samples on Dask (an address, or none: local)"),
-    as_json: bool = typer.Option(False, "--json", help="print the front as JSON"),
+    device: Optional[str] = DEVICE,
+    as_json: bool = JSON,
 ) -> None:
     """Sample coefficient vectors, fit a quadratic surrogate per task, search them for the Pareto front, store it."""
     if ctx.invoked_subcommand is not None:
@@ -51,6 +53,8 @@ def map_sweep(
     if bayesian and nested:
         raise MergeyardError("choose one of --bayesian and --nested")
     from merging.map import MapParams, parse_preference
+
+    from flows.settings import get_settings
 
     settings = get_settings()
     preflight(settings, suite, _split(tasks), [base, *_split(candidates)])
@@ -63,9 +67,9 @@ def map_sweep(
                        variant="bayesian" if bayesian else "nested" if nested else "plain",
                        params=MapParams(samples=samples, low=low, high=high, seed=seed),
                        preference=parse_preference(prefer) if prefer else None)
-    report = with_runner(map_flow, dask)(config, settings.pinned())
+    report = with_runner(map_flow, dask)(config, settings.pinned().model_copy(update={"device": device or settings.device}))
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print_json(report)
         return
     _print_front(report["front"], report["tasks"], report["points"], report["surrogates"])
     stdout.print(f"{report['real_evaluations']} real evaluations ({report['reused_samples']} from the sample cache); "
@@ -95,13 +99,15 @@ def map_pick(
     front: int = typer.Argument(..., help="front id (from `mergeyard map` or `map list`)"),
     prefer: str = typer.Option(..., "--prefer", help="preference weights, e.g. 'digits=2,letters=1'"),
     name: Optional[str] = typer.Option(None, help="registry name of the merged model (default map-front-ID)"),
-    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+    device: Optional[str] = DEVICE,
+    as_json: bool = JSON,
 ) -> None:
     """Pick the front point the preference favours, merge it for real, evaluate it: predicted versus measured."""
     from merging.map import parse_preference
     from flows.map_steps import pick_and_merge
     from flows.registry_access import open_registry
     from flows.suites import suite_for
+    from flows.settings import get_settings
     from registry.map_records import get_front
 
     settings = get_settings()
@@ -109,8 +115,8 @@ def map_pick(
     record = get_front(registry, front)
     suite = suite_for(record.settings.get("suite", record.suite_name), record.tasks, settings.zoo_dir / "manifest.json",
                       registry=registry)
-    with progress_bars(enabled=not as_json) as progress:
-        picked = pick_and_merge(registry, record, parse_preference(prefer), suite, name=name, device=settings.device,
+    with progress_bars(enabled=show_progress(as_json)) as progress:
+        picked = pick_and_merge(registry, record, parse_preference(prefer), suite, name=name, device=device or settings.device,
                                 progress=progress)
     out = {"front": front, "point": picked.point, "coefficients": picked.coefficients, "predicted": picked.predicted,
            "measured": picked.measured, "model": picked.model.digest, "name": picked.model.name,
@@ -129,7 +135,7 @@ def map_pick(
 
 @map_app.command("list")
 @user_errors
-def map_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+def map_list(as_json: bool = JSON) -> None:
     """The stored Pareto fronts."""
     from flows.registry_access import open_registry
     from registry.map_records import list_fronts
@@ -147,7 +153,7 @@ def map_list(as_json: bool = typer.Option(False, "--json", help="print as JSON")
 
 @map_app.command("show")
 @user_errors
-def map_show(front: int = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def map_show(front: int = typer.Argument(..., help="front id (from `mergeyard map` or `map list`)"), as_json: bool = JSON) -> None:
     """One front: its surrogates' held-out errors and its points."""
     from flows.registry_access import open_registry
     from registry.map_records import get_front

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from merging.inputs import ProgressFn
+ProgressFn = Callable[[str, int, int], None]  # merging.inputs' (stage, done, total); not imported: it imports torch
 
 stderr = Console(stderr=True)
 

@@ -81,14 +81,17 @@ def check_can_serve(config) -> None:
 
 
 def serve_pipeline(config, env, dask: str | None = None, limit: int | None = None,
-                   preflight: Callable[[], None] | None = None) -> None:
+                   preflight: Callable[[], None] | None = None, announce: Callable[[dict], None] | None = None) -> None:
     """Serve the pipeline as a deployment named after it, on the config's cron schedule (blocks). `preflight`
-    runs once the server answers and before anything is deployed."""
+    runs once the server answers and before anything is deployed; `announce` gets what is about to be served."""
     from flows.pipeline import pipeline_flow
 
     check_can_serve(config)
     if preflight is not None:
         preflight()
+    if announce is not None:
+        announce({"deployment": f"mergeyard-pipeline/{config.name}", "cron": config.schedule.cron,
+                  "timezone": config.schedule.timezone, "api": prefect_api_url()})
     flow = with_runner(pipeline_flow, dask)
     flow.serve(name=config.name, schedules=[config.schedule.prefect_schedule()],
                parameters={"config": config.model_dump(mode="json"), "env": env.model_dump(mode="json")},

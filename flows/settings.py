@@ -81,4 +81,10 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings; what libraries cache (matplotlib's font cache, which the zoo's renderer and MAP's
+    plots fill) goes under MERGEYARD_HOME too, so nothing is written outside it."""
+    import os
+
+    settings = Settings()
+    os.environ.setdefault("MPLCONFIGDIR", str((Path(settings.home) / "cache" / "matplotlib").resolve()))
+    return settings

@@ -1,8 +1,4 @@
-"""The installed mergeyard version (recorded in every output and lineage row)."""
+"""The mergeyard version (recorded in every output and lineage row). The one place it is written: pyproject.toml
+reads it from here (`[tool.setuptools.dynamic]`), and reading it needs no scan of the installed packages."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("mergeyard")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+__version__ = "0.1.0"

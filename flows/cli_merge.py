@@ -1,0 +1,131 @@
+"""`mergeyard merge | digest | methods | export | version`: merging and what comes out of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.cli_app import app
+from flows.cli_common import DEVICE, JSON, print_json, show_progress, stdout, table, user_errors
+from flows.progress import progress_bars
+
+
+@app.command()
+@user_errors
+def merge(
+    recipe: Path = typer.Argument(..., help="recipe YAML (method, base, models, parameters)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the merged checkpoint here (must not exist unless --overwrite)"),
+    name: Optional[str] = typer.Option(None, help="registry name of the merged model (default merged-METHOD)"),
+    device: Optional[str] = DEVICE,
+    max_shard_bytes: Optional[int] = typer.Option(None, help="largest output shard in bytes (default 5e9)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory once the merge succeeded"),
+    as_json: bool = JSON,
+) -> None:
+    """Merge checkpoints as RECIPE says, register the result with its lineage, print its digest.
+
+    Recipe inputs may be paths or source URIs (ingested first) or registered models (digest, name, NAME@ALIAS).
+    """
+    from flows.merge import merge_and_record
+    from flows.registry_access import open_registry
+    from flows.settings import get_settings
+    from merging.recipe import load_recipe
+
+    settings = get_settings()
+    parsed = load_recipe(recipe)
+    registry = open_registry(settings)
+    with progress_bars(enabled=show_progress(as_json)) as progress:
+        recorded = merge_and_record(
+            parsed, registry, out=out, name=name, device=device or settings.device,
+            max_shard_bytes=max_shard_bytes or settings.max_shard_bytes, overwrite=overwrite, progress=progress,
+        )
+    result = recorded.result
+    if as_json:
+        print_json({**result.as_dict(), "out_dir": str(out) if out else None, "name": recorded.model.name,
+                    "store_path": recorded.model.store_path, "merge_run": recorded.run_id})
+    else:
+        stdout.print(f"merged with [bold]{result.method}[/] in {result.seconds:.2f} s → {recorded.model.name} "
+                     f"(run {recorded.run_id}){f', written to {out}' if out else ''}")
+        stdout.print(result.digest, highlight=False)
+
+
+@app.command()
+@user_errors
+def digest(
+    path: Path = typer.Argument(..., help="a .safetensors file or a checkpoint directory (sharded or not)"),
+    as_json: bool = JSON,
+) -> None:
+    """Print a checkpoint's content digest (independent of sharding and file names)."""
+    from merging.checkpoint import Checkpoint
+    from merging.digest import checkpoint_digest
+
+    ckpt = Checkpoint(path)
+    value = checkpoint_digest(ckpt)
+    if as_json:
+        print_json({"path": str(path), "digest": value, "tensors": len(ckpt.entries), "params": ckpt.num_params,
+                    "bytes": ckpt.nbytes})
+    else:
+        print(value)
+
+
+def _plain_default(value):
+    from pydantic import BaseModel
+
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+@app.command()
+@user_errors
+def methods(as_json: bool = JSON) -> None:
+    """List the merge methods with their parameters and papers."""
+    from merging.methods import all_methods
+
+    listing = []
+    for spec in all_methods():
+        params = {
+            (f.alias or name): {"default": _plain_default(f.get_default(call_default_factory=True)),
+                                "description": f.description or ""}
+            for name, f in spec.params.model_fields.items()
+        }
+        listing.append({"name": spec.name, "summary": spec.summary, "paper": spec.paper,
+                        "requires_base": spec.requires_base, "data_informed": spec.data_informed, "parameters": params})
+    if as_json:
+        print_json(listing)
+        return
+    shown = table("method", "parameters (default)", "paper", title="merge methods")
+    for m in listing:
+        params = ", ".join(f"{k}={v['default']}" for k, v in m["parameters"].items())
+        shown.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", params, m["paper"])
+    stdout.print(shown)
+
+
+@app.command()
+@user_errors
+def export(
+    model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write (must not exist unless --overwrite)"),
+    head: Optional[str] = typer.Option(None, help="a fine-tuned task model (or its head) whose head to put on the encoder"),
+    overwrite: bool = typer.Option(False, help="replace an existing directory"),
+    as_json: bool = JSON,
+) -> None:
+    """Write a registered model as a directory transformers loads; with --head, as that fine-tune's task model
+    (AutoModelForSequenceClassification) around the model's encoder."""
+    from flows.export import export_model
+    from flows.registry_access import open_registry
+
+    info, head_info = export_model(open_registry(), model, out, head, overwrite)
+    if as_json:
+        print_json({"model": info.digest, "name": info.name, "head": head_info.digest if head_info else None,
+                    "out": str(out)})
+    else:
+        with_head = f" with the head of {head_info.name}" if head_info else ""
+        stdout.print(f"wrote {info.name}{with_head} to {out}", highlight=False)
+
+
+@app.command()
+def version(as_json: bool = JSON) -> None:
+    """Print the mergeyard version."""
+    from merging.version import __version__
+
+    print_json({"version": __version__}) if as_json else print(__version__)

@@ -1,0 +1,199 @@
+"""`mergeyard ingest | models list | lineage | promote | audit | reproduce | db`: the registry's commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from merging.errors import MergeyardError
+from flows.cli_app import app
+from flows.cli_common import (DEVICE, EXIT_GATE_REFUSED, EXIT_MISMATCH, JSON, WIDE, digest_text, make_app, print_json,
+                              show_progress, stdout, table, user_errors)
+from flows.progress import progress_bars, stderr
+
+
+@app.command()
+@user_errors
+def ingest(
+    uri: str = typer.Argument(..., help="path, file://, hf://ORG/NAME[@REV], open_clip://ARCH[/PRETRAINED], mlflow://NAME/VERSION or NAME@ALIAS"),
+    name: Optional[str] = typer.Option(None, help="registry name (default: derived from the source)"),
+    base: Optional[str] = typer.Option(None, help="declared base MODEL: the checkpoint must match its tensors (a task model around it too)"),
+    as_json: bool = JSON,
+) -> None:
+    """Validate a checkpoint and register it by content digest (the same bytes again are a no-op)."""
+    from flows.registry_access import open_registry
+
+    model, created = open_registry().ingest(uri, name=name, base=base)
+    if as_json:
+        print_json({**model.as_dict(), "created": created})
+    else:
+        verb = "registered" if created else "already registered as"
+        stdout.print(f"{verb} [bold]{model.name}[/] ({model.num_params:,} params, {model.dtype})")
+        stdout.print(model.digest, highlight=False)
+
+
+models_app = make_app(help="Registered models.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+@user_errors
+def models_list(as_json: bool = JSON, wide: bool = WIDE) -> None:
+    """List registered models."""
+    from flows.registry_access import open_registry
+
+    rows = open_registry().list_models()
+    if as_json:
+        print_json([m.as_dict() for m in rows])
+        return
+    shown = table("digest", "name", "kind", "params", "dtype", "source", "created", title="registered models")
+    for m in rows:
+        shown.add_row(digest_text(m.digest, wide), m.name, m.kind, f"{m.num_params:,}", m.dtype, m.source_uri,
+                      m.created_at.strftime("%Y-%m-%d %H:%M"))
+    stdout.print(shown)
+
+
+@app.command()
+@user_errors
+def lineage(
+    model: str = typer.Argument(..., help="digest (or unique prefix), name, or NAME@ALIAS"),
+    fmt: str = typer.Option("tree", "--format", help="tree, json or mermaid"),
+    as_json: bool = typer.Option(False, "--json", help="the same as --format json"),
+) -> None:
+    """Show a model's ancestors down to the ingested roots, with methods, coefficients and metrics."""
+    from flows.registry_access import open_registry
+    from registry.lineage import lineage as build_lineage
+
+    fmt = "json" if as_json else fmt
+    if fmt not in ("tree", "json", "mermaid"):
+        raise MergeyardError(f"--format {fmt!r}: use tree, json or mermaid")
+    registry = open_registry()
+    info = registry.resolve(model)
+    with registry.Session() as session:
+        graph = build_lineage(session, info.id)
+    if fmt == "json":
+        print(graph.to_json())
+    elif fmt == "mermaid":
+        print(graph.to_mermaid())
+    else:
+        from flows.console import render_tree
+
+        stdout.print(render_tree(graph))
+
+
+@app.command()
+@user_errors
+def promote(
+    model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
+    to: str = typer.Option(..., "--to", help="alias to move, e.g. staging or production"),
+    gate: Optional[Path] = typer.Option(None, help="gate YAML (default: no rules; the event is still recorded)"),
+    actor: Optional[str] = typer.Option(None, help="who promotes (default: $USER)"),
+    reason: Optional[str] = typer.Option(None, help="why, for the audit log"),
+    as_json: bool = JSON,
+) -> None:
+    """Pass MODEL through a gate and, if it passes, move NAME@ALIAS to it. Both outcomes are audit events;
+    a refusal exits 3."""
+    import getpass
+
+    from flows.gates import promote_through
+    from flows.registry_access import open_registry
+    from flows.settings import get_settings
+    from registry.promotion import Gate, load_gate
+
+    decision = promote_through(open_registry(), model, to, load_gate(gate) if gate else Gate(),
+                               actor or getpass.getuser(), reason, get_settings().zoo_manifest)
+    if as_json:
+        print_json(decision.as_dict())
+    else:
+        shown = table("rule", "observed", "threshold", "", title=f"gate for {decision.model.name}@{to}")
+        for c in decision.checks:
+            shown.add_row(c.rule, str(c.observed), str(c.threshold), "[green]pass[/]" if c.passed else f"[red]FAIL[/] {c.detail}")
+        if decision.checks:
+            stdout.print(shown)
+        verdict = "[green]promoted[/]" if decision.passed else "[red]refused[/]"
+        stdout.print(f"{verdict} {decision.model.digest[:19]} to {decision.model.name}@{to} (event {decision.event_id})")
+    if not decision.passed:
+        raise typer.Exit(EXIT_GATE_REFUSED)
+
+
+@app.command()
+@user_errors
+def audit(
+    model: Optional[str] = typer.Argument(None, help="only events about this model"),
+    alias: Optional[str] = typer.Option(None, help="only events for this alias"),
+    as_json: bool = JSON,
+    wide: bool = WIDE,
+) -> None:
+    """The promotion history: who moved which model where, when, and the numbers the gate compared."""
+    from flows.registry_access import open_registry
+    from registry.promotion import audit as read_audit
+
+    rows = read_audit(open_registry(), model, alias)
+    if as_json:
+        print_json([vars(r) for r in rows])
+        return
+    shown = table("event", "time", "alias", "decision", "model", "previous", "actor", "reason",
+                  title="promotion audit log")
+    for r in rows:
+        shown.add_row(str(r.id), r.time[:19], f"{r.name}@{r.alias}", r.decision, digest_text(r.model, wide),
+                      digest_text(r.previous, wide), r.actor, r.reason or "")
+    stdout.print(shown)
+
+
+@app.command()
+@user_errors
+def reproduce(
+    model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
+    device: Optional[str] = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """Rebuild a model from its lineage record and compare digests; exit 4 naming the differing tensors on a
+    mismatch."""
+    from flows.registry_access import open_registry
+    from flows.reproduce import reproduce as run_reproduce
+    from flows.settings import get_settings
+
+    with progress_bars(enabled=show_progress(as_json)) as progress:
+        outcome = run_reproduce(open_registry(), model, device=device or get_settings().device, progress=progress)
+    if as_json:
+        print_json(outcome.as_dict())
+    elif outcome.ok:
+        stdout.print(f"[green]reproduced[/] {outcome.model.name}: {outcome.rebuilt_digest}", highlight=False)
+    if not outcome.ok:
+        names = ", ".join(outcome.differing[:10]) + (" ..." if len(outcome.differing) > 10 else "")
+        stderr.print(f"[bold red]error:[/] rebuilt {outcome.rebuilt_digest} but recorded {outcome.model.digest}; "
+                     f"differing tensors: {names or 'none found (metadata only)'}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_MISMATCH)
+
+
+db_app = make_app(help="The lineage database.")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+@user_errors
+def db_upgrade(as_json: bool = JSON) -> None:
+    """Apply schema migrations (Alembic) to MERGEYARD_DATABASE_URL."""
+    from flows.settings import get_settings
+    from registry.db import current_revision, head_revision, make_engine, upgrade
+
+    engine = make_engine(get_settings().lineage_database_url)
+    before = current_revision(engine)
+    upgrade(engine)
+    if as_json:
+        print_json({"revision": head_revision(engine), "was": before})
+    else:
+        stdout.print(f"lineage database at schema {head_revision(engine)} (was {before or 'empty'})")
+
+
+@db_app.command("current")
+@user_errors
+def db_current(as_json: bool = JSON) -> None:
+    """Print the schema revision of the lineage database."""
+    from flows.settings import get_settings
+    from registry.db import current_revision, make_engine
+
+    revision = current_revision(make_engine(get_settings().lineage_database_url))
+    print_json({"revision": revision}) if as_json else print(revision or "empty")
