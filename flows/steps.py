@@ -10,7 +10,6 @@ round trip; clearing them never causes repeated or duplicated work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from evaluation.evaluator import SuiteResult, evaluate_checkpoint, load_state
 from evaluation.objectives import FewShotCrossEntropy

@@ -22,7 +22,7 @@ from merging.checkpoint import SINGLE_NAME, Checkpoint
 from merging.companions import CONFIG_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 from merging.digest import checkpoint_digest
 from merging.finite import all_finite
-from merging.errors import CheckpointError, IncompatibleModelsError, MergeyardError, NonFiniteError
+from merging.errors import CheckpointError, MergeyardError, NonFiniteError
 from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn, check_input_finite
 from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
 from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout

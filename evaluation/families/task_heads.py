@@ -223,7 +223,15 @@ class TaskHeadsFamily(Family):
                              f"directory holding the {what}), or evaluate a registered model whose files (or its "
                              "base's) include it")
 
-    preprocessing_files: ClassVar[tuple[str, ...]] = ()
+    preprocessing_files: ClassVar[tuple[str, ...]] = ()  # any of them marks a directory holding the preprocessor
+    preprocessor_class: ClassVar[str]  # the transformers auto class that loads it (AutoTokenizer, AutoImageProcessor)
+    preprocessor_name: ClassVar[str]
+
+    @cached_property
+    def preprocessor(self):
+        import transformers
+
+        return getattr(transformers, self.preprocessor_class).from_pretrained(self.preprocessing_dir(self.preprocessor_name))
 
     def runner(self, device: torch.device) -> TaskHeadsRunner:
         return TaskHeadsRunner(self, device)

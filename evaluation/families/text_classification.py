@@ -6,8 +6,6 @@ Inputs are a task's texts, tokenized by the model's own tokenizer (truncated to
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 
 from evaluation.families.task_heads import TaskHeadsFamily
@@ -18,16 +16,11 @@ class TextClassificationFamily(TaskHeadsFamily):
     name = "text-classification"
     auto_class = "AutoModelForSequenceClassification"
     preprocessing_files = TOKENIZER_FILES
+    preprocessor_class, preprocessor_name = "AutoTokenizer", "tokenizer"
     input_column = "text"
-
-    @cached_property
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.preprocessing_dir("tokenizer"))
 
     def prepare(self, raw, device: torch.device) -> dict:
         texts = [str(t) for t in raw]
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=int(self.options.get("max_length", 128)),
+        batch = self.preprocessor(texts, padding=True, truncation=True, max_length=int(self.options.get("max_length", 128)),
                                return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items()}

@@ -7,8 +7,6 @@ prepared by the model's own image processor.
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 
 from evaluation.families.task_heads import TaskHeadsFamily
@@ -32,14 +30,9 @@ class VisionHeadsFamily(TaskHeadsFamily):
     name = "image-classification"
     auto_class = "AutoModelForImageClassification"
     preprocessing_files = PREPROCESSOR_FILES
+    preprocessor_class, preprocessor_name = "AutoImageProcessor", "image processor (preprocessor_config.json)"
     input_column = "image"
 
-    @cached_property
-    def processor(self):
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(self.preprocessing_dir("image processor (preprocessor_config.json)"))
-
     def prepare(self, raw, device: torch.device) -> dict:
-        pixels = self.processor(images=[open_image(x) for x in raw], return_tensors="pt")["pixel_values"]
+        pixels = self.preprocessor(images=[open_image(x) for x in raw], return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels.to(device)}
