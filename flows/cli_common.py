@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from merging.errors import MergeyardError
+from merging.errors import DeviceError, MergeyardError, OutputExistsError, PreferenceError
 from flows.progress import stderr
 
 stdout = Console()
@@ -42,16 +42,23 @@ def make_app(**options: Any) -> typer.Typer:
     return typer.Typer(**{**defaults, **options})
 
 
+# what to type instead, for the errors whose messages (from layers that know no flags) a flag resolves
+HINTS = {OutputExistsError: "choose another --out or pass --overwrite", DeviceError: "pass --device cpu",
+         PreferenceError: "write --prefer as 'task_a=2,task_b=1'"}
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn MergeyardError into one line on stderr and exit status 1."""
+    """Turn MergeyardError into one line on stderr (with the flag that helps, where one does) and exit status 1."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MergeyardError as exc:
+            hint = next((h for kind, h in HINTS.items() if isinstance(exc, kind)), None)
+            text = f"{exc} ({hint})" if hint else str(exc)
             # escaped: a message may hold brackets (`hf://ORG/NAME[@REVISION]`, a shape `[16, 32]`)
-            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             stderr.print("interrupted; nothing was written")

@@ -22,7 +22,7 @@ def export_model(registry: Registry, ref: str, out: Path, head: str | None = Non
     model = registry.resolve(ref)
     head_info = None
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise OutputExistsError(f"{out} already exists; write elsewhere or allow overwriting it")
     if head is not None:
         task_model = registry.resolve(head)
         found = registry.head_of(task_model)

@@ -22,7 +22,7 @@ from merging.checkpoint import SINGLE_NAME, Checkpoint
 from merging.companions import CONFIG_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 from merging.digest import checkpoint_digest
 from merging.finite import all_finite
-from merging.errors import CheckpointError, MergeyardError, NonFiniteError
+from merging.errors import CheckpointError, DeviceError, MergeyardError, NonFiniteError
 from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn, check_input_finite
 from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
 from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
@@ -73,9 +73,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MergeyardError(f"unknown device {name!r}; use cpu or cuda") from None
+        raise DeviceError(f"unknown device {name!r}; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeyardError("--device cuda asked for, but torch sees no CUDA GPU here; use --device cpu")
+        raise DeviceError("the cuda device was asked for, but torch sees no CUDA GPU here; use the cpu")
     return device
 
 
@@ -119,7 +119,8 @@ def run_merge(
     paths = {ref: resolve(ref) for ref in refs}
     for ref, path in paths.items():
         if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
-            raise MergeyardError(f"--out {out_dir} would overwrite the input {ref}; write the merge elsewhere")
+            raise MergeyardError(f"the output directory {out_dir} would overwrite the input {ref}; write the merge "
+                                 "elsewhere")
     checkpoints = {ref: Checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
     refs = list(checkpoints)
     reference_ref = recipe.base or recipe.models[0].model

@@ -1,7 +1,8 @@
 """Errors a user can cause. Each message says what went wrong and what to do.
 
 Every layer of mergeyard raises subclasses of `MergeyardError`; the CLI prints
-the message on one line and exits non-zero.
+the message on one line and exits non-zero. Messages here never name CLI flags:
+the CLI adds that hint for the error types it knows (flows.cli_common).
 """
 
 from __future__ import annotations
@@ -33,3 +34,11 @@ class RecipeError(MergeyardError):
 
 class OutputExistsError(MergeyardError):
     """The output directory exists and overwriting was not asked for."""
+
+
+class DeviceError(MergeyardError):
+    """The compute device asked for is not there."""
+
+
+class PreferenceError(MergeyardError):
+    """A preference over a front's tasks that cannot be read."""

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import least_squares
 from scipy.stats import qmc
 
-from merging.errors import MergeyardError
+from merging.errors import MergeyardError, PreferenceError
 
 Link = Literal["sigmoid", "softplus", "identity"]
 # coefficient vectors → per vector, {task: metric}
@@ -233,10 +233,10 @@ def pick(front: Front, preference: dict[str, float]) -> int:
     """The front point that maximises the preference-weighted mean of the predicted metrics."""
     unknown = sorted(set(preference) - set(front.tasks))
     if unknown:
-        raise MergeyardError(f"--prefer names task {unknown[0]!r}, not one of the front's: {', '.join(front.tasks)}")
+        raise PreferenceError(f"the preference names task {unknown[0]!r}, not one of the front's: {', '.join(front.tasks)}")
     w = np.array([preference.get(t, 0.0) for t in front.tasks], dtype=np.float64)
     if w.sum() <= 0:
-        raise MergeyardError("--prefer needs at least one positive weight, e.g. 'digits=2,letters=1'")
+        raise PreferenceError("a preference needs at least one positive weight, e.g. 'digits=2,letters=1'")
     return int(np.argmax(front.predicted @ (w / w.sum())))
 
 
@@ -250,7 +250,7 @@ def parse_preference(text: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not name.strip() or out.get(name.strip(), 0) < 0:
-            raise MergeyardError(f"--prefer {text!r}: write non-negative weights as 'task_a=2,task_b=1'")
+            raise PreferenceError(f"preference {text!r}: write non-negative weights as 'task_a=2,task_b=1'")
     return out
 
 

@@ -31,7 +31,7 @@ Layout = list[tuple[str, str, tuple[int, ...]]]  # (name, safetensors dtype, sha
 def plan_shards(layout: Layout, max_shard_bytes: int) -> list[Layout]:
     """Greedy split in name order; a tensor larger than the limit gets a shard of its own."""
     if max_shard_bytes <= 0:
-        raise MergeyardError("--max-shard-bytes must be positive")
+        raise MergeyardError("the largest shard size must be a positive number of bytes")
     shards: list[Layout] = [[]]
     size = 0
     for name, dtype, shape in layout:
@@ -104,7 +104,7 @@ class CheckpointWriter:
                  metadata: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out_dir} already exists; choose another --out or pass --overwrite")
+            raise OutputExistsError(f"{self.out_dir} already exists; write elsewhere or allow overwriting it")
         self.overwrite = overwrite
         self.tmp_dir = temp_beside(self.out_dir)
         self._shards = plan_shards(layout, max_shard_bytes)
@@ -197,7 +197,7 @@ class CheckpointWriter:
 
     def _move_into_place(self) -> None:
         if not move_into_place(self.tmp_dir, self.out_dir, replace=self.overwrite):
-            raise OutputExistsError(f"{self.out_dir} appeared while the merge ran; choose another --out or pass --overwrite")
+            raise OutputExistsError(f"{self.out_dir} appeared while the merge ran; write elsewhere or allow overwriting it")
 
     def abort(self) -> None:
         self._io.stop()

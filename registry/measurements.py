@@ -4,15 +4,11 @@ reproductions. A part of `Registry` (a mixin over its sessions), kept apart so e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.model_info import ModelInfo
 from registry.schema import Evaluation, Model, RelevanceScore, Reproduction
-
-if TYPE_CHECKING:
-    from registry.registry import ModelInfo
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -28,6 +27,7 @@ from merging.digest import checkpoint_digest
 from registry.db import ensure_schema, make_engine
 from registry.errors import AmbiguousModelError, ModelNotFoundError
 from registry.measurements import Measurements, SuiteEvaluation
+from registry.model_info import ModelInfo
 from registry.mlflow_mirror import MirroredModel, MlflowMirror
 from registry.serving import ServedHead, serving_spec
 from registry.schema import LineageEdge, MergeRun, Model, PromotionEvent, utcnow
@@ -36,37 +36,6 @@ from registry.store import ModelStore
 from registry.validation import validate_checkpoint
 
 _HEX_PREFIX = re.compile(r"^(sha256:)?([0-9a-f]{8,64})$")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A snapshot of one model row (safe to use after its session closed)."""
-
-    id: int
-    digest: str
-    name: str
-    kind: str
-    source_uri: str
-    resolved_revision: str | None
-    files: list[dict]
-    architecture: str | None
-    base_model_id: int | None
-    num_params: int
-    dtype: str
-    size_bytes: int
-    store_path: str
-    mlflow_model_id: str | None
-    mlflow_version: str | None
-    created_at: datetime
-
-    @classmethod
-    def of(cls, row: Model) -> "ModelInfo":
-        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["created_at"] = self.created_at.isoformat()
-        return d
 
 
 @dataclass(frozen=True)

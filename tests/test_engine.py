@@ -125,7 +125,7 @@ def test_existing_output_needs_overwrite_and_inputs_are_protected(tmp_path, writ
     bp, mps = write_family(*random_family(1, seed=5))
     out = tmp_path / "out"
     first = run_merge(ta_recipe(bp, mps), out)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="already exists; write elsewhere or allow overwriting it"):
         run_merge(ta_recipe(bp, mps), out)
     second = run_merge(parse_recipe({"method": "average", "models": [{"model": str(mps[0]), "weight": 3.0}, str(bp)]}),
                        out, overwrite=True)

@@ -1,0 +1,40 @@
+"""A model row as the rest of mergeyard sees it: a plain snapshot, safe to use after its session closed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from registry.schema import Model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A snapshot of one model row (safe to use after its session closed)."""
+
+    id: int
+    digest: str
+    name: str
+    kind: str
+    source_uri: str
+    resolved_revision: str | None
+    files: list[dict]
+    architecture: str | None
+    base_model_id: int | None
+    num_params: int
+    dtype: str
+    size_bytes: int
+    store_path: str
+    mlflow_model_id: str | None
+    mlflow_version: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Model) -> "ModelInfo":
+        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["created_at"] = self.created_at.isoformat()
+        return d
