@@ -1,4 +1,4 @@
-"""`mergeyard evaluate | score`: a model's numbers on a suite, and candidates' relevance to one."""
+"""`mergeyard evaluate | score | measure`: a model's numbers on a suite, candidates' relevance, statistics."""
 
 from __future__ import annotations
 
@@ -111,3 +111,31 @@ def score(
     for m, v in rows:
         shown.add_row(m.name, digest_text(m.digest, wide), f"{v:+.4f}")
     stdout.print(shown)
+
+
+@app.command()
+@user_errors
+def measure(
+    model: str = typer.Argument(..., help="digest, name, NAME@ALIAS, or a checkpoint path (ingested first)"),
+    suite: str = typer.Option(..., "--suite", help=SUITE_HELP),
+    stat: str = typer.Option(..., "--stat", help="fisher (the diagonal Fisher) or gram (each linear layer's XᵀX)"),
+    tasks: Optional[list[str]] = TASKS,
+    samples: int = typer.Option(64, help="calibration samples per task"),
+    device: Optional[str] = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """Measure a model's statistics on a suite once and register them (kind `statistics`, linked to the model and
+    the suite digest): Fisher merging and RegMean then take them instead of data (`statistics: [...]`)."""
+    from flows.measure import measure as run_measure
+    from flows.registry_access import open_registry
+    from flows.settings import get_settings
+
+    settings = get_settings()
+    info, created = run_measure(open_registry(settings), model, suite, stat, tasks=split_tasks(tasks), budget=samples,
+                                device=device or settings.device, zoo_manifest=settings.zoo_manifest)
+    if as_json:
+        print_json({**info.as_dict(), "created": created})
+    else:
+        verb = "registered" if created else "already registered as"
+        stdout.print(f"{verb} [bold]{info.name}[/] ({info.num_params:,} values)")
+        stdout.print(info.digest, highlight=False)

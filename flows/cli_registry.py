@@ -19,7 +19,7 @@ from flows.progress import progress_bars, stderr
 def ingest(
     uri: str = typer.Argument(..., help="path, file://, hf://ORG/NAME[@REV], open_clip://ARCH[/PRETRAINED], mlflow://NAME/VERSION or NAME@ALIAS"),
     name: Optional[str] = typer.Option(None, help="registry name (default: derived from the source)"),
-    base: Optional[str] = typer.Option(None, help="declared base MODEL: the checkpoint must match its tensors (a task model around it too)"),
+    base: Optional[str] = typer.Option(None, help="declared base: a registered MODEL, or a path or URI (ingested first); the checkpoint must hold its tensors (a task model around it too)"),
     as_json: bool = JSON,
 ) -> None:
     """Validate a checkpoint and register it by content digest (the same bytes again are a no-op)."""

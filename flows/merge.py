@@ -37,13 +37,15 @@ class RecordedMerge:
 
 
 def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo],
-               tokenizer: ModelInfo | None = None) -> Recipe:
-    """The same recipe with every input (and the tokenizer's source) named by its digest."""
+               tokenizer: ModelInfo | None = None, params: dict | None = None) -> Recipe:
+    """The same recipe with every input (and the tokenizer's source, and what its parameters name) by digest."""
     data = recipe.canonical()
     data["base"] = base.digest if base else None
     data["models"] = [{"model": m.digest, "weight": entry["weight"]} for m, entry in zip(models, data["models"])]
     if tokenizer is not None:
         data["tokenizer_source"] = tokenizer.digest
+    if params:
+        data["parameters"] = {**data["parameters"], **params}
     return parse_recipe(data)
 
 
@@ -103,7 +105,12 @@ def pin_inputs(recipe: Recipe, registry: Registry) -> tuple[Recipe, ModelInfo | 
     base = resolve_input(registry, recipe.base) if recipe.base else None
     models = [resolve_input(registry, m.model) for m in recipe.models]
     tokenizer = resolve_input(registry, recipe.tokenizer_source) if recipe.tokenizer_source else None
-    return pin_recipe(recipe, base, models, tokenizer), base, models
+    named = {}  # the method's parameters that name registered artifacts, pinned to their digests
+    params = recipe.params().model_dump(by_alias=True, mode="json")
+    for key in get_method(recipe.method).model_params:
+        if params.get(key):
+            named[key] = [resolve_input(registry, ref).digest for ref in params[key]]
+    return pin_recipe(recipe, base, models, tokenizer, named), base, models
 
 
 def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, device: str = "cpu",
@@ -128,7 +135,8 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     except BaseException as exc:
         registry.fail_merge_run(run_id, f"{type(exc).__name__}: {exc}")
         raise
-    return StagedMerge(run_id, target, result, pinned, base, models)
+    # a method that settled parameters (learned coefficients) is recorded with them: `reproduce` rebuilds from them
+    return StagedMerge(run_id, target, result, result.resolved or pinned, base, models)
 
 
 def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluations: list[SuiteEvaluation] = (),
@@ -147,7 +155,7 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
         model = registry.complete_merge_run(staged.run_id, staged.path, staged.result.digest, name, staged.parents(),
                                             staged.result.seconds, evaluations=evaluations,
                                             details={**(staged.run_details() or {}), **(details or {})} or None,
-                                            heads=heads)
+                                            heads=heads, recipe_json=staged.recipe.canonical_json())
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise

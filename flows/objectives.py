@@ -8,16 +8,20 @@ from pathlib import Path
 
 from evaluation.calibration import SuiteCalibration
 from evaluation.objectives import FewShotCrossEntropy, PredictionEntropy
+from evaluation.statistics import SuiteStatistics
 from flows.suites import suite_for
-from merging.objective import CalibrationRequest, ObjectiveRequest
+from merging.objective import CalibrationRequest, ObjectiveRequest, StatisticsRequest
 
 
 def build_request(request, device: str = "cpu", model_dirs: list[Path] | Path | None = None, registry=None):
-    """An `ObjectiveRequest` → an objective (or one per task); a `CalibrationRequest` → calibration inputs."""
+    """An `ObjectiveRequest` → an objective (or one per task); a `CalibrationRequest` → calibration inputs; a
+    `StatisticsRequest` → what measures Fisher and Gram statistics."""
     tasks = list(request.tasks) if request.tasks else None
     suite = suite_for(request.suite, tasks, registry=registry).for_model(model_dirs)
     if isinstance(request, CalibrationRequest):
         return SuiteCalibration(suite, tasks, request.samples)
+    if isinstance(request, StatisticsRequest):
+        return SuiteStatistics(suite, tasks, request.budget, device)
     if not isinstance(request, ObjectiveRequest):
         raise TypeError(f"no builder for a {type(request).__name__}")
     kind = FewShotCrossEntropy if request.loss == "cross_entropy" else PredictionEntropy

@@ -47,6 +47,7 @@ class MergeResult:
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # what a data-informed method decided (e.g. FW's selections)
+    resolved: Recipe | None = None  # the recipe with what the method settled (learned coefficients), if it did
 
     def as_dict(self) -> dict:
         return {
@@ -160,18 +161,19 @@ def run_merge(
     inputs = MergeInputs(
         base=base, models=models, weights=[m.weight for m in recipe.models], names=float_names,
         device=dev, seed=recipe.seed, chunk_elems=chunk_elems, progress=progress,
-        check_finite=not spec.propagates_non_finite,
+        check_finite=not spec.propagates_non_finite, resolve=resolve,
     )
 
     solved = None
     if spec.data_informed:
         built = None
-        if spec.data is not None:
+        requests = spec.data(params) if spec.data is not None else None
+        if requests is not None:  # None: the method has what it needs (registered statistics, learned coefficients)
             if data is None:
                 raise MergeyardError(f"method {spec.name!r} learns from data: it needs an objective (or calibration "
                                      "inputs) built from its suite; run it with `mergeyard merge` or a pipeline, "
                                      "which build them")
-            built = _build_each(spec.data(params), data)
+            built = _build_each(requests, data)
         t0 = time.perf_counter()
         solved = spec.solve(inputs, params, built, progress)
         phases["solve"] = time.perf_counter() - t0
@@ -222,11 +224,15 @@ def run_merge(
     except BaseException:
         writer.abort()
         raise
+    resolved = None
+    if solved is not None and solved.parameters:
+        resolved = recipe.model_copy(update={"parameters": {**recipe.parameters, **solved.parameters}})
     return MergeResult(
         out_dir=out_dir, digest=digest, files=files, method=spec.name, recipe_hash=recipe.recipe_hash,
         input_digests=dict(input_digests), num_params=sum(e.numel for e in reference.entries.values()),
         seconds=time.perf_counter() - started, phases=phases,
         details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
+        resolved=resolved,
     )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from merging.checkpoint import Checkpoint
-from merging.errors import NonFiniteError
+from merging.errors import MergeyardError, NonFiniteError
 from merging.finite import all_finite
 
 # Elements per input chunk: 4M float32 = 16 MiB per model; every tensor of a
@@ -111,6 +112,13 @@ class MergeInputs:
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
     check_finite: bool = True
     progress: ProgressFn | None = None
+    # opens another ref the recipe names (a registered statistics artifact) as the engine's inputs are opened
+    resolve: Callable[[str], "Path"] | None = None
+
+    def open(self, ref: str) -> Checkpoint:
+        if self.resolve is None:
+            raise MergeyardError(f"{ref}: this merge cannot open other inputs (no resolver)")
+        return Checkpoint(self.resolve(ref))
 
     def reference(self) -> Checkpoint:
         return self.base if self.base is not None else self.models[0]

@@ -68,4 +68,33 @@ class CalibrationRequest:
     samples: int
 
 
-DataRequest = ObjectiveRequest | CalibrationRequest
+
+
+@dataclass(frozen=True)
+class StatisticsRequest:
+    """Per-model statistics on a suite's calibration data, built into a `Statistics`: the diagonal Fisher
+    (mean squared per-sample gradient) or the Gram matrix XᵀX of every linear layer's inputs. `model_tasks`
+    names the task each model is measured on (default: model i on task i when they pair up, else all tasks)."""
+
+    suite: str
+    tasks: tuple[str, ...] | None
+    budget: int
+    model_tasks: tuple[str, ...] | None = None
+
+
+@runtime_checkable
+class Statistics(Protocol):
+    """What Fisher merging and RegMean read: statistics of a model state on a suite's data."""
+
+    digest: str  # identifies the data (the suite digest, the tasks, the budget)
+    tasks: tuple[str, ...]
+
+    def fisher(self, state: Mapping[str, torch.Tensor], tasks: list[str]) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher of every float tensor the family scores (same shapes as the tensors)."""
+
+    def grams(self, state: Mapping[str, torch.Tensor], tasks: list[str],
+              only: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """XᵀX (in × in, float64) of the inputs of each linear layer, keyed by the layer's weight name."""
+
+    def linear_layers(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """The weight names of the linear layers, in the order a forward pass reaches them."""

@@ -38,3 +38,14 @@ class ModelInfo:
         d = asdict(self)
         d["created_at"] = self.created_at.isoformat()
         return d
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A parent of a merged model, for lineage edges."""
+
+    model: ModelInfo
+    role: str  # base | candidate | selected
+    weight: float | None = None
+    step: int | None = None
+    details: dict | None = None

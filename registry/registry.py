@@ -24,14 +24,16 @@ import registry.audit  # noqa: F401  (installs the append-only guard)
 from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
+from merging.references import parse_ref
 from registry.db import ensure_schema, make_engine
 from registry.errors import AmbiguousModelError, ModelNotFoundError
 from registry.measurements import Measurements, SuiteEvaluation
-from registry.model_info import ModelInfo
+from registry.model_info import ModelInfo, Parent
 from registry.mlflow_mirror import MirroredModel, MlflowMirror
 from registry.serving import ServedHead, serving_spec
 from registry.schema import LineageEdge, MergeRun, Model, PromotionEvent, utcnow
 from registry.sources import resolve_source
+from registry.statistics import StatisticsArtifacts, is_statistics
 from registry.store import ModelStore
 from registry.validation import validate_checkpoint
 
@@ -48,17 +50,6 @@ class RegistryConfig:
     hf_cache: Path | None = None
 
 
-@dataclass(frozen=True)
-class Parent:
-    """A parent of a merged model, for lineage edges."""
-
-    model: ModelInfo
-    role: str  # base | candidate | selected
-    weight: float | None = None
-    step: int | None = None
-    details: dict | None = None
-
-
 def _dominant_dtype(ckpt: Checkpoint) -> str:
     counts = Counter()
     for entry in ckpt.entries.values():
@@ -66,7 +57,7 @@ def _dominant_dtype(ckpt: Checkpoint) -> str:
     return counts.most_common(1)[0][0]
 
 
-class Registry(Measurements):
+class Registry(Measurements, StatisticsArtifacts):
     def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True):
         self.config = config
         self.engine = make_engine(config.database_url)
@@ -131,10 +122,15 @@ class Registry(Measurements):
 
         With a declared base, a task model that wraps it (`bert.encoder…` around `encoder…`) is accepted, and
         its head (the tensors outside the base) is registered too, linked to it in lineage."""
-        base_info = self.resolve(base) if base else None
+        base_info = None
+        if base:  # a registered model, or a path or URI (ingested first)
+            base_info = self.ingest(base)[0] if parse_ref(base).is_source else self.resolve(base)
         with resolve_source(uri, hf_cache=self.config.hf_cache, scratch=self.config.scratch,
                             mlflow_tracking_uri=self.config.mlflow_tracking_uri) as src:
             ckpt = Checkpoint(src.path)
+            if is_statistics(ckpt):  # a model's published Fisher or Grams, not a model
+                validate_checkpoint(ckpt)
+                return self.register_statistics(ckpt, name or src.default_name, src.uri)
             label = src.uri.removeprefix("file://")
             alignment = validate_checkpoint(ckpt, Checkpoint(base_info.store_path) if base_info else None,
                                             label=label, base_label=f"{base_info.name} ({base_info.digest[:19]})"
@@ -249,7 +245,8 @@ class Registry(Measurements):
 
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
                            seconds: float, evaluations: list[SuiteEvaluation] = (),
-                           details: dict | None = None, heads: list[ServedHead] = ()) -> ModelInfo:
+                           details: dict | None = None, heads: list[ServedHead] = (),
+                           recipe_json: str | None = None) -> ModelInfo:
         """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction."""
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
@@ -258,6 +255,8 @@ class Registry(Measurements):
             run = s.get(MergeRun, run_id)
             run.status, run.output_model_id = "succeeded", row.id
             run.finished_at, run.seconds, run.details = utcnow(), seconds, details
+            if recipe_json is not None:  # what the method settled (its hash stays the request's: reuse finds it)
+                run.recipe_json = recipe_json
             for e in evaluations:
                 s.add_all(e.rows_for(row.id, mlflow_run_id))
 
@@ -273,6 +272,8 @@ class Registry(Measurements):
                 run = s.get(MergeRun, run_id)
                 run.status, run.output_model_id = "succeeded", info.id
                 run.finished_at, run.seconds, run.details = utcnow(), seconds, details
+                if recipe_json is not None:
+                    run.recipe_json = recipe_json
                 for e in evaluations:
                     if not self._has_evaluation(s, info.id, e.suite_digest):
                         s.add_all(e.rows_for(info.id, mlflow_run_id))

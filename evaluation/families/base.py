@@ -36,6 +36,8 @@ class Runner(ABC):
     names: tuple[str, ...]
     #: every tensor of the architecture, as matching sees it (name → TensorSpec)
     entries: dict
+    #: samples a batch when collecting linear layers' inputs (1 where a batch would pad rows it cannot mask)
+    gram_batch_size: int = 1
 
     def __init__(self, family: "Family", device: torch.device):
         self.family = family
@@ -63,6 +65,23 @@ class Runner(ABC):
     @abstractmethod
     def outputs(self, task, batch: Any, state: Mapping[str, torch.Tensor]) -> Outputs:
         """The task's outputs for a prepared batch under `state` (differentiable in its float tensors)."""
+
+    def linear_modules(self) -> dict[str, torch.nn.Linear]:
+        """The merged architecture's linear layers, keyed by their weight's checkpoint name (RegMean's layers)."""
+        return linear_modules_of(self.shared_module(), self.module_to_checkpoint())
+
+    def shared_module(self) -> torch.nn.Module:
+        """The module holding the merged tensors (what every task's forward runs through)."""
+        raise NotImplementedError
+
+    def module_to_checkpoint(self) -> dict[str, str]:
+        """The shared module's tensor names → checkpoint names (the same, unless transformers renames them)."""
+        return {}
+
+
+def linear_modules_of(module: torch.nn.Module, renamed: dict[str, str]) -> dict[str, torch.nn.Linear]:
+    return {renamed.get(f"{name}.weight", f"{name}.weight"): m for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear)}
 
 
 class Family(ABC):

@@ -37,6 +37,12 @@ class CausalLMRunner(Runner):
         self.batch_size = family.batch_size
         self.tokenizer = family.tokenizer
 
+    def shared_module(self) -> torch.nn.Module:
+        return self.model
+
+    def module_to_checkpoint(self) -> dict[str, str]:
+        return {module: checkpoint for checkpoint, module in self.to_module.items()}
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

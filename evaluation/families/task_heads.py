@@ -120,6 +120,7 @@ def load_head(path: Path, auto_name: str, label: str) -> Head:
 
 
 class TaskHeadsRunner(Runner):
+    gram_batch_size = 16  # texts pad, and their attention mask says which rows
     def __init__(self, family: "TaskHeadsFamily", device: torch.device):
         super().__init__(family, device)
         self.encoder = family.create_model().to(device).eval()
@@ -148,6 +149,12 @@ class TaskHeadsRunner(Runner):
 
     def prepare(self, task, raw) -> dict:
         return self.family.prepare(raw, self.device)
+
+    def shared_module(self) -> torch.nn.Module:
+        return self.encoder
+
+    def module_to_checkpoint(self) -> dict[str, str]:
+        return {module: checkpoint for checkpoint, module in self.to_module.items()}
 
     def task_model(self, task) -> torch.nn.Module:
         """The task's model: its head's task class around the shared encoder, with the head's weights."""

@@ -18,6 +18,7 @@ from merging.alignment import state_entries
 
 
 class ZeroShotRunner(Runner):
+    gram_batch_size = 128  # images: nothing is padded
     def __init__(self, family: "ZeroShotImageFamily", device: torch.device):
         super().__init__(family, device)
         self.module = family.create_model().to(device).eval()
@@ -25,6 +26,9 @@ class ZeroShotRunner(Runner):
         self.entries = state_entries(state)
         self.names = tuple(k for k, v in state.items() if v.is_floating_point())
         self._heads: dict[str, torch.Tensor] = {}
+
+    def shared_module(self) -> torch.nn.Module:
+        return self.module
 
     def prepare(self, task, raw):
         return self.family.preprocess(raw).to(self.device)

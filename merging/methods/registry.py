@@ -47,6 +47,9 @@ class Solved:
 
     state: dict[str, torch.Tensor]
     details: dict[str, Any]
+    # parameters the method settled (AdaMerging's learned coefficients): the run records the recipe with them,
+    # so `reproduce` rebuilds the same bytes without learning again
+    parameters: dict[str, Any] | None = None
 
 
 # (inputs, params, objective, progress) → Solved; the objective is built by the caller from the params
@@ -82,6 +85,8 @@ class MergeMethod:
     data_digests: Callable[[dict], dict[str, str]] | None = None
     # parameters that show it at work on the demo's small zoo
     example: dict[str, Any] | None = None
+    # parameters naming registered models or artifacts (RegMean's statistics): recorded by digest, like inputs
+    model_params: tuple[str, ...] = ()
 
     @property
     def data_informed(self) -> bool:
