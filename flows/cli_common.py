@@ -7,6 +7,7 @@ Exit codes (documented in `mergeyard --help` and the README):
     2  a usage error: an unknown option, a missing argument (click's)
     3  a gate refused a promotion
     4  a rebuilt model's digest differs from the recorded one
+    5  the audit log fails verification (`audit --verify`)
 
 Every command takes `--json` (machine-readable stdout); progress bars show only on a terminal and never with
 `--json`; `--tasks` is repeatable and comma-separated wherever a suite's tasks can be chosen; tables fold long
@@ -30,9 +31,9 @@ from flows.progress import stderr
 
 stdout = Console()
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_GATE_REFUSED, EXIT_MISMATCH = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_GATE_REFUSED, EXIT_MISMATCH, EXIT_TAMPERED = 0, 1, 2, 3, 4, 5
 EXIT_CODES = """Exit codes: 0 ok; 1 a user error (one line on stderr); 2 a usage error; 3 a gate refused the
-promotion; 4 a rebuilt model's digest differs from the recorded one."""
+promotion; 4 a rebuilt model's digest differs from the recorded one; 5 the audit log fails verification."""
 
 
 def make_app(**options: Any) -> typer.Typer:

@@ -9,7 +9,7 @@ import typer
 
 from merging.errors import MergeyardError
 from flows.cli_app import app
-from flows.cli_common import (DEVICE, EXIT_GATE_REFUSED, EXIT_MISMATCH, JSON, WIDE, digest_text, make_app, print_json,
+from flows.cli_common import (DEVICE, EXIT_GATE_REFUSED, EXIT_MISMATCH, EXIT_TAMPERED, JSON, WIDE, digest_text, make_app, print_json,
                               show_progress, stdout, table, user_errors)
 from flows.progress import progress_bars, stderr
 
@@ -88,22 +88,23 @@ def lineage(
 def promote(
     model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
     to: str = typer.Option(..., "--to", help="alias to move, e.g. staging or production"),
-    gate: Optional[Path] = typer.Option(None, help="gate YAML (default: no rules; the event is still recorded)"),
+    gate: Optional[Path] = typer.Option(None, help="gate YAML (production refuses to move without one)"),
+    no_gate: bool = typer.Option(False, "--no-gate", help="move a protected alias (production) with no gate: recorded in the event"),
     actor: Optional[str] = typer.Option(None, help="who promotes (default: $USER)"),
     reason: Optional[str] = typer.Option(None, help="why, for the audit log"),
     as_json: bool = JSON,
 ) -> None:
     """Pass MODEL through a gate and, if it passes, move NAME@ALIAS to it. Both outcomes are audit events;
-    a refusal exits 3."""
+    a refusal exits 3. Moving production without a gate is refused unless --no-gate says so."""
     import getpass
 
     from flows.gates import promote_through
     from flows.registry_access import open_registry
     from flows.settings import get_settings
-    from registry.promotion import Gate, load_gate
+    from registry.promotion import load_gate
 
-    decision = promote_through(open_registry(), model, to, load_gate(gate) if gate else Gate(),
-                               actor or getpass.getuser(), reason, get_settings().zoo_manifest)
+    decision = promote_through(open_registry(), model, to, load_gate(gate) if gate else None,
+                               actor or getpass.getuser(), reason, get_settings().zoo_manifest, no_gate=no_gate)
     if as_json:
         print_json(decision.as_dict())
     else:
@@ -123,13 +124,31 @@ def promote(
 def audit(
     model: Optional[str] = typer.Argument(None, help="only events about this model"),
     alias: Optional[str] = typer.Option(None, help="only events for this alias"),
+    verify: bool = typer.Option(False, "--verify", help="check the hash chain (and MLflow's witness of its head); exit 5 naming the first bad event"),
+    head: bool = typer.Option(False, "--head", help="print the chain's head (seq:hash), for a team to publish"),
     as_json: bool = JSON,
     wide: bool = WIDE,
 ) -> None:
-    """The promotion history: who moved which model where, when, and the numbers the gate compared."""
+    """The promotion history: who moved which model where, when, and the numbers the gate compared. Every event
+    is hash-chained to the one before: --verify walks the chain."""
     from flows.registry_access import open_registry
-    from registry.promotion import audit as read_audit
+    from registry.promotion import audit as read_audit, verify_audit
 
+    if verify or head:
+        report = verify_audit(open_registry())
+        if as_json:
+            print_json(report.as_dict())
+        elif head:
+            print(f"{report.head_seq}:{report.head}")
+        elif report.ok:
+            stdout.print(f"[green]audit log intact[/]: {report.events} events, head {report.head_seq}:{report.head}",
+                         highlight=False)
+        if not report.ok and verify:
+            p = report.problems[0]
+            stderr.print(f"[bold red]error:[/] audit log fails verification at event {p.event_id} (seq {p.seq}): "
+                         f"{p.kind}: {p.detail}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_TAMPERED)
+        return
     rows = read_audit(open_registry(), model, alias)
     if as_json:
         print_json([vars(r) for r in rows])

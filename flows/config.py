@@ -60,6 +60,7 @@ class MergeSpec(MergeStep):
 class PromotionConfig(_Strict):
     alias: str = Field("staging", min_length=1)
     gate: Gate | str | None = Field(None, description="a gate inline, or the path of a gate YAML")
+    no_gate: bool = Field(False, description="move a protected alias (production) without a gate: recorded")
     actor: str = "mergeyard-pipeline"
 
 
@@ -107,9 +108,10 @@ class PipelineConfig(_Strict):
             found += sorted(glob.glob(pattern))
         return list(dict.fromkeys(found))
 
-    def gate(self) -> Gate:
+    def gate(self) -> Gate | None:
+        """The promotion's gate; None where the pipeline names none (production then refuses, unless no_gate)."""
         if self.promotion is None or self.promotion.gate is None:
-            return Gate()
+            return None
         if isinstance(self.promotion.gate, Gate):
             return self.promotion.gate
         return load_gate(self.promotion.gate)

@@ -30,8 +30,9 @@ def required_suites(gate: Gate, registry: Registry | None = None, zoo_manifest: 
     return out
 
 
-def promote_through(registry: Registry, model_ref: str, alias: str, gate: Gate, actor: str, reason: str | None = None,
-                    zoo_manifest: Path | None = None):
+def promote_through(registry: Registry, model_ref: str, alias: str, gate: Gate | None, actor: str,
+                    reason: str | None = None, zoo_manifest: Path | None = None, no_gate: bool = False):
     """`registry.promotion.promote` with the gate's suites opened here (a bad suite file refuses in one line
-    before any event is written)."""
-    return promote(registry, model_ref, alias, gate, actor, reason, required_suites(gate, registry, zoo_manifest))
+    before any event is written). No gate: production refuses unless `no_gate`."""
+    suites = required_suites(gate, registry, zoo_manifest) if gate is not None else None
+    return promote(registry, model_ref, alias, gate, actor, reason, suites, no_gate=no_gate)

@@ -164,12 +164,13 @@ def merge_task(env: Settings, recipe_json: str, name: str, label: str, suite: st
 
 
 @task(name="promote", task_run_name="promote {digest:.19} to {alias}", cache_policy=NO_CACHE, **IO_RETRIES)
-def promote_task(env: Settings, digest: str, alias: str, gate_json: str, actor: str, reason: str | None = None) -> dict:
+def promote_task(env: Settings, digest: str, alias: str, gate_json: str | None, actor: str, reason: str | None = None,
+                 no_gate: bool = False) -> dict:
     from flows.steps import promote_if_changed
     from registry.promotion import Gate
 
-    return promote_if_changed(registry_for(env), digest, alias, Gate.model_validate_json(gate_json), actor,
-                              reason).as_dict()
+    gate = Gate.model_validate_json(gate_json) if gate_json else None
+    return promote_if_changed(registry_for(env), digest, alias, gate, actor, reason, no_gate).as_dict()
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -260,11 +261,11 @@ def merge_flow(spec: MergeSpec, base: str, candidates: list[str], suite: str, ta
 
 @flow(name="mergeyard-promote")
 def promote_flow(model: str, alias: str, gate: Gate | None = None, actor: str = "mergeyard-flow",
-                 reason: str | None = None, env: Settings | None = None) -> dict:
+                 reason: str | None = None, env: Settings | None = None, no_gate: bool = False) -> dict:
     """The model through the gate to NAME@ALIAS (an audit event either way; none if it already holds it)."""
     env = env or pinned_settings()
-    return promote_task(env, registry_for(env).resolve(model).digest, alias, (gate or Gate()).model_dump_json(),
-                        actor, reason)
+    return promote_task(env, registry_for(env).resolve(model).digest, alias, gate.model_dump_json() if gate else None,
+                        actor, reason, no_gate)
 
 
 @flow(name="mergeyard-pipeline", log_prints=True)
@@ -316,9 +317,11 @@ def pipeline_flow(config: PipelineConfig, env: Settings | None = None) -> dict:
     best = max(report["merges"], key=lambda m: m["average"])
     report["best"] = best["digest"]
     if config.promotion is not None:
+        gate = config.gate()
         report["promotion"] = promote_task(env, best["digest"], config.promotion.alias,
-                                           config.gate().model_dump_json(), config.promotion.actor,
-                                           f"pipeline {config.name}: best of {len(config.merges)} merges on {config.suite}")
+                                           gate.model_dump_json() if gate else None, config.promotion.actor,
+                                           f"pipeline {config.name}: best of {len(config.merges)} merges on {config.suite}",
+                                           config.promotion.no_gate)
     else:
         report["promotion"] = None
     report["artifacts"] = publish_task(env, report)

@@ -145,7 +145,7 @@ class PromotionOutcome:
 
 
 def promote_if_changed(registry: Registry, digest: str, alias: str, gate, actor: str,
-                       reason: str | None = None) -> PromotionOutcome:
+                       reason: str | None = None, no_gate: bool = False) -> PromotionOutcome:
     """Pass the model through the gate unless it already holds NAME@ALIAS (a re-run adds no event then)."""
     from dataclasses import asdict
 
@@ -156,7 +156,7 @@ def promote_if_changed(registry: Registry, digest: str, alias: str, gate, actor:
         holder = registry.alias_holder(s, model.name, alias)
     if holder == model.id:
         return PromotionOutcome("unchanged", model.digest, alias, model.name, [], None, model.digest)
-    decision = promote_through(registry, model.digest, alias, gate, actor, reason)
+    decision = promote_through(registry, model.digest, alias, gate, actor, reason, no_gate=no_gate)
     return PromotionOutcome("promoted" if decision.passed else "refused", model.digest, alias, model.name,
                             [asdict(c) for c in decision.checks], decision.event_id,
                             decision.previous.digest if decision.previous else None)

@@ -176,6 +176,20 @@ class MlflowMirror:
     def delete_alias(self, name: str, alias: str) -> None:
         self.client.delete_registered_model_alias(registered_name(name), alias)
 
+    WITNESS_TAG = "mergeyard.audit_head"
+
+    def set_audit_head(self, chain: str, seq: int, head: str) -> None:
+        """The audit chain's head, kept in MLflow as a witness the lineage database cannot rewrite alone. `chain`
+        names the log (registry.audit_chain.log_name), so two registries sharing one MLflow keep two witnesses."""
+        self.client.set_experiment_tag(self.experiment_id, f"{self.WITNESS_TAG}.{chain[:16]}", f"{seq}:{head}")
+
+    def audit_head(self, chain: str) -> tuple[int, str] | None:
+        tag = self.client.get_experiment(self.experiment_id).tags.get(f"{self.WITNESS_TAG}.{chain[:16]}")
+        if not tag:
+            return None
+        seq, _, head = tag.partition(":")
+        return int(seq), head
+
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
 

@@ -30,9 +30,11 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from merging.yaml_input import read_yaml, validation_problems
 
+from registry.audit_chain import ChainReport, Problem, log_name, seal, verify
 from registry.errors import RegistryError
 from registry.lineage import lineage
 from registry.registry import ModelInfo, Registry
@@ -242,38 +244,90 @@ def evaluate_gate(registry: Registry, model: ModelInfo, gate: Gate, previous: Mo
     return checks
 
 
-def promote(registry: Registry, model_ref: str, alias: str, gate: Gate, actor: str, reason: str | None = None,
-            suites: list[RequiredSuite] | None = None) -> Decision:
-    """Run the gate and record the event; on success move the alias (DB event + MLflow alias)."""
+PROTECTED_ALIASES = ("production",)  # moving these takes a gate, or an explicit, recorded `no_gate`
+
+
+def promote(registry: Registry, model_ref: str, alias: str, gate: Gate | None, actor: str, reason: str | None = None,
+            suites: list[RequiredSuite] | None = None, *, no_gate: bool = False,
+            protected: tuple[str, ...] = PROTECTED_ALIASES) -> Decision:
+    """Run the gate and record the event, chained into the audit log; on success move the alias (DB event +
+    MLflow alias). A protected alias (production) is refused without a gate unless `no_gate` says so, which the
+    event records."""
     model = registry.resolve(model_ref)
     with registry.Session() as s:
         holder = registry.alias_holder(s, model.name, alias)
     previous = registry.get(holder) if holder is not None else None
-    if suites is None:
-        suites = [RequiredSuite.by_digest(r) for r in gate.requirements()]
-    checks = evaluate_gate(registry, model, gate, previous, suites)
+    ungated = gate is None and no_gate  # said explicitly: recorded in the event
+    if gate is None and alias in protected and not no_gate:
+        checks = [Check(f"a gate for {alias}", False, None, "a gate",
+                        f"moving {alias} takes a gate (or an explicit no-gate promotion, which is recorded)")]
+        suites = []
+    else:
+        gate = gate or Gate()
+        if suites is None:
+            suites = [RequiredSuite.by_digest(r) for r in gate.requirements()]
+        checks = evaluate_gate(registry, model, gate, previous, suites)
     passed = all(c.passed for c in checks)
-    record = {"gate": gate.model_dump(), "suites": [asdict(r) for r in suites], "checks": [asdict(c) for c in checks]}
+    record = {"gate": gate.model_dump() if gate else None, "no_gate": ungated,
+              "suites": [asdict(r) for r in suites], "checks": [asdict(c) for c in checks]}
     move_alias = passed and registry.mirror is not None and model.mlflow_version
-    moved = False
+    for attempt in range(5):  # a concurrent promotion took the chain's next place: append after it
+        try:
+            event_id = _append(registry, model, alias, holder, previous, passed, record, actor, reason, move_alias)
+            break
+        except IntegrityError:
+            if attempt == 4:
+                raise
+    return Decision(model, alias, passed, checks, previous, event_id)
+
+
+def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None, previous: ModelInfo | None,
+            passed: bool, record: dict, actor: str, reason: str | None, move_alias: bool) -> int:
+    """One event sealed into the chain, the alias and the chain's witness moved in MLflow inside the same
+    transaction (if the commit fails both are put back)."""
+    mirror = registry.mirror
+    moved, old_head, chain = False, None, ""
     try:
         with registry.Session.begin() as s:
             event = PromotionEvent(model_id=model.id, model_name=model.name, alias=alias, previous_model_id=holder,
                                    decision="promoted" if passed else "refused", gate=record, actor=actor, reason=reason)
+            seal(s, event)
             s.add(event)
             s.flush()
-            event_id = event.id
+            if mirror is not None:
+                chain = log_name(registry)
+                old_head = mirror.audit_head(chain)
+                mirror.set_audit_head(chain, event.seq, event.event_hash)
             if move_alias:  # inside the transaction: if MLflow refuses, no event claims the move
-                registry.mirror.set_alias(model.name, alias, model.mlflow_version)
+                mirror.set_alias(model.name, alias, model.mlflow_version)
                 moved = True
+            return event.id
     except BaseException:
+        if mirror is not None and old_head is not None:
+            mirror.set_audit_head(chain, *old_head)
         if moved:  # the event did not commit: put the alias back where the log says it is
             if previous is not None and previous.mlflow_version:
-                registry.mirror.set_alias(model.name, alias, previous.mlflow_version)
+                mirror.set_alias(model.name, alias, previous.mlflow_version)
             else:
-                registry.mirror.delete_alias(model.name, alias)
+                mirror.delete_alias(model.name, alias)
         raise
-    return Decision(model, alias, passed, checks, previous, event_id)
+
+
+def verify_audit(registry: Registry) -> ChainReport:
+    """The whole chain checked, against MLflow's witness of its head where there is one, and the aliases MLflow
+    shows against the ones the log gives."""
+    witness = registry.mirror.audit_head(log_name(registry)) if registry.mirror is not None else None
+    with registry.Session() as s:
+        report = verify(s, witness)
+        if report.ok and registry.mirror is not None:
+            for name, alias in s.execute(select(PromotionEvent.model_name, PromotionEvent.alias).distinct()).all():
+                holder = registry.alias_holder(s, name, alias)
+                model = s.get(Model, holder) if holder is not None else None
+                shown = registry.mirror.alias_version(name, alias)
+                if (model.mlflow_version if model else None) != shown:
+                    report.problems.append(Problem(0, None, "alias", f"{name}@{alias}: the log says version "
+                                                   f"{model.mlflow_version if model else None}, MLflow says {shown}"))
+    return report
 
 
 @dataclass
@@ -288,6 +342,9 @@ class AuditRow:
     actor: str
     reason: str | None
     checks: list[dict] = field(default_factory=list)
+    seq: int | None = None
+    event_hash: str | None = None
+    no_gate: bool = False
 
 
 def audit(registry: Registry, model_ref: str | None = None, alias: str | None = None) -> list[AuditRow]:
@@ -301,5 +358,6 @@ def audit(registry: Registry, model_ref: str | None = None, alias: str | None = 
         events = s.scalars(query).all()
         ids = {e.model_id for e in events} | {e.previous_model_id for e in events if e.previous_model_id}
         digests = {m.id: m.digest for m in s.scalars(select(Model).where(Model.id.in_(ids)))}
-        return [AuditRow(e.id, e.created_at.isoformat(), digests[e.model_id], e.model_name, e.alias, e.decision,
-                         digests.get(e.previous_model_id), e.actor, e.reason, e.gate.get("checks", [])) for e in events]
+        return [AuditRow(e.id, e.created_at.isoformat(), digests.get(e.model_id, "?"), e.model_name, e.alias,
+                         e.decision, digests.get(e.previous_model_id), e.actor, e.reason, (e.gate or {}).get("checks", []),
+                         e.seq, e.event_hash, bool((e.gate or {}).get("no_gate"))) for e in events]

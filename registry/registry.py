@@ -25,8 +25,9 @@ from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.references import parse_ref
+from registry.audit_chain import intact
 from registry.db import ensure_schema, make_engine
-from registry.errors import AmbiguousModelError, ModelNotFoundError
+from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
 from registry.measurements import Measurements, SuiteEvaluation
 from registry.model_info import ModelInfo, Parent
 from registry.mlflow_mirror import MirroredModel, MlflowMirror
@@ -109,11 +110,20 @@ class Registry(Measurements, StatisticsArtifacts):
 
     @staticmethod
     def alias_holder(s: Session, name: str, alias: str) -> int | None:
-        return s.scalar(
-            select(PromotionEvent.model_id)
+        """The model NAME@ALIAS names: the latest `promoted` event's, once that event's hash still matches its
+        content and it names a model of that name (a row written into the log by hand moves no alias)."""
+        event = s.scalar(
+            select(PromotionEvent)
             .where(PromotionEvent.model_name == name, PromotionEvent.alias == alias, PromotionEvent.decision == "promoted")
-            .order_by(PromotionEvent.id.desc()).limit(1)
+            .order_by(PromotionEvent.seq.desc().nulls_first(), PromotionEvent.id.desc()).limit(1)
         )
+        if event is None:
+            return None
+        model = s.get(Model, event.model_id)
+        if model is None or model.name != name or not intact(s, event):
+            raise RegistryError(f"the audit event that moved {name}@{alias} (event {event.id}) does not check out "
+                                "(its hash or its model do not match): run `mergeyard audit --verify`")
+        return event.model_id
 
     # ---- writes -----------------------------------------------------------------------------
 

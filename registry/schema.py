@@ -121,7 +121,8 @@ class RelevanceScore(Base):
 
 
 class PromotionEvent(Base):
-    """Append-only: one row per promotion attempt, passed or refused."""
+    """Append-only: one row per promotion attempt, passed or refused, each hash-chained to the one before
+    (registry.audit_chain)."""
 
     __tablename__ = "promotion_events"
     __table_args__ = (Index("ix_promotion_name_alias", "model_name", "alias", "id"),)
@@ -136,6 +137,10 @@ class PromotionEvent(Base):
     actor: Mapped[str] = mapped_column(String(255), nullable=False)
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    # the chain: its place (unique, so two writers cannot both take one), the previous event's hash, its own
+    seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    event_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class Reproduction(Base):

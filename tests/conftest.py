@@ -116,8 +116,18 @@ def registry_config(database_url, mlflow_store, tmp_path):
                           mlflow_tracking_uri=uri, mlflow_artifact_root=artifacts, hf_cache=tmp_path / "hub")
 
 
+def assert_audit_intact(registry, request) -> None:
+    """Every log a test leaves behind verifies (tests that tamper on purpose are marked `tampers`)."""
+    if request.node.get_closest_marker("tampers") is not None:
+        return
+    from registry.promotion import verify_audit
+
+    report = verify_audit(registry)
+    assert report.ok, f"the audit log this test left fails verification: {report.problems}"
+
+
 @pytest.fixture
-def registry(registry_config):
+def registry(registry_config, request):
     from registry.db import make_engine, upgrade
     from registry.registry import Registry
 
@@ -126,6 +136,7 @@ def registry(registry_config):
     engine.dispose()
     reg = Registry(registry_config)
     yield reg
+    assert_audit_intact(reg, request)
     reg.close()
 
 
@@ -143,7 +154,7 @@ def small_zoo(tmp_path_factory):
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch, mlflow_store):
+def cli(tmp_path, monkeypatch, mlflow_store, request):
     """`mergeyard ...` in-process (one import of torch and MLflow for all); asserts exit 0 unless ok=False."""
     from typer.testing import CliRunner
 
@@ -159,7 +170,15 @@ def cli(tmp_path, monkeypatch, mlflow_store):
             assert result.exit_code == 0, result.output + result.stderr
         return result
 
-    return invoke
+    yield invoke
+    from flows.registry_access import open_registry
+    from flows.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url is None and (settings.home / "lineage.db").exists():  # the home's own log
+        registry = open_registry(settings)
+        assert_audit_intact(registry, request)
+        registry.close()
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,8 @@ class Cluster:
         if start.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {start.stderr}")
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self) -> str:
         import psycopg
