@@ -58,6 +58,7 @@ def user_errors(fn: Callable) -> Callable:
         except MergeyardError as exc:
             hint = next((h for kind, h in HINTS.items() if isinstance(exc, kind)), None)
             text = f"{exc} ({hint})" if hint else str(exc)
+            text = " ".join(text.splitlines())  # one line, whatever a message quotes
             # escaped: a message may hold brackets (`hf://ORG/NAME[@REVISION]`, a shape `[16, 32]`)
             stderr.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None

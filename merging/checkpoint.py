@@ -51,10 +51,17 @@ def resolve_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: malformed index (no weight_map); re-save the checkpoint") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed index (weight_map must map tensor names to shard files)")
         shard_names = sorted(set(weight_map.values()))
+        root = path.resolve()
         for name in shard_names:
-            if Path(name).name != name:
+            if Path(name).name != name or name in ("", ".", ".."):
                 raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint directory")
+            if (path / name).is_symlink() and (path / name).resolve().parent != root:
+                # a link out of the directory would read a file the user never named
+                raise CheckpointError(f"{index}: shard {name!r} is a link to {(path / name).resolve()}, outside the "
+                                      "checkpoint directory")
         missing = [n for n in shard_names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path}: index names shards that are missing: {', '.join(missing)}")

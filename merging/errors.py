@@ -9,7 +9,11 @@ from __future__ import annotations
 
 
 class MergeyardError(Exception):
-    """Base class of every error a user can cause (bad file, bad recipe, ...)."""
+    """Base class of every error a user can cause (bad file, bad recipe, ...). Its message is one line by
+    construction: a line break in what it quotes (a URI, a key, a file name) becomes a space."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(" ".join(str(message).splitlines()), *args)
 
 
 class CheckpointError(MergeyardError):

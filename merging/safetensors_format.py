@@ -94,26 +94,40 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: malformed header (__metadata__ must map strings to strings)")
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     data_end = data_start
     for name, info in header.items():
         try:
-            dtype, shape, (lo, hi) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape, (lo, hi) = info["dtype"], tuple(_whole(d) for d in info["shape"]), info["data_offsets"]
+            lo, hi = _whole(lo), _whole(hi)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from exc
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which mergeyard cannot merge")
-        entry = TensorEntry(name, dtype, shape, data_start + int(lo), data_start + int(hi))
-        if entry.nbytes != entry.numel * itemsize(dtype) or entry.start < data_start:
+        entry = TensorEntry(name, dtype, shape, data_start + lo, data_start + hi)
+        if hi < lo or entry.nbytes != entry.numel * itemsize(dtype):
             raise CheckpointError(f"{path}: tensor {name!r} has offsets that do not match its shape {list(shape)}")
         data_end = max(data_end, entry.end)
         entries[name] = entry
+    spans = sorted((e.start, e.end, n) for n, e in entries.items() if e.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:  # two tensors over the same bytes: a write to one would be a write to the other
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file; re-save it with safetensors")
     if data_end > size:
         raise CheckpointError(
             f"{path}: truncated (tensors need {data_end} bytes, the file has {size}); re-download or re-save it"
         )
     return entries, metadata
+
+
+def _whole(value) -> int:
+    """A non-negative integer from the header (a bool, a float or a negative number is malformed)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
 
 
 def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

@@ -102,8 +102,18 @@ def validation_problems(exc: ValidationError, doc: YamlDoc | None = None, root: 
     parts = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        name = ".".join(str(p) for p in loc) or root or "document"
+        name = ".".join(_shown(p) for p in loc) or root or "document"
         line = doc.line(loc) if doc is not None else None
         at = f" (line {line})" if line else ""
-        parts.append(f"{name}{at}: {err['msg'].removeprefix('Value error, ')}")
+        parts.append(f"{name}{at}: {one_line(err['msg'].removeprefix('Value error, '))}")
     return "; ".join(parts)
+
+
+def _shown(part) -> str:
+    """A key as the message shows it: as written, or quoted where it holds a space, a dot or a control character."""
+    text = str(part)
+    return text if text and text.isprintable() and " " not in text and "." not in text else repr(text)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split("\n"))
