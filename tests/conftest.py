@@ -101,9 +101,26 @@ from postgres import database_url, pg_cluster  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="session")
-def mlflow_store(tmp_path_factory):
-    """One MLflow tracking + registry store per session (its schema takes seconds to create)."""
-    root = tmp_path_factory.mktemp("mlflow")
+def mlflow_schema(tmp_path_factory) -> Path:
+    """An empty MLflow tracking + registry database, its schema created once (that takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    client.search_experiments()
+    client.search_registered_models()
+    return db
+
+
+@pytest.fixture
+def mlflow_store(mlflow_schema, tmp_path):
+    """Each test's own MLflow store, a copy of the empty one: what one test's aliases say is never another's
+    (the audit check at teardown compares MLflow's aliases with the test's own log)."""
+    import shutil
+
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    shutil.copyfile(mlflow_schema, root / "mlflow.db")
     return f"sqlite:///{root / 'mlflow.db'}", root / "artifacts"
 
 

@@ -42,14 +42,24 @@ def _as_cluster_owner(args: list[str]) -> subprocess.CompletedProcess:
 
 
 class Cluster:
-    def __init__(self, bindir: Path):
+    """`password` set: connections over TCP must give it (scram-sha-256), as a team's server would; unset: trust."""
+
+    def __init__(self, bindir: Path, password: str | None = None):
         self.bindir = bindir
+        self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="mergeyard-pg-"))
         self.port = _free_port()
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
         data = self.root / "data"
-        init = _as_cluster_owner([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        auth = ["--auth=trust"]
+        if password is not None:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(password + "\n")
+            if os.geteuid() == 0:
+                shutil.chown(pwfile, "postgres", "postgres")
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        init = _as_cluster_owner([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8"])
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr}")
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
@@ -57,21 +67,26 @@ class Cluster:
         if start.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {start.stderr}")
 
-    def url(self, database: str = "postgres", user: str = "postgres") -> str:
-        return f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
+        password = password if password is not None else (self.password if user == "postgres" else None)
+        login = f"{user}:{password}" if password else user
+        return f"postgresql+psycopg://{login}@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self) -> str:
+    def connect(self, database: str = "postgres"):
+        """A superuser connection (autocommit) for setting the cluster up."""
         import psycopg
 
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", password=self.password,
+                               dbname=database, autocommit=True)
+
+    def create_database(self) -> str:
         name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+        with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return name
 
     def drop_database(self, name: str) -> None:
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+        with self.connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
@@ -79,14 +94,18 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def pg_cluster():
+def require_bindir() -> Path:
     bindir = find_bindir()
     if bindir is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL binaries are missing under CI; .ci/run should have installed the postgresql package")
         pytest.skip("PostgreSQL binaries not found (apt-get install postgresql): PostgreSQL variants skipped")
-    cluster = Cluster(bindir)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    cluster = Cluster(require_bindir())
     yield cluster
     cluster.stop()
 

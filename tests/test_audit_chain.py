@@ -169,7 +169,8 @@ def test_on_postgresql_the_application_role_cannot_change_the_log(pg_cluster, tm
                           "SELECT id, 'm', 'staging', 'refused', '{}', current_user, now() FROM models"))
         assert conn.execute(text("SELECT count(*) FROM promotion_events")).scalar() == 1
     for statement in ("UPDATE promotion_events SET actor = 'mallory'", "DELETE FROM promotion_events",
-                      "DROP TRIGGER promotion_events_append_only ON promotion_events"):
+                      "DROP TRIGGER promotion_events_append_only ON promotion_events",
+                      "UPDATE alembic_version SET version_num = '0001'"):
         with pytest.raises(Exception, match="permission denied|must be owner"):
             with app.begin() as conn:
                 conn.execute(text(statement))

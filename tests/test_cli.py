@@ -90,7 +90,9 @@ def test_digest_of_a_pickle_is_refused(tmp_path):
 def test_methods_lists_every_method_with_paper():
     proc = run("methods", "--json")
     listing = {m["name"]: m for m in json.loads(proc.stdout)}
-    assert set(listing) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fw_hard", "fw_soft", "mudsc"}
+    assert set(listing) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fw_hard", "fw_soft", "mudsc",
+                            "fisher", "regmean", "adamerging"}
+    assert listing["regmean"]["paper"].startswith("https://arxiv.org/abs/2212.09849")
     assert listing["mudsc"]["paper"].startswith("https://arxiv.org/abs/2403.01753") and not listing["mudsc"]["requires_base"]
     assert {"alpha", "mode", "calibration"} <= set(listing["mudsc"]["parameters"])
     assert listing["ties"]["paper"].startswith("https://arxiv.org/abs/2306.01708")
@@ -113,8 +115,9 @@ def test_demo_writes_only_under_mergeyard_home(tmp_path, small_zoo):
     proc = subprocess.run([*MERGEYARD, "demo", "--json"], capture_output=True, text=True, cwd=work, env=env, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    # every registered method, the data-informed ones included
     assert {m["method"] for m in report["merges"]} == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                                        "fw_hard", "fw_soft", "mudsc"}
+                                                        "fw_hard", "fw_soft", "mudsc", "fisher", "regmean", "adamerging"}
     assert report["promotion"]["decision"] == "promoted"
     for m in report["merges"]:
         assert m["merged"] and m["average"] > 0

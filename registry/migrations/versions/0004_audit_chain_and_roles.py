@@ -30,7 +30,12 @@ BEGIN
     GRANT USAGE ON SCHEMA public TO mergeyard_app;
     GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO mergeyard_app;
     REVOKE UPDATE, DELETE, TRUNCATE ON promotion_events FROM mergeyard_app;
+    -- the schema's version is the admin's to move (`mergeyard db upgrade`), never the application's
+    REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON alembic_version FROM mergeyard_app;
     GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO mergeyard_app;
+    -- tables later migrations create (as the same admin) are the application's to use as well
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO mergeyard_app;
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO mergeyard_app;
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE NOTICE 'mergeyard: not allowed to create roles here; create mergeyard_app as README "Running it for a team" says';
 END
