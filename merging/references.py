@@ -36,11 +36,20 @@ class ModelRef:
 
     @property
     def path(self) -> Path | None:
-        return Path(self.location).expanduser() if self.is_file else None
+        return _expand(self.location) if self.is_file else None
 
     def __str__(self) -> str:
         """The canonical text: a local path as an absolute path, anything else as given."""
         return str(self.path) if self.is_file else self.text
+
+
+def _expand(text: str) -> Path:
+    """`~` and `~user` expanded; a `~user` naming no user here stays as written (pathlib raises RuntimeError),
+    so it is looked up, and refused, like any other name that is not there."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
 
 
 def parse_ref(text: str, root: Path | None = None) -> ModelRef:
@@ -50,12 +59,12 @@ def parse_ref(text: str, root: Path | None = None) -> ModelRef:
     if match:
         scheme, rest = match.group(1).lower(), text[match.end():]
         if scheme == "file":
-            path = Path(rest).expanduser()
+            path = _expand(rest)
             if not path.is_absolute() and root is not None:
                 path = root / path
             return ModelRef(text, "file", str(path.resolve()) if path.exists() else str(path))
         return ModelRef(text, scheme, rest)
-    path = Path(text).expanduser()
+    path = _expand(text)
     if not path.is_absolute() and root is not None:
         path = root / path
     if path.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from merging.errors import MergeyardError
 
@@ -168,6 +168,8 @@ uris = st.one_of(
 
 @CI
 @given(uris)
+@example("~0")  # a ~user with no such user: pathlib raises RuntimeError (found by this test)
+@example("file://~nosuchuser-mergeyard/model")
 def test_any_source_uri_resolves_or_says_why_in_one_line(tmp_path, uri):
     from merging.references import parse_ref
     from registry.sources import resolve_source
