@@ -2,6 +2,7 @@
 
     flows/cli_merge.py     merge, digest, methods, export, version
     flows/cli_registry.py  ingest, models list, lineage, promote, audit, reproduce, db
+    flows/cli_doctor.py    doctor
     flows/cli_evaluate.py  evaluate, score
     flows/cli_pipeline.py  demo, run, serve
     flows/cli_map.py       map (sweep, pick, list, show)
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from flows import cli_evaluate, cli_merge, cli_pipeline, cli_registry, cli_zoo  # noqa: F401  (register commands)
+from flows import cli_doctor, cli_evaluate, cli_merge, cli_pipeline, cli_registry, cli_zoo  # noqa: F401  (register commands)
 from flows.cli_app import app
 from flows.cli_map import map_app
 

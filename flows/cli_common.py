@@ -8,6 +8,7 @@ Exit codes (documented in `mergeyard --help` and the README):
     3  a gate refused a promotion
     4  a rebuilt model's digest differs from the recorded one
     5  the audit log fails verification (`audit --verify`)
+    6  `doctor` found something it has not repaired (run it with --fix, or do what its table says)
 
 Every command takes `--json` (machine-readable stdout); progress bars show only on a terminal and never with
 `--json`; `--tasks` is repeatable and comma-separated wherever a suite's tasks can be chosen; tables fold long
@@ -32,8 +33,10 @@ from flows.progress import stderr
 stdout = Console()
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_GATE_REFUSED, EXIT_MISMATCH, EXIT_TAMPERED = 0, 1, 2, 3, 4, 5
+EXIT_UNHEALTHY = 6
 EXIT_CODES = """Exit codes: 0 ok; 1 a user error (one line on stderr); 2 a usage error; 3 a gate refused the
-promotion; 4 a rebuilt model's digest differs from the recorded one; 5 the audit log fails verification."""
+promotion; 4 a rebuilt model's digest differs from the recorded one; 5 the audit log fails verification;
+6 `doctor` left something unrepaired."""
 
 
 def make_app(**options: Any) -> typer.Typer:
@@ -46,6 +49,20 @@ def make_app(**options: Any) -> typer.Typer:
 # what to type instead, for the errors whose messages (from layers that know no flags) a flag resolves
 HINTS = {OutputExistsError: "choose another --out or pass --overwrite", DeviceError: "pass --device cpu",
          PreferenceError: "write --prefer as 'task_a=2,task_b=1'"}
+
+
+def outside_home(out, settings):
+    """An --out inside MERGEYARD_HOME is refused: the store, MLflow's artifacts and scratch are written only through
+    mergeyard's own temporary-then-rename path (`merge --out` into a store entry replaced a registered model's bytes)."""
+    from pathlib import Path
+
+    if out is None:
+        return None
+    home, target = Path(settings.home).resolve(), Path(out).resolve()
+    if target == home or home in target.parents:
+        raise MergeyardError(f"--out {out} is inside MERGEYARD_HOME ({home}), which only mergeyard writes; "
+                             "choose a directory outside it")
+    return out
 
 
 def user_errors(fn: Callable) -> Callable:

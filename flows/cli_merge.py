@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from flows.cli_app import app
-from flows.cli_common import DEVICE, JSON, print_json, show_progress, stdout, table, user_errors
+from flows.cli_common import DEVICE, JSON, outside_home, print_json, show_progress, stdout, table, user_errors
 from flows.progress import progress_bars
 
 
@@ -33,6 +33,7 @@ def merge(
     from merging.recipe import load_recipe
 
     settings = get_settings()
+    outside_home(out, settings)
     parsed = load_recipe(recipe)
     registry = open_registry(settings)
     with progress_bars(enabled=show_progress(as_json)) as progress:
@@ -113,7 +114,9 @@ def export(
     (AutoModelForSequenceClassification) around the model's encoder."""
     from flows.export import export_model
     from flows.registry_access import open_registry
+    from flows.settings import get_settings
 
+    outside_home(out, get_settings())
     info, head_info = export_model(open_registry(), model, out, head, overwrite)
     if as_json:
         print_json({"model": info.digest, "name": info.name, "head": head_info.digest if head_info else None,

@@ -73,6 +73,8 @@ def lineage(
     info = registry.resolve(model)
     with registry.Session() as session:
         graph = build_lineage(session, info.id)
+    for node in graph.nodes.values():  # a lost or damaged stored copy shows where it sits in the tree
+        node.stored = registry.store.looks_intact(node.digest)
     if fmt == "json":
         print(graph.to_json())
     elif fmt == "mermaid":
@@ -179,11 +181,18 @@ def reproduce(
     if as_json:
         print_json(outcome.as_dict())
     elif outcome.ok:
-        stdout.print(f"[green]reproduced[/] {outcome.model.name}: {outcome.rebuilt_digest}", highlight=False)
+        restored = " (its damaged stored copy was put back from the rebuild)" if outcome.restored else ""
+        stdout.print(f"[green]reproduced[/] {outcome.model.name}: {outcome.rebuilt_digest}{restored}", highlight=False)
     if not outcome.ok:
-        names = ", ".join(outcome.differing[:10]) + (" ..." if len(outcome.differing) > 10 else "")
+        names = ", ".join(outcome.differing[:10]) + (f" and {len(outcome.differing) - 10} more"
+                                                     if len(outcome.differing) > 10 else "")
+        compared = ("the stored copy against the checksums recorded at ingest" if outcome.run_id is None
+                    else "the rebuild against the stored copy")
+        shown = f"{compared}; differing tensors: {names}" if names else (
+            "the rebuild equals the stored copy, whose digest is not the recorded one: the stored copy was "
+            "replaced (`mergeyard doctor`)")
         stderr.print(f"[bold red]error:[/] rebuilt {outcome.rebuilt_digest} but recorded {outcome.model.digest}; "
-                     f"differing tensors: {names or 'none found (metadata only)'}", highlight=False, soft_wrap=True)
+                     f"{shown}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_MISMATCH)
 
 

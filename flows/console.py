@@ -24,7 +24,8 @@ def render_tree(graph):
             shown = ", ".join(built[:3]) + (f", … ({len(built)} tensors)" if len(built) > 3 else "")
             return f"{role}[bold]{n.name}[/] {n.digest[:19]} built {shown}"
         metrics = "".join(f"  {k}={v:.3f}" for k, v in sorted(n.metrics.items()))
-        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{_decided(n.run_details, n.method)}{metrics}"
+        damaged = "  [bold red]stored copy missing or changed (mergeyard doctor)[/]" if n.stored is False else ""
+        return f"{role}[bold]{n.name}[/] {n.digest[:19]}{how}{_decided(n.run_details, n.method)}{metrics}{damaged}"
 
     def grow(tree, node_id, seen):
         for edge in graph.parents(node_id):

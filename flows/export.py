@@ -19,6 +19,7 @@ from registry.store import MANIFEST
 
 
 def export_model(registry: Registry, ref: str, out: Path, head: str | None = None, overwrite: bool = False) -> tuple[ModelInfo, ModelInfo | None]:
+    registry.refuse_managed(out)
     model = registry.resolve(ref)
     head_info = None
     if out.exists() and not overwrite:

@@ -27,6 +27,7 @@ from registry import map_records
 from registry.errors import RegistryError
 from registry.map_records import FrontRecord
 from registry.registry import Registry
+from merging.processes import owner_token
 
 
 def ta_recipe(base: str, candidates: list[str], coefficients: list[float]):
@@ -43,7 +44,7 @@ def evaluate_sample(registry: Registry, suite: Suite, base: str, candidates: lis
         return cached, True
     started = time.perf_counter()
     registry.config.scratch.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="map-sample-", dir=registry.config.scratch))
+    work = Path(tempfile.mkdtemp(prefix=f"map-sample-{owner_token()}-", dir=registry.config.scratch))
     try:
         run_merge(ta_recipe(base, candidates, coefficients), work / "merged", device=device,
                   resolve=store_resolver(registry), input_digests={d: d for d in [base, *candidates]})

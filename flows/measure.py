@@ -22,6 +22,7 @@ from flows.resolve import resolve_input
 from flows.suites import bound_to, suite_for
 from registry.registry import ModelInfo, Registry
 from registry.statistics import METADATA_KIND
+from merging.processes import owner_token
 
 STATS = ("fisher", "gram")
 
@@ -42,6 +43,6 @@ def measure(registry: Registry, ref: str, suite_ref: str, stat: str, *, tasks: l
                 "mergeyard.suite_digest": suite.digest, "mergeyard.data_digest": statistics.digest,
                 "mergeyard.tasks": ",".join(suite.tasks), "mergeyard.budget": str(budget)}
     registry.config.scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="measure-", dir=registry.config.scratch) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"measure-{owner_token()}-", dir=registry.config.scratch) as tmp:
         save_file({n: t.contiguous() for n, t in measured.items()}, str(Path(tmp) / "model.safetensors"), metadata)
         return registry.register_statistics(Checkpoint(tmp), f"{model.name}-{stat}", f"mergeyard://measure/{model.digest}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.alignment import Alignment
+from merging.crashpoints import crashpoint
 from merging.methods import get_method
 from merging.methods.hooks import MethodLineage
 from merging.engine import MergeResult, environment, resolve_device, run_merge
@@ -117,6 +118,8 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
                 max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
                 progress: ProgressFn | None = None) -> StagedMerge:
     """Run the merge into `out` (default: scratch) under a `running` run row; a failure marks the run failed."""
+    if out is not None:
+        registry.refuse_managed(out)
     pinned, base, models = pin_inputs(recipe, registry)
     params = {"method": pinned.method, "seed": str(pinned.seed), "recipe_hash": pinned.recipe_hash,
               "out_dtype": str(pinned.out_dtype), **{f"param.{k}": str(v) for k, v in pinned.params().model_dump(by_alias=True).items()}}
@@ -145,6 +148,7 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
     `details` joins what the method decided in the run's record (e.g. the MAP front a point came from).
     Each task model among the candidates has its head registered first: the merged encoder serves their tasks.
     A method that needs a base declares it for candidates registered without one (task vectors are taken from it)."""
+    crashpoint("merge.staged")  # the output complete in scratch, the run still `running`
     try:
         if staged.base is not None and get_method(staged.recipe.method).requires_base:
             for m in staged.models:

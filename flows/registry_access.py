@@ -18,5 +18,10 @@ def registry_config(settings: Settings | None = None) -> RegistryConfig:
     )
 
 
-def open_registry(settings: Settings | None = None) -> Registry:
-    return Registry(registry_config(settings))
+def open_registry(settings: Settings | None = None, *, expect_mirror: bool = True) -> Registry:
+    """The registry (its interrupted runs failed on opening). `expect_mirror=False`: a lost MLflow store is not an
+    error (what `doctor` opens it for)."""
+    registry = Registry(registry_config(settings))
+    if not expect_mirror and registry.mirror is not None:
+        registry.mirror.expect_existing = None
+    return registry

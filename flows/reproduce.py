@@ -24,7 +24,9 @@ from merging.recipe import parse_recipe
 from merging.version import __version__
 from flows.merge import data_builder
 from flows.resolve import store_resolver
+from registry.errors import StoreDamagedError
 from registry.registry import ModelInfo, Registry
+from merging.processes import owner_token
 
 
 @dataclass
@@ -35,10 +37,11 @@ class Reproduction:
     differing: list[str] = field(default_factory=list)
     run_id: int | None = None
     data: dict | None = None  # a data-informed method's data digests, recorded vs rebuilt, when they differ
+    restored: bool = False  # the stored copy was damaged and was put back from the verified rebuild
 
     def as_dict(self) -> dict:
         return {"model": self.model.digest, "name": self.model.name, "ok": self.ok, "rebuilt_digest": self.rebuilt_digest,
-                "differing_tensors": self.differing, "merge_run": self.run_id,
+                "differing_tensors": self.differing, "merge_run": self.run_id, "store_restored": self.restored,
                 **({"data_digests": self.data} if self.data else {})}
 
 
@@ -69,12 +72,11 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
     model = registry.resolve(ref)
     run = registry.producing_run(model)
     if run is None:  # ingested: verify the stored bytes still are what was recorded
-        rebuilt = checkpoint_digest(model.store_path)
-        outcome = Reproduction(model, rebuilt == model.digest, rebuilt)
+        outcome = _verify_stored(registry, model)
     else:
         recipe = parse_recipe(json.loads(run.recipe_json))
         registry.config.scratch.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="reproduce-", dir=registry.config.scratch))
+        work = Path(tempfile.mkdtemp(prefix=f"reproduce-{owner_token()}-", dir=registry.config.scratch))
         try:
             base = registry.find_digest(recipe.base) if recipe.base else None
             result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
@@ -83,6 +85,8 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
             ok = result.digest == model.digest
             differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))
             outcome = Reproduction(model, ok, result.digest, differing, run.id)
+            if ok:  # the rebuild is the recorded model: a stored copy that is not gets put back from it
+                outcome.restored = registry.restore_if_damaged(model, Checkpoint(work / "rebuilt"))
             outcome.data = _data_change(recipe.method, run.details, result.details)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -92,6 +96,22 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         **({"data_digests": outcome.data} if outcome.data else {}),
     })
     return outcome
+
+
+def _verify_stored(registry: Registry, model: ModelInfo) -> Reproduction:
+    """An ingested model's stored copy against its record; where it differs, the tensors that do (by the
+    checksums recorded at ingest)."""
+    if not registry.store.has(model.digest):
+        raise StoreDamagedError(f"the stored copy of {model.name} ({model.digest[:19]}) is missing; ingest the "
+                                "original again to restore it (`mergeyard doctor` lists every such model)")
+    checksums: dict[str, str] = {}
+    rebuilt = checkpoint_digest(model.store_path, checksums)
+    ok = rebuilt == model.digest
+    differing = []
+    if not ok:
+        recorded = registry.recorded_checksums(model) or {}
+        differing = sorted(n for n in set(recorded) | set(checksums) if recorded.get(n) != checksums.get(n))
+    return Reproduction(model, ok, rebuilt, differing)
 
 
 def _data_change(method: str, recorded: dict | None, rebuilt: dict) -> dict | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from merging.references import parse_ref
-from registry.errors import ModelNotFoundError, RegistryError
+from registry.errors import ModelNotFoundError, StoreDamagedError, RegistryError
 from registry.registry import ModelInfo, Registry
 
 
@@ -30,6 +30,10 @@ def store_resolver(registry: Registry):
         info = registry.find_digest(digest)
         if info is None:
             raise ModelNotFoundError(f"input {digest} is not in the registry")
+        if not registry.store.looks_intact(digest):  # a stat per file: never merge from lost or changed bytes
+            raise StoreDamagedError(f"the stored copy of input {info.name} ({digest[:19]}) is missing or changed "
+                                    "since it was stored; ingest the original again to restore it "
+                                    "(`mergeyard doctor` lists every such model)")
         return Path(info.store_path)
 
     return resolve

@@ -1,26 +1,37 @@
 """Nothing half-written under a final name: directories are built beside their target and renamed into place.
 
 A rename within one filesystem is atomic, so a reader sees either nothing or the complete directory; a crash
-leaves only a hidden `.NAME.tmp-*` sibling (`TEMP_MARK` in its name), which is what cleanup looks for.
+leaves only a hidden `.NAME.tmp-<owner>-*` sibling (`TEMP_MARK` and the process's owner token in its name), which
+is what `mergeyard doctor` looks for: it removes one whose process is gone.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from merging.processes import owner_token
+
 TEMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # a replaced target on its way out
+
+
+def scratch_dir(parent: Path, prefix: str) -> Path:
+    """A new working directory under `parent` named with its owner, so cleanup after a crash can tell whose it is."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_token()}-", dir=parent))
 
 
 def temp_beside(target: Path) -> Path:
     """A new, empty hidden directory next to `target` (same filesystem, so the final rename is atomic)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}{TEMP_MARK}{owner_token()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
 
@@ -34,7 +45,7 @@ def move_into_place(tmp: Path, target: Path, *, replace: bool = False) -> bool:
         if not replace:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f".{target.name}{OLD_MARK}{owner_token()}-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
     try:
         os.rename(tmp, target)

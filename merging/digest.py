@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from pathlib import Path
 
 from merging.checkpoint import Checkpoint
@@ -54,13 +55,36 @@ class DigestBuilder:
         return "sha256:" + self._h.hexdigest()
 
 
-def checkpoint_digest(source: str | Path | Checkpoint) -> str:
-    """The digest of a checkpoint on disk (any layout)."""
+def checkpoint_digest(source: str | Path | Checkpoint, checksums: dict[str, str] | None = None) -> str:
+    """The digest of a checkpoint on disk (any layout). With `checksums`, also fills it with each tensor's
+    `tensor_checksum` in the same read, so a later check can name the tensors whose bytes changed."""
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     builder = DigestBuilder()
     for name in ckpt.names:
         entry = ckpt.entries[name]
         builder.begin_tensor(name, entry.dtype, entry.shape, entry.nbytes)
+        crc = 0
         for block in ckpt.iter_raw(name):
             builder.update(block)
+            if checksums is not None:
+                crc = zlib.crc32(block, crc)
+        if checksums is not None:
+            checksums[name] = _checksum(entry, crc)
     return builder.hexdigest()
+
+
+def _checksum(entry, crc: int) -> str:
+    return f"{entry.dtype}:{','.join(map(str, entry.shape))}:{crc:08x}"
+
+
+def tensor_checksums(source: str | Path | Checkpoint) -> dict[str, str]:
+    """Per tensor: dtype, shape and a CRC-32 of its bytes. Not an identity (the digest is): a cheap way to say
+    which tensors of a stored copy differ from the ones recorded when it was registered."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    out = {}
+    for name in ckpt.names:
+        crc = 0
+        for block in ckpt.iter_raw(name):
+            crc = zlib.crc32(block, crc)
+        out[name] = _checksum(ckpt.entries[name], crc)
+    return out

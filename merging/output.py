@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from merging.atomic import move_into_place, temp_beside
+from merging.crashpoints import crashpoint
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.digest import DigestBuilder, checkpoint_digest
 from merging.errors import MergeyardError, OutputExistsError
@@ -142,6 +143,7 @@ class CheckpointWriter:
         """Append a chunk of tensor `name`, already in its output dtype. The caller must not modify it afterwards."""
         data = values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._io.submit(self._write, name, data)
+        crashpoint("merge.writing")  # part of the output written, in its temporary directory
 
     def _write(self, name: str, data) -> None:
         self._file_for(name).write(name, data.data)

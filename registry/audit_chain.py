@@ -48,7 +48,7 @@ def event_hash(prev_hash: str, content: bytes) -> str:
 
 def _digests(session: Session, ids: set[int | None]) -> dict[int, str]:
     ids = {i for i in ids if i is not None}
-    return {m.id: m.digest for m in session.scalars(select(Model).where(Model.id.in_(ids)))} if ids else {}
+    return dict(session.execute(select(Model.id, Model.digest).where(Model.id.in_(ids))).all()) if ids else {}
 
 
 def seal(session: Session, event: PromotionEvent) -> None:

@@ -8,7 +8,9 @@ team decides when its schema changes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
@@ -21,6 +23,30 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from registry.errors import RegistryError, SchemaOutOfDateError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# pg_advisory_xact_lock key for schema upgrades: any fixed 64-bit number no other tool of the database uses
+PG_UPGRADE_LOCK = 0x6D65_7267_6579_6172  # "mergeyar"
+# how long a writer waits for SQLite's write lock before "database is locked" (seconds)
+SQLITE_BUSY_SECONDS = 120
+
+
+def sqlite_path(engine: Engine) -> Path | None:
+    db = engine.url.database if engine.dialect.name == "sqlite" else None
+    return Path(db) if db and db != ":memory:" else None
+
+
+@contextmanager
+def schema_lock(engine: Engine) -> Iterator[None]:
+    """Serialise schema creation and upgrades between processes: a file lock beside an SQLite file (PostgreSQL
+    takes an advisory lock inside the upgrade's own transaction). Eight first-use jobs at once each ran the
+    initial migration and seven failed with `table models already exists`."""
+    path = sqlite_path(engine)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock", timeout=600):
+        yield
 
 
 def make_engine(url: str) -> Engine:
@@ -32,19 +58,25 @@ def make_engine(url: str) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         # Several processes share one embedded database: wait for the writer instead of failing.
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
             cur.close()
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return create_engine(url, pool_pre_ping=True)
+
+
+def is_locked(exc: OperationalError) -> bool:
+    """SQLite's "database is locked": a writer outwaited the busy timeout (worth a retry, not a failure)."""
+    return "database is locked" in str(getattr(exc, "orig", exc))
 
 
 def _alembic_config(engine: Engine) -> Config:
@@ -68,8 +100,15 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply migrations up to `revision` (what `mergeyard db upgrade` runs)."""
+    with schema_lock(engine):
+        _apply(engine, revision)
+
+
+def _apply(engine: Engine, revision: str) -> None:
     config = _alembic_config(engine)
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # held to the transaction's end: a second upgrader waits, then
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_UPGRADE_LOCK})")  # finds nothing to do
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 
@@ -80,7 +119,9 @@ def ensure_schema(engine: Engine) -> None:
     if current == head_revision(engine):
         return
     if engine.dialect.name == "sqlite":
-        upgrade(engine)
+        with schema_lock(engine):  # another first-use process may have upgraded it while this one waited
+            if current_revision(engine) != head_revision(engine):
+                _apply(engine, "head")
         return
     raise SchemaOutOfDateError(
         f"the lineage database is at schema {current or 'none'}, this mergeyard needs {head_revision(engine)}; "

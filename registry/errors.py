@@ -29,3 +29,11 @@ class AppendOnlyError(RegistryError):
 
 class SchemaOutOfDateError(RegistryError):
     """The database schema is behind this mergeyard: run `mergeyard db upgrade`."""
+
+
+class MirrorLostError(RegistryError):
+    """The MLflow mirror lacks what the lineage database recorded in it: `mergeyard doctor --fix` rebuilds it."""
+
+
+class StoreDamagedError(RegistryError):
+    """A stored copy is missing or its bytes differ from what was recorded."""

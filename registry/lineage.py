@@ -29,6 +29,7 @@ class LineageNode:
     method: str | None = None  # of the run that produced it
     metrics: dict[str, float] = field(default_factory=dict)  # "suite/metric" → mean over tasks
     run_details: dict | None = None  # what that run's method decided (MuDSC's matchings, a MAP pick, ...)
+    stored: bool | None = None  # whether its stored copy is there intact (size and time); None: not checked
 
 
 @dataclass

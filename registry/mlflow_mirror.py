@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from registry.errors import RegistryError
+from typing import Callable
+
+from merging.crashpoints import crashpoint
+from registry.errors import MirrorLostError, RegistryError
+from merging.processes import owner_token
+
+OWNER_TAG = "mergeyard.owner"  # <host tag>-<pid> of the process that created a logged model or run
 
 EXPERIMENT = "mergeyard"
 
@@ -32,9 +38,14 @@ class MirroredModel:
 
 
 class MlflowMirror:
-    def __init__(self, tracking_uri: str, artifact_root: Path):
+    def __init__(self, tracking_uri: str, artifact_root: Path, scratch: Path | None = None,
+                 expect_existing: Callable[[], bool] | None = None):
         self.tracking_uri = tracking_uri
         self.artifact_root = Path(artifact_root)
+        self.scratch = scratch
+        # whether the lineage database says this mirror was written to: its experiment missing then means the
+        # MLflow store was lost, and starting a new one would leave a mirror that silently lacks every older model
+        self.expect_existing = expect_existing
 
     @cached_property
     def client(self):
@@ -47,7 +58,17 @@ class MlflowMirror:
         # whatever the client was given: both must point at the same store.
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
-        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        local = self.tracking_uri.removeprefix("sqlite:///") if self.tracking_uri.startswith("sqlite:///") else None
+        if not local:
+            return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        # MLflow creates its SQLite schema on first use (the client's constructor does, and its model registry's
+        # first call): first-use jobs at once would each run its migrations
+        from filelock import FileLock
+
+        with FileLock(local + ".lock", timeout=600):
+            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            client.search_registered_models(max_results=1)
+        return client
 
     @cached_property
     def experiment_id(self) -> str:
@@ -56,6 +77,9 @@ class MlflowMirror:
         found = self.client.get_experiment_by_name(EXPERIMENT)
         if found is not None:
             return found.experiment_id
+        if self.expect_existing is not None and self.expect_existing():
+            raise MirrorLostError(f"the MLflow store at {self.tracking_uri} has lost the {EXPERIMENT!r} experiment "
+                                  "the lineage database mirrored its models to; `mergeyard doctor --fix` rebuilds it")
         self.artifact_root.mkdir(parents=True, exist_ok=True)
         # A tracking server decides where artifacts go (`--serve-artifacts`); only a local store needs a location.
         remote = self.tracking_uri.startswith(("http://", "https://", "databricks"))
@@ -77,15 +101,18 @@ class MlflowMirror:
         rname = registered_name(name)
         try:
             logged = self.client.create_logged_model(self.experiment_id, name=rname, source_run_id=source_run_id,
-                                                     tags=tags, model_type="mergeyard-pyfunc" if serving else "safetensors")
+                                                     tags={**tags, OWNER_TAG: owner_token()}, model_type="mergeyard-pyfunc" if serving else "safetensors")
             if serving is not None:
                 from registry.serving import package
 
-                with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+                if self.scratch is not None:
+                    Path(self.scratch).mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix=f"mlflow-model-{owner_token()}-", dir=self.scratch) as tmp:
                     package(Path(model_dir), serving, Path(tmp) / "model", files or [])
                     self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
             else:
                 self.client.log_model_artifacts(logged.model_id, str(model_dir))
+            crashpoint("mirror.artifacts-logged")  # a PENDING logged model with its artifacts
             self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
             try:
                 self.client.create_registered_model(rname)
@@ -94,6 +121,7 @@ class MlflowMirror:
                     raise
             version = self.client.create_model_version(rname, source=f"models:/{logged.model_id}", run_id=source_run_id,
                                                        tags=tags, model_id=logged.model_id)
+            crashpoint("mirror.versioned")  # a version the lineage database never recorded
         except MlflowException as exc:
             raise RegistryError(f"MLflow ({self.tracking_uri}) refused the model: {exc.message.splitlines()[0]}") from None
         return MirroredModel(logged.model_id, rname, str(version.version))
@@ -110,7 +138,7 @@ class MlflowMirror:
                 pass
 
     def start_merge_run(self, run_name: str, params: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"mergeyard.kind": "merge"})
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"mergeyard.kind": "merge", OWNER_TAG: owner_token()})
         from mlflow.entities import Param
 
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -136,8 +164,9 @@ class MlflowMirror:
         run = self.client.create_run(self.experiment_id, run_name=f"evaluate-{suite}",
                                      tags={"mergeyard.kind": "evaluation", "mergeyard.digest": digest,
                                            "mergeyard.suite": suite, "mergeyard.suite_digest": suite_digest,
-                                           **(extra_tags or {})})
+                                           OWNER_TAG: owner_token(), **(extra_tags or {})})
         run_id = run.info.run_id
+        crashpoint("mirror.evaluation-run-open")
         if model_id:
             self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
         self.log_metrics(run_id, metrics)
@@ -160,7 +189,7 @@ class MlflowMirror:
         """A finished run holding a result that is not a model (a MAP front: its plot and JSON)."""
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, OWNER_TAG: owner_token()})
         run_id = run.info.run_id
         self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         if metrics:
@@ -171,7 +200,14 @@ class MlflowMirror:
         return run_id
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(registered_name(name), alias, version)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_registered_model_alias(registered_name(name), alias, version)
+        except MlflowException as exc:
+            raise MirrorLostError(f"MLflow ({self.tracking_uri}) cannot point {name}@{alias} at version {version}: "
+                                  f"{exc.message.splitlines()[0]}; `mergeyard doctor --fix` rebuilds the mirror "
+                                  "from the lineage database") from None
 
     def delete_alias(self, name: str, alias: str) -> None:
         self.client.delete_registered_model_alias(registered_name(name), alias)
@@ -183,12 +219,31 @@ class MlflowMirror:
         names the log (registry.audit_chain.log_name), so two registries sharing one MLflow keep two witnesses."""
         self.client.set_experiment_tag(self.experiment_id, f"{self.WITNESS_TAG}.{chain[:16]}", f"{seq}:{head}")
 
-    def audit_head(self, chain: str) -> tuple[int, str] | None:
-        tag = self.client.get_experiment(self.experiment_id).tags.get(f"{self.WITNESS_TAG}.{chain[:16]}")
-        if not tag:
+    PENDING_TAG = "mergeyard.audit_pending"
+
+    def audit_head(self, chain: str, tag: str | None = None) -> tuple[int, str] | None:
+        value = self.client.get_experiment(self.experiment_id).tags.get(f"{tag or self.WITNESS_TAG}.{chain[:16]}")
+        if not value:
             return None
-        seq, _, head = tag.partition(":")
+        seq, _, head = value.partition(":")
         return int(seq), head
+
+    def set_audit_pending(self, chain: str, seq: int, head: str) -> None:
+        """The head an uncommitted append will make: written before the commit, cleared after the witness moves.
+        A process killed in between leaves it, and the log then tells which way the commit went (never an
+        ambiguity an attacker's cut could hide in: without a pending head, a shorter log is a cut)."""
+        self.client.set_experiment_tag(self.experiment_id, f"{self.PENDING_TAG}.{chain[:16]}", f"{seq}:{head}")
+
+    def audit_pending(self, chain: str) -> tuple[int, str] | None:
+        return self.audit_head(chain, self.PENDING_TAG)
+
+    def clear_audit_pending(self, chain: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_experiment_tag(self.experiment_id, f"{self.PENDING_TAG}.{chain[:16]}")
+        except MlflowException:
+            pass
 
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -197,3 +252,12 @@ class MlflowMirror:
             return str(self.client.get_model_version_by_alias(registered_name(name), alias).version)
         except MlflowException:
             return None
+
+    def close_run(self, run_id: str, status: str) -> None:
+        """End a run a killed process left RUNNING (KILLED), if MLflow still has it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_terminated(run_id, status=status)
+        except MlflowException:
+            pass

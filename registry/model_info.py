@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from registry.schema import Model
@@ -31,8 +32,11 @@ class ModelInfo:
     created_at: datetime
 
     @classmethod
-    def of(cls, row: Model) -> "ModelInfo":
-        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+    def of(cls, row: Model, store_root: Path) -> "ModelInfo":
+        """`store_path` joined to the store this registry reads (rows hold it relative, so a moved home works)."""
+        values = {f: getattr(row, f) for f in cls.__dataclass_fields__}
+        values["store_path"] = str(Path(store_root) / row.store_path)
+        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from merging.yaml_input import read_yaml, validation_problems
 
+from merging.crashpoints import crashpoint
 from registry.audit_chain import ChainReport, Problem, log_name, seal, verify
 from registry.errors import RegistryError
 from registry.lineage import lineage
@@ -286,7 +287,7 @@ def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None
     """One event sealed into the chain, the alias and the chain's witness moved in MLflow inside the same
     transaction (if the commit fails both are put back)."""
     mirror = registry.mirror
-    moved, old_head, chain = False, None, ""
+    moved, chain = False, ""
     try:
         with registry.Session.begin() as s:
             event = PromotionEvent(model_id=model.id, model_name=model.name, alias=alias, previous_model_id=holder,
@@ -296,15 +297,20 @@ def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None
             s.flush()
             if mirror is not None:
                 chain = log_name(registry)
-                old_head = mirror.audit_head(chain)
-                mirror.set_audit_head(chain, event.seq, event.event_hash)
+                mirror.set_audit_pending(chain, event.seq, event.event_hash)
             if move_alias:  # inside the transaction: if MLflow refuses, no event claims the move
                 mirror.set_alias(model.name, alias, model.mlflow_version)
                 moved = True
-            return event.id
+            crashpoint("promote.before-commit")
+            event_id, seq, head = event.id, event.seq, event.event_hash
+        crashpoint("promote.committed")
+        if mirror is not None:  # the witness moves only once the event is in the log
+            mirror.set_audit_head(chain, seq, head)
+            mirror.clear_audit_pending(chain)
+        return event_id
     except BaseException:
-        if mirror is not None and old_head is not None:
-            mirror.set_audit_head(chain, *old_head)
+        if mirror is not None and chain:
+            mirror.clear_audit_pending(chain)
         if moved:  # the event did not commit: put the alias back where the log says it is
             if previous is not None and previous.mlflow_version:
                 mirror.set_alias(model.name, alias, previous.mlflow_version)
@@ -313,10 +319,25 @@ def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None
         raise
 
 
+def audit_witness(registry: Registry) -> tuple[int, str] | None:
+    """MLflow's witness of the chain's head. A pending head (a promote killed between its commit and moving the
+    witness) counts when the log's last event is exactly it: the commit happened."""
+    if registry.mirror is None:
+        return None
+    chain = log_name(registry)
+    witness, pending = registry.mirror.audit_head(chain), registry.mirror.audit_pending(chain)
+    if pending is not None:
+        with registry.Session() as s:
+            last = s.scalar(select(PromotionEvent).order_by(PromotionEvent.seq.desc().nulls_last()).limit(1))
+        if last is not None and (last.seq, last.event_hash) == pending:
+            return pending
+    return witness
+
+
 def verify_audit(registry: Registry) -> ChainReport:
     """The whole chain checked, against MLflow's witness of its head where there is one, and the aliases MLflow
     shows against the ones the log gives."""
-    witness = registry.mirror.audit_head(log_name(registry)) if registry.mirror is not None else None
+    witness = audit_witness(registry)
     with registry.Session() as s:
         report = verify(s, witness)
         if report.ok and registry.mirror is not None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import registry.audit  # noqa: F401  (installs the append-only guard)
@@ -26,8 +27,10 @@ from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.references import parse_ref
 from registry.audit_chain import intact
-from registry.db import ensure_schema, make_engine
+from merging.crashpoints import crashpoint
+from registry.db import ensure_schema, is_locked, make_engine
 from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
+from registry.recovery import Heartbeat, owner_columns, reap_interrupted
 from registry.measurements import Measurements, SuiteEvaluation
 from registry.model_info import ModelInfo, Parent
 from registry.mlflow_mirror import MirroredModel, MlflowMirror
@@ -37,7 +40,9 @@ from registry.sources import resolve_source
 from registry.statistics import StatisticsArtifacts, is_statistics
 from registry.store import ModelStore
 from registry.validation import validate_checkpoint
+from merging.processes import owner_token
 
+LOCKED_RETRIES = 4
 _HEX_PREFIX = re.compile(r"^(sha256:)?([0-9a-f]{8,64})$")
 
 
@@ -59,16 +64,40 @@ def _dominant_dtype(ckpt: Checkpoint) -> str:
 
 
 class Registry(Measurements, StatisticsArtifacts):
-    def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True):
+    def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True, reap: bool = True):
         self.config = config
         self.engine = make_engine(config.database_url)
         if auto_upgrade:
             ensure_schema(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.store = ModelStore(config.store_root)
-        self.mirror = MlflowMirror(config.mlflow_tracking_uri, config.mlflow_artifact_root) if config.mlflow_tracking_uri else None
+        self.mirror = MlflowMirror(config.mlflow_tracking_uri, config.mlflow_artifact_root, config.scratch,
+                                   expect_existing=self._has_mirrored) if config.mlflow_tracking_uri else None
+        self._heartbeats: dict[int, Heartbeat] = {}
+        self.restored: list[str] = []  # digests whose damaged stored copy this process put back
+        # runs a killed process left `running` are failed here, by whichever command comes next
+        self.reaped = reap_interrupted(self) if reap else []
+
+    def _has_mirrored(self) -> bool:
+        with self.Session() as s:
+            return s.scalar(select(Model.id).where(Model.mlflow_model_id.is_not(None)).limit(1)) is not None
+
+    def refuse_managed(self, path: Path) -> None:
+        """The store and MLflow's artifacts are written only by the registry itself (temporary, then renamed)."""
+        target = Path(path).resolve()
+        for root, what in ((self.config.store_root, "the model store"), (self.config.mlflow_artifact_root,
+                                                                          "MLflow's artifact store")):
+            root = Path(root).resolve()
+            if target == root or root in target.parents:
+                raise RegistryError(f"{path} is inside {what} ({root}), which only the registry writes; "
+                                    "write elsewhere")
+
+    def _info(self, row: Model) -> ModelInfo:
+        return ModelInfo.of(row, self.store.root)
 
     def close(self) -> None:
+        for run_id in list(self._heartbeats):
+            self._stop_heartbeat(run_id)
         self.engine.dispose()
 
     # ---- lookups ----------------------------------------------------------------------------
@@ -76,11 +105,11 @@ class Registry(Measurements, StatisticsArtifacts):
     def find_digest(self, digest: str) -> ModelInfo | None:
         with self.Session() as s:
             row = s.scalar(select(Model).where(Model.digest == digest))
-            return ModelInfo.of(row) if row else None
+            return self._info(row) if row else None
 
     def get(self, model_id: int) -> ModelInfo:
         with self.Session() as s:
-            return ModelInfo.of(s.get(Model, model_id))
+            return self._info(s.get(Model, model_id))
 
     def resolve(self, ref: str) -> ModelInfo:
         """MODEL: a digest or unique prefix (≥ 8 hex), a name (its newest model), or NAME@ALIAS."""
@@ -90,23 +119,23 @@ class Registry(Measurements, StatisticsArtifacts):
                 holder = self.alias_holder(s, name, alias)
                 if holder is None:
                     raise ModelNotFoundError(f"no model holds {name}@{alias}; see `mergeyard audit --alias {alias}`")
-                return ModelInfo.of(s.get(Model, holder))
+                return self._info(s.get(Model, holder))
             match = _HEX_PREFIX.match(ref)
             if match:
                 rows = s.scalars(select(Model).where(Model.digest.like(f"sha256:{match.group(2)}%")).limit(2)).all()
                 if len(rows) > 1:
                     raise AmbiguousModelError(f"digest prefix {ref!r} matches several models; give more characters")
                 if rows:
-                    return ModelInfo.of(rows[0])
+                    return self._info(rows[0])
             row = s.scalar(select(Model).where(Model.name == ref).order_by(Model.created_at.desc(), Model.id.desc()).limit(1))
             if row is None:
                 raise ModelNotFoundError(f"no model {ref!r} in the registry (a digest, name or NAME@ALIAS); "
                                          "`mergeyard models list` shows them")
-            return ModelInfo.of(row)
+            return self._info(row)
 
     def list_models(self) -> list[ModelInfo]:
         with self.Session() as s:
-            return [ModelInfo.of(r) for r in s.scalars(select(Model).order_by(Model.id))]
+            return [self._info(r) for r in s.scalars(select(Model).order_by(Model.id))]
 
     @staticmethod
     def alias_holder(s: Session, name: str, alias: str) -> int | None:
@@ -145,16 +174,33 @@ class Registry(Measurements, StatisticsArtifacts):
             alignment = validate_checkpoint(ckpt, Checkpoint(base_info.store_path) if base_info else None,
                                             label=label, base_label=f"{base_info.name} ({base_info.digest[:19]})"
                                             if base_info else None)
-            digest = checkpoint_digest(ckpt)
+            checksums: dict[str, str] = {}
+            digest = checkpoint_digest(ckpt, checksums)
             existing = self.find_digest(digest)
             if existing is not None:  # the same bytes: a no-op, but a base now declared is recorded
+                self.restore_if_damaged(existing, ckpt)
                 return (self.declare_base(existing, base_info) if base_info else existing), False
             model, created = self.register(ckpt, digest, kind="ingested", name=name or src.default_name,
                                            source_uri=src.uri, revision=src.revision, architecture=src.architecture,
-                                           base_model_id=base_info.id if base_info else None)
+                                           base_model_id=base_info.id if base_info else None,
+                                           tensor_checksums=checksums)
         if alignment is not None and alignment.wraps:
             self.register_head(model, alignment)
         return model, created
+
+    def restore_if_damaged(self, model: ModelInfo, ckpt: Checkpoint) -> bool:
+        """Put back a stored copy that is missing or damaged from `ckpt`, whose digest the caller computed equal to
+        the model's. Returns whether it did (recorded in `self.restored`)."""
+        if self.store.looks_intact(model.digest):
+            return False
+        if self.store.has(model.digest) and not self.store.damaged(model.digest, model.files):
+            self.store.refresh_times(model.digest)  # touched or copied with new times, the same bytes
+            return False
+        _, files, _ = self.store.put(ckpt, model.digest, replace=True)
+        with self.Session.begin() as s:
+            s.get(Model, model.id).files = files
+        self.restored.append(model.digest)
+        return True
 
     def declare_base(self, model: ModelInfo, base: ModelInfo) -> ModelInfo:
         """Record `base` as the model's declared base where none was (a candidate first ingested as a recipe
@@ -165,7 +211,7 @@ class Registry(Measurements, StatisticsArtifacts):
             row = s.get(Model, model.id)
             if row.base_model_id is None:
                 row.base_model_id = base.id
-            return ModelInfo.of(row)
+            return self._info(row)
 
     def register_head(self, model: ModelInfo, alignment: Alignment) -> ModelInfo:
         """A task model's head (its tensors outside the base it wraps) as a model of its own, kind `head`, linked
@@ -176,7 +222,7 @@ class Registry(Measurements, StatisticsArtifacts):
         source = Checkpoint(model.store_path)
         tensors = {n: source.read(n).contiguous() for n in alignment.head}
         self.config.scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="head-", dir=self.config.scratch) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"head-{owner_token()}-", dir=self.config.scratch) as tmp:
             save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
             config = Path(model.store_path) / "config.json"
             if config.is_file():
@@ -197,10 +243,33 @@ class Registry(Measurements, StatisticsArtifacts):
                  parents: list[Parent] = (), merge_run_id: int | None = None,
                  in_transaction: Callable[[Session, Model], None] | None = None,
                  mlflow_run_id: str | None = None, mirror: bool = True,
-                 serving_heads: list[ServedHead] = ()) -> tuple[ModelInfo, bool]:
+                 serving_heads: list[ServedHead] = (),
+                 tensor_checksums: dict[str, str] | None = None) -> tuple[ModelInfo, bool]:
         """Store the bytes and record the model (and whatever `in_transaction` adds) atomically. MLflow gets it as a
         pyfunc model where transformers can load it (serving each of `serving_heads`' tasks)."""
-        path, files, created = self.store.put(ckpt, digest)
+        path, files, created = self.store.put(ckpt, digest, origin={
+            "name": name, "kind": kind, "source_uri": source_uri, "revision": revision, "architecture": architecture})
+        crashpoint("register.stored")  # a complete store entry that no row names
+        for attempt in range(LOCKED_RETRIES):
+            try:
+                return self._record(ckpt, digest, path, files, created, kind=kind, name=name, source_uri=source_uri,
+                                    revision=revision, architecture=architecture, base_model_id=base_model_id,
+                                    parents=parents, merge_run_id=merge_run_id, in_transaction=in_transaction,
+                                    mlflow_run_id=mlflow_run_id, mirror=mirror, serving_heads=serving_heads,
+                                    tensor_checksums=tensor_checksums)
+            except OperationalError as exc:  # SQLite's busy timeout ran out under many writers: wait and retry
+                if not is_locked(exc) or attempt == LOCKED_RETRIES - 1:
+                    if created and self.find_digest(digest) is None:
+                        self.store.remove(digest)
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _record(self, ckpt: Checkpoint, digest: str, path: Path, files: list[dict], created: bool, *, kind: str,
+                name: str, source_uri: str, revision: str | None, architecture: str | None,
+                base_model_id: int | None, parents: list[Parent], merge_run_id: int | None,
+                in_transaction: Callable[[Session, Model], None] | None, mlflow_run_id: str | None, mirror: bool,
+                serving_heads: list[ServedHead], tensor_checksums: dict[str, str] | None) -> tuple[ModelInfo, bool]:
         mirrored: MirroredModel | None = None
         try:
             with self.Session.begin() as s:
@@ -208,7 +277,7 @@ class Registry(Measurements, StatisticsArtifacts):
                     digest=digest, name=name, kind=kind, source_uri=source_uri, resolved_revision=revision,
                     files=files, architecture=architecture, base_model_id=base_model_id,
                     num_params=ckpt.num_params, dtype=_dominant_dtype(ckpt), size_bytes=ckpt.nbytes,
-                    store_path=str(path),
+                    store_path=path.name, tensor_checksums=tensor_checksums or None,
                 )
                 s.add(row)
                 s.flush()  # a concurrent ingest of the same bytes fails here, before anything is mirrored
@@ -224,7 +293,8 @@ class Registry(Measurements, StatisticsArtifacts):
                                                           serving=serving_spec(path, list(serving_heads)),
                                                           files=[f["path"] for f in files])
                     row.mlflow_model_id, row.mlflow_version = mirrored.model_id, mirrored.version
-                info = ModelInfo.of(row)
+                crashpoint("register.mirrored")  # MLflow has the version, the transaction has not committed
+                info = self._info(row)
         except IntegrityError:
             if mirrored is not None:
                 self.mirror.unregister(mirrored)
@@ -232,6 +302,10 @@ class Registry(Measurements, StatisticsArtifacts):
             if existing is None:
                 raise
             return existing, False
+        except OperationalError:  # `register` retries a lock timeout (reusing the stored copy) or removes it
+            if mirrored is not None:
+                self.mirror.unregister(mirrored)
+            raise
         except BaseException:
             if mirrored is not None:
                 self.mirror.unregister(mirrored)
@@ -248,16 +322,24 @@ class Registry(Measurements, StatisticsArtifacts):
         with self.Session.begin() as s:
             run = MergeRun(method=method, recipe_json=recipe_json, recipe_hash=recipe_hash, seed=seed,
                            mergeyard_version=mergeyard_version, code_revision=code_revision, environment=environment,
-                           status="running", mlflow_run_id=mlflow_run_id)
+                           status="running", mlflow_run_id=mlflow_run_id, **owner_columns())
             s.add(run)
             s.flush()
-            return run.id
+            run_id = run.id
+        self._heartbeats[run_id] = Heartbeat(self, run_id)
+        return run_id
+
+    def _stop_heartbeat(self, run_id: int) -> None:
+        beat = self._heartbeats.pop(run_id, None)
+        if beat is not None:
+            beat.stop()
 
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
                            seconds: float, evaluations: list[SuiteEvaluation] = (),
                            details: dict | None = None, heads: list[ServedHead] = (),
                            recipe_json: str | None = None) -> ModelInfo:
         """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction."""
+        self._stop_heartbeat(run_id)
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
 
@@ -300,9 +382,10 @@ class Registry(Measurements, StatisticsArtifacts):
                            .where(MergeRun.recipe_hash == recipe_hash, MergeRun.status == "succeeded",
                                   MergeRun.mergeyard_version == mergeyard_version)
                            .order_by(MergeRun.id).limit(1))
-            return ModelInfo.of(row) if row else None
+            return self._info(row) if row else None
 
     def fail_merge_run(self, run_id: int, error: str) -> None:
+        self._stop_heartbeat(run_id)
         with self.Session.begin() as s:
             run = s.get(MergeRun, run_id)
             run.status, run.error, run.finished_at = "failed", error[:4000], utcnow()
@@ -325,13 +408,17 @@ class Registry(Measurements, StatisticsArtifacts):
             row = s.execute(select(Model, LineageEdge.details).join(LineageEdge, LineageEdge.child_id == Model.id)
                             .where(LineageEdge.parent_id == model.id, LineageEdge.role == "head")
                             .order_by(LineageEdge.id.desc()).limit(1)).first()
-            return (ModelInfo.of(row[0]), (row[1] or {}).get("prefix", "")) if row else None
+            return (self._info(row[0]), (row[1] or {}).get("prefix", "")) if row else None
 
     def parents_of(self, model: ModelInfo) -> list[tuple[LineageEdge, ModelInfo]]:
         with self.Session() as s:
             rows = s.execute(select(LineageEdge, Model).join(Model, Model.id == LineageEdge.parent_id)
                              .where(LineageEdge.child_id == model.id).order_by(LineageEdge.id)).all()
-            return [(edge, ModelInfo.of(parent)) for edge, parent in rows]
+            return [(edge, self._info(parent)) for edge, parent in rows]
+
+    def recorded_checksums(self, model: ModelInfo) -> dict[str, str] | None:
+        with self.Session() as s:
+            return s.scalar(select(Model.tensor_checksums).where(Model.id == model.id))
 
     def count(self, table) -> int:
         with self.Session() as s:

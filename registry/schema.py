@@ -43,7 +43,9 @@ class Model(Base):
     num_params: Mapped[int] = mapped_column(BigInteger, nullable=False)
     dtype: Mapped[str] = mapped_column(String(16), nullable=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    store_path: Mapped[str] = mapped_column(Text, nullable=False)
+    store_path: Mapped[str] = mapped_column(Text, nullable=False)  # relative to the store root (its entry's name)
+    # {tensor: "dtype:shape:crc32"} recorded at ingest, so a damaged stored copy names the tensors that changed
+    tensor_checksums: Mapped[dict[str, str] | None] = mapped_column(JsonType)
     mlflow_model_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_version: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
@@ -69,6 +71,11 @@ class MergeRun(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     output_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), index=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # the process doing the run, and when it last said it was alive: a `running` run whose process is gone is
+    # marked failed (interrupted) by the next command that opens the registry (registry.recovery)
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # what the method decided beyond the weights (MuDSC's matchings and calibration digest, FW's losses,
     # the MAP front and preference a picked point came from)
     details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)

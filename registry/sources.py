@@ -26,6 +26,7 @@ from merging.companions import MODEL_FILES
 from merging.references import parse_ref
 from registry.errors import SourceError
 from registry.serving import checkpoint_dir
+from merging.processes import owner_token
 
 _HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
 _OPEN_CLIP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
@@ -164,7 +165,7 @@ def _resolve_hf(uri: str, hf_cache: Path | None) -> ResolvedSource:
 def _scratch_dir(scratch: Path | None) -> Iterator[Path]:
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="source-", dir=scratch))
+    tmp = Path(tempfile.mkdtemp(prefix=f"source-{owner_token()}-", dir=scratch))
     try:
         yield tmp
     finally:

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
-from merging.atomic import move_into_place, temp_beside
+from merging.atomic import OLD_MARK, move_into_place, temp_beside
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.companions import MODEL_FILES
+from merging.processes import owner_token
 
 MANIFEST = "mergeyard-files.json"
+# who stored an entry, as what: lets `mergeyard doctor` adopt an ingested copy whose registration was killed
+ORIGIN = "mergeyard-origin.json"
 # Beside the tensors: the index, what makes the model loadable (config, generation config, tokenizer,
 # preprocessor config), a model card and provenance.
 COMPANIONS = (INDEX_NAME, *MODEL_FILES, "README.md", "mergeyard.json")
@@ -34,6 +39,14 @@ def _copy_hashing(src: Path, dst: Path) -> dict:
     return {"sha256": h.hexdigest(), "bytes": size}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 class ModelStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -45,13 +58,66 @@ class ModelStore:
         return (self.path_for(digest) / MANIFEST).is_file()
 
     def files(self, digest: str) -> list[dict]:
+        return [{k: f[k] for k in ("path", "sha256", "bytes")} for f in self._manifest(digest)]
+
+    def _manifest(self, digest: str) -> list[dict]:
         return json.loads((self.path_for(digest) / MANIFEST).read_text())
 
-    def put(self, ckpt: Checkpoint, digest: str) -> tuple[Path, list[dict], bool]:
-        """Copy a checkpoint in (if not there yet). Returns (path, files with sha256, created)."""
+    def looks_intact(self, digest: str) -> bool:
+        """Every file there with the size and modification time it was stored with (no read: a changed or lost
+        file shows here; bytes changed in place without a new mtime take `damaged`, which `doctor` runs)."""
+        try:
+            manifest = self._manifest(digest)
+        except (OSError, ValueError):
+            return False
+        root = self.path_for(digest)
+        for f in manifest:
+            try:
+                st = (root / f["path"]).stat()
+            except OSError:
+                return False
+            if st.st_size != f["bytes"] or ("mtime_ns" in f and st.st_mtime_ns != f["mtime_ns"]):
+                return False
+        return True
+
+    def refresh_times(self, digest: str) -> None:
+        """Record the files' current modification times once their bytes were verified."""
+        root = self.path_for(digest)
+        manifest = [{**f, "mtime_ns": (root / f["path"]).stat().st_mtime_ns} for f in self._manifest(digest)]
+        tmp = root / f".{MANIFEST}.{owner_token()}"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, root / MANIFEST)
+
+    def damaged(self, digest: str, recorded: list[dict]) -> list[str]:
+        """The recorded files that are missing or whose sha256 differs (reads every byte)."""
+        root = self.path_for(digest)
+        bad = []
+        for f in recorded:
+            path = root / f["path"]
+            if not path.is_file() or path.stat().st_size != f["bytes"] or _sha256(path) != f["sha256"]:
+                bad.append(f["path"])
+        return bad
+
+    def origin(self, digest: str) -> dict | None:
+        try:
+            return json.loads((self.path_for(digest) / ORIGIN).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def entries(self) -> list[Path]:
+        """Every complete entry directory (temporary and replaced ones aside)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def put(self, ckpt: Checkpoint, digest: str, *, replace: bool = False,
+            origin: dict | None = None) -> tuple[Path, list[dict], bool]:
+        """Copy a checkpoint in (if not there yet; with `replace`, over a damaged copy: the caller verified the
+        checkpoint's digest). Returns (path, files with sha256, created)."""
         final = self.path_for(digest)
-        if self.has(digest):
+        if self.has(digest) and not replace:
             return final, self.files(digest), False
+        replace = replace or final.exists()  # a directory without its manifest is not an entry: replace it
         tmp = temp_beside(final)
         try:
             files = []
@@ -63,8 +129,10 @@ class ModelStore:
             for extra in COMPANIONS:
                 if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME):
                     files.append({"path": extra, **_copy_hashing(source_dir / extra, tmp / extra)})
-            (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
-            if not move_into_place(tmp, final):  # another process stored the same digest first
+            manifest = [{**f, "mtime_ns": (tmp / f["path"]).stat().st_mtime_ns} for f in files]
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (tmp / ORIGIN).write_text(json.dumps({**(origin or {}), "owner": owner_token()}, indent=2))
+            if not move_into_place(tmp, final, replace=replace):  # another process stored the same digest first
                 return final, self.files(digest), False
             return final, files, True
         except BaseException:
@@ -72,5 +140,17 @@ class ModelStore:
             raise
 
     def remove(self, digest: str) -> None:
-        """Undo a `put` whose registration failed (only ever for a copy this process created)."""
-        shutil.rmtree(self.path_for(digest), ignore_errors=True)
+        """Undo a `put` whose registration failed (only ever for a copy this process created), or drop an entry
+        `doctor` found unrecorded: renamed aside first, so a crash never leaves half an entry under its name."""
+        self.remove_dir(self.path_for(digest))
+
+    @staticmethod
+    def remove_dir(path: Path) -> None:
+        if not path.exists():
+            return
+        aside = path.parent / f".{path.name}{OLD_MARK}{owner_token()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except OSError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)

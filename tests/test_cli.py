@@ -110,7 +110,8 @@ def test_demo_writes_only_under_mergeyard_home(tmp_path, small_zoo):
     work.mkdir()
     shutil.copytree(small_zoo[0], home / "zoo")  # the build itself is tested in test_zoo; reused here
     user_home = tmp_path / "user"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # (no MLFLOW_*: mlflow.set_tracking_uri in an earlier in-process test leaves its URI in os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(MERGEYARD_HOME=str(home), HOME=str(user_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     proc = subprocess.run([*MERGEYARD, "demo", "--json"], capture_output=True, text=True, cwd=work, env=env, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]

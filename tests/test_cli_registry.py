@@ -53,22 +53,26 @@ def test_a_model_s_life_from_ingest_to_production(cli, tmp_path):
     assert [e["decision"] for e in log] == ["refused", "promoted"] and log[1]["reason"] == "nightly"
     assert json.loads(cli("lineage", "product@production", "--format", "json").stdout)["model"] == merged["digest"]
 
-    # someone swaps a parent's stored bytes: reproduce fails, naming the tensor
+    # someone swaps a parent's stored bytes: the rebuild refuses to read them, and the parent's own
+    # reproduce names the tensor
     parent = registry.resolve("task0")
     stored = tmp_path / "mergeyard-home" / "store" / parent.digest.replace(":", "-") / "model.safetensors"
     raw = bytearray(stored.read_bytes())
     raw[-4:] = b"\x00\x00\x80\x3f"
     stored.write_bytes(bytes(raw))
-    broken = cli("reproduce", "product", ok=False)
+    refused = cli("reproduce", "product", ok=False)
+    assert refused.exit_code == 1 and "stored copy of input task0" in refused.stderr
+    broken = cli("reproduce", "task0", ok=False)
     named = broken.stderr.split("differing tensors: ")[1].strip().split(", ")
-    # global TIES: one changed value moves the model-wide trim threshold, so other tensors may change too
-    assert broken.exit_code == 4 and "scale" in named  # a reproduction mismatch
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    assert broken.exit_code == 4 and named == [last]  # the one tensor whose last float was changed
 
 
 def test_db_commands(cli):
     assert cli("db", "current").stdout.strip() == "empty"
-    assert "at schema 0004" in cli("db", "upgrade").stdout
-    assert cli("db", "current").stdout.strip() == "0004"
+    assert "at schema 0005" in cli("db", "upgrade").stdout
+    assert cli("db", "current").stdout.strip() == "0005"
     bad = cli("lineage", "x", "--format", "svg", ok=False)
     assert bad.exit_code == 1 and "tree, json or mermaid" in bad.stderr
 
@@ -85,7 +89,7 @@ def test_database_url_setting_and_shared_database_upgrades(cli, database_url, mo
         assert stale.exit_code == 1 and "run `mergeyard db upgrade`" in stale.stderr
         cli("db", "upgrade")
     assert json.loads(cli("ingest", bp, "--json").stdout)["created"]
-    assert cli("db", "current").stdout.strip() == "0004"
+    assert cli("db", "current").stdout.strip() == "0005"
     from registry.db import make_engine
     from sqlalchemy import text
 

@@ -26,7 +26,9 @@ SHARED = {"merging.errors", "merging.checkpoint", "merging.digest", "merging.saf
           "merging.companions", "merging.yaml_input"}
 ALLOWED_FROM_MERGING = {
     "evaluation": SHARED | {"merging.objective", "merging.mudsc"},  # the objective protocol; MuDSC's spec types
-    "registry": SHARED | {"merging.finite", "merging.references", "merging.atomic"},  # validation, refs, the store
+    # validation, refs, the store; whose process owns a run or a directory, and the fault-injection hook
+    "registry": SHARED | {"merging.finite", "merging.references", "merging.atomic", "merging.processes",
+                          "merging.crashpoints"},
 }
 
 

@@ -60,3 +60,39 @@ def test_concurrent_ingest_of_the_same_bytes(registry, tmp_path):
     assert len(registry.mirror.client.search_model_versions(f"tags.`mergeyard.digest` = '{digest}'")) == before + 1
     assert [p.name for p in registry.store.root.iterdir() if not p.name.startswith(".")] == [digest.replace(":", "-")]
     assert not [p for p in registry.store.root.iterdir() if ".tmp-" in p.name]  # merging.atomic.TEMP_MARK
+
+
+def test_a_write_that_outwaits_the_busy_timeout_is_retried(tmp_path, monkeypatch):
+    """SQLite's busy timeout can run out under many writers (each holds the write lock while MLflow logs): the
+    registration is retried with back-off instead of failing the job."""
+    import sqlite3
+    import threading
+
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    import registry.db
+    import registry.registry
+    from registry.registry import Registry, RegistryConfig
+
+    monkeypatch.setattr(registry.db, "SQLITE_BUSY_SECONDS", 0.3)
+    db = tmp_path / "lineage.db"
+    reg = Registry(RegistryConfig(f"sqlite:///{db}", tmp_path / "store", tmp_path / "scratch", None, tmp_path / "mlruns"))
+    paths = [save_checkpoint(random_family(0, seed=s)[0], tmp_path / f"m{s}.safetensors") for s in (1, 2)]
+
+    def hold_write_lock(seconds: float) -> None:
+        holder = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another writer, holding the lock past the timeout
+        threading.Timer(seconds, lambda: (holder.rollback(), holder.close())).start()
+
+    monkeypatch.setattr(registry.registry, "LOCKED_RETRIES", 1)
+    hold_write_lock(1.0)
+    with pytest.raises(OperationalError, match="database is locked"):  # without retries: the job fails
+        reg.ingest(str(paths[0]))
+    time.sleep(1.2)
+    monkeypatch.setattr(registry.registry, "LOCKED_RETRIES", 4)
+    hold_write_lock(1.0)
+    model, created = reg.ingest(str(paths[1]))
+    assert created and reg.count(Model) == 1 and reg.find_digest(model.digest) is not None
+    assert reg.store.has(model.digest) and not reg.store.has(checkpoint_digest(paths[0]))
+    reg.close()
