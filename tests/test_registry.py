@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from registry.errors import StoreDamagedError
+
+import os
+
 import hashlib
 import json
 from pathlib import Path
@@ -188,7 +192,11 @@ def test_reproduce_rebuilds_and_names_differing_tensors(registry, tmp_path):
     stored = Path(parent.store_path) / "model.safetensors"
     raw = bytearray(stored.read_bytes())
     raw[-4:] = b"\x00\x00\x80\x3f"  # the last float of the last tensor becomes 1.0
+    before = stored.stat()
     stored.write_bytes(bytes(raw))
+    with pytest.raises(StoreDamagedError, match="stored copy of input"):  # a changed file is never merged from
+        reproduce(registry, "product")
+    os.utime(stored, ns=(before.st_atime_ns, before.st_mtime_ns))  # bit rot in place: only the bytes tell
     bad = reproduce(registry, "product")
     assert not bad.ok and bad.differing == ["scale"]
     assert not reproduce(registry, parent.digest).ok  # an ingested model: its stored bytes are re-hashed
