@@ -188,7 +188,8 @@ def test_promote_killed(point, left, cli, plain_family, isolated_home):
     assert registry.mirror.alias_version("product", "staging") == model.mlflow_version
 
 
-def test_pipeline_run_killed_mid_merge(cli, tiny_text, isolated_home, tmp_path):
+@pytest.mark.slow  # an in-process `run` after a killed one leaves Prefect's logging broken for the flow tests
+def test_pipeline_run_killed_mid_merge(prefect_api, cli, tiny_text, isolated_home, tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({
         "name": "tickets-merged", "suite": str(tiny_text["suite"]), "base": str(tiny_text["base"]),
