@@ -16,6 +16,12 @@ from __future__ import annotations
 
 import sys
 
+from flows.deferred_imports import defer
+
+# Commands that must start at once and never compute with torch or scipy (listing methods, hashing a file): for
+# them those packages are imported only if something does touch them (flows/deferred_imports.py).
+QUICK = {"methods", "digest", "version", "--version", "--help", "-h"}
+
 from flows import cli_doctor, cli_evaluate, cli_merge, cli_pipeline, cli_registry, cli_zoo  # noqa: F401  (register commands)
 from flows.cli_app import app
 from flows.cli_map import map_app
@@ -26,6 +32,8 @@ app.add_typer(map_app, name="map")
 def main() -> None:
     """The console script: `--dask` with no value means a local Dask cluster."""
     args = sys.argv[1:]
+    if not args or args[0] in QUICK:
+        defer()
     for i, arg in enumerate(args):
         if arg == "--dask" and (i + 1 == len(args) or args[i + 1].startswith("-") or args[i + 1].endswith((".yaml", ".yml"))):
             args.insert(i + 1, "local")

@@ -57,12 +57,16 @@ def digest(
     path: Path = typer.Argument(..., help="a .safetensors file or a checkpoint directory (sharded or not)"),
     as_json: bool = JSON,
 ) -> None:
-    """Print a checkpoint's content digest (independent of sharding and file names)."""
-    from merging.checkpoint import Checkpoint
-    from merging.digest import checkpoint_digest
+    """Print a checkpoint's content digest (independent of sharding and file names). Files hashed before, and
+    unchanged since, are not read again (the home's digest cache, where a home exists)."""
+    import os
 
+    from merging.checkpoint import Checkpoint
+    from merging.digest_cache import CACHE_FILE, DigestCache
+
+    home = Path(os.environ.get("MERGEYARD_HOME", ".mergeyard"))  # not flows.settings: pydantic-settings is slow to import
     ckpt = Checkpoint(path)
-    value = checkpoint_digest(ckpt)
+    value = DigestCache(home / CACHE_FILE if home.is_dir() else None).digest(ckpt)
     if as_json:
         print_json({"path": str(path), "digest": value, "tensors": len(ckpt.entries), "params": ckpt.num_params,
                     "bytes": ckpt.nbytes})

@@ -159,7 +159,8 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
         model = registry.complete_merge_run(staged.run_id, staged.path, staged.result.digest, name, staged.parents(),
                                             staged.result.seconds, evaluations=evaluations,
                                             details={**(staged.run_details() or {}), **(details or {})} or None,
-                                            heads=heads, recipe_json=staged.recipe.canonical_json())
+                                            heads=heads, recipe_json=staged.recipe.canonical_json(),
+                                            move=not keep_output)
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise

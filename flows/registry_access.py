@@ -15,6 +15,7 @@ def registry_config(settings: Settings | None = None) -> RegistryConfig:
         mlflow_tracking_uri=s.mlflow_uri,
         mlflow_artifact_root=s.mlflow_artifacts_dir,
         hf_cache=s.hf_cache,
+        digest_cache=s.digest_cache,
     )
 
 

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         return self.home / "store"
 
     @property
+    def digest_cache(self) -> Path:
+        """Digests of files already hashed, by file identity (merging/digest_cache.py)."""
+        from merging.digest_cache import CACHE_FILE
+
+        return self.home / CACHE_FILE
+
+    @property
     def scratch_dir(self) -> Path:
         return self.home / "tmp"
 

@@ -45,6 +45,8 @@ def resolve_files(path: Path) -> list[Path]:
         if path.name.endswith(".index.json"):
             return resolve_files(path.parent)
         return [path]
+    if not path.is_dir():  # a device, a socket, a pipe
+        raise CheckpointError(f"{path}: not a regular file or a directory")
     index = path / INDEX_NAME
     if index.is_file():
         try:
@@ -150,7 +152,8 @@ class Checkpoint:
         return handle.get_slice(stored)[rows]
 
     def iter_raw(self, name: str, block_bytes: int = 64 << 20) -> Iterator[memoryview]:
-        """The stored bytes of one tensor, in blocks (for hashing)."""
+        """The stored bytes of one tensor, in blocks (for hashing); every block but the last holds a whole number
+        of elements (`block_bytes` is a multiple of every item size)."""
         entry = self.entries[name]
         with open(self._file_of[name], "rb", buffering=0) as fh:
             fh.seek(entry.start)
@@ -158,9 +161,13 @@ class Checkpoint:
             buf = bytearray(min(block_bytes, max(remaining, 1)))
             view = memoryview(buf)
             while remaining > 0:
-                n = fh.readinto(view[: min(len(buf), remaining)])
-                if not n:
-                    raise CheckpointError(f"{self._file_of[name]}: truncated inside tensor {name!r}")
+                want = min(len(buf), remaining)
+                n = 0
+                while n < want:  # a short read (a pipe-backed or network file) is completed, not yielded
+                    got = fh.readinto(view[n:want])
+                    if not got:
+                        raise CheckpointError(f"{self._file_of[name]}: truncated inside tensor {name!r}")
+                    n += got
                 remaining -= n
                 yield view[:n]
 

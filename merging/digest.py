@@ -12,6 +12,7 @@ import hashlib
 import struct
 import zlib
 from pathlib import Path
+from typing import Callable
 
 from merging.checkpoint import Checkpoint
 
@@ -55,9 +56,11 @@ class DigestBuilder:
         return "sha256:" + self._h.hexdigest()
 
 
-def checkpoint_digest(source: str | Path | Checkpoint, checksums: dict[str, str] | None = None) -> str:
+def checkpoint_digest(source: str | Path | Checkpoint, checksums: dict[str, str] | None = None,
+                      inspect: Callable[[str, str, memoryview], None] | None = None) -> str:
     """The digest of a checkpoint on disk (any layout). With `checksums`, also fills it with each tensor's
-    `tensor_checksum` in the same read, so a later check can name the tensors whose bytes changed."""
+    `tensor_checksum` in the same read, so a later check can name the tensors whose bytes changed; `inspect`
+    (name, safetensors dtype, block) sees every block of bytes too (validation shares the read)."""
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     builder = DigestBuilder()
     for name in ckpt.names:
@@ -68,6 +71,8 @@ def checkpoint_digest(source: str | Path | Checkpoint, checksums: dict[str, str]
             builder.update(block)
             if checksums is not None:
                 crc = zlib.crc32(block, crc)
+            if inspect is not None:
+                inspect(name, entry.dtype, block)
         if checksums is not None:
             checksums[name] = _checksum(entry, crc)
     return builder.hexdigest()

@@ -18,3 +18,12 @@ def all_finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def raw_finite(dtype: str, block: memoryview) -> bool:
+    """`all_finite` of a block of a tensor's stored bytes (whole elements) in safetensors dtype `dtype`."""
+    from merging.safetensors_format import DTYPES, FLOAT_DTYPES
+
+    if dtype not in FLOAT_DTYPES or len(block) == 0:
+        return True
+    return all_finite(torch.frombuffer(block, dtype=DTYPES[dtype]))

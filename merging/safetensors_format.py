@@ -18,33 +18,66 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from merging.errors import CheckpointError
 
-# safetensors dtype names <-> torch dtypes (those torch can compute with).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names -> torch dtype attribute names (those torch can compute with), and their element sizes:
+# plain names, so reading a header, hashing or validating never needs torch imported (`mergeyard digest` starts
+# in a tenth of a second; torch takes a second).
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class _TorchDtypes(Mapping):
+    """safetensors name -> torch.dtype, resolved on first use."""
+
+    def __getitem__(self, name: str) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TORCH_NAMES)
+
+    def __len__(self) -> int:
+        return len(_TORCH_NAMES)
+
+
+class _DtypeNames(Mapping):
+    """torch.dtype -> safetensors name."""
+
+    _cache: dict | None = None
+
+    def _table(self) -> dict:
+        if self._cache is None:
+            self._cache = {DTYPES[k]: k for k in _TORCH_NAMES}
+        return self._cache
+
+    def __getitem__(self, dtype: "torch.dtype") -> str:
+        return self._table()[dtype]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(_TORCH_NAMES)
+
+
+DTYPES: Mapping[str, "torch.dtype"] = _TorchDtypes()
+DTYPE_NAMES: Mapping["torch.dtype", str] = _DtypeNames()
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 # Refuse absurd headers before json-parsing them (the format caps it at 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def itemsize(dtype_name: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    return _ITEMSIZES[dtype_name]
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,15 @@ class MirroredModel:
     version: str
 
 
+def _local_path(artifact_location: str | None) -> Path | None:
+    """A logged model's artifact directory when it is on this machine's filesystem (a `file:` URI)."""
+    if not artifact_location or not artifact_location.startswith("file:"):
+        return None
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(artifact_location).path))
+
+
 class MlflowMirror:
     def __init__(self, tracking_uri: str, artifact_root: Path, scratch: Path | None = None,
                  expect_existing: Callable[[], bool] | None = None):
@@ -102,7 +111,15 @@ class MlflowMirror:
         try:
             logged = self.client.create_logged_model(self.experiment_id, name=rname, source_run_id=source_run_id,
                                                      tags={**tags, OWNER_TAG: owner_token()}, model_type="mergeyard-pyfunc" if serving else "safetensors")
-            if serving is not None:
+            local = _local_path(logged.artifact_location)
+            if local is not None:  # a local store: the artifacts share the store entry's files, not a second copy
+                from registry.serving import package, share_files
+
+                if serving is not None:
+                    package(Path(model_dir), serving, local, files or [], by_reference=True)
+                else:
+                    share_files(Path(model_dir), local, files or [p.name for p in Path(model_dir).iterdir()])
+            elif serving is not None:  # a tracking server: it must hold the bytes
                 from registry.serving import package
 
                 if self.scratch is not None:

@@ -25,6 +25,7 @@ import registry.audit  # noqa: F401  (installs the append-only guard)
 from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
+from merging.digest_cache import DigestCache, checkpoint_stamp
 from merging.references import parse_ref
 from registry.audit_chain import intact
 from merging.crashpoints import crashpoint
@@ -39,7 +40,7 @@ from registry.schema import LineageEdge, MergeRun, Model, PromotionEvent, utcnow
 from registry.sources import resolve_source
 from registry.statistics import StatisticsArtifacts, is_statistics
 from registry.store import ModelStore
-from registry.validation import validate_checkpoint
+from registry.validation import check_base, check_names, scan_checkpoint, validate_checkpoint
 from merging.processes import owner_token
 
 LOCKED_RETRIES = 4
@@ -54,6 +55,7 @@ class RegistryConfig:
     mlflow_tracking_uri: str | None  # None: no MLflow mirror (library use; the CLI always mirrors)
     mlflow_artifact_root: Path
     hf_cache: Path | None = None
+    digest_cache: Path | None = None  # None: every input is hashed each time it is read
 
 
 def _dominant_dtype(ckpt: Checkpoint) -> str:
@@ -71,6 +73,7 @@ class Registry(Measurements, StatisticsArtifacts):
             ensure_schema(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.store = ModelStore(config.store_root)
+        self.digests = DigestCache(config.digest_cache)
         self.mirror = MlflowMirror(config.mlflow_tracking_uri, config.mlflow_artifact_root, config.scratch,
                                    expect_existing=self._has_mirrored) if config.mlflow_tracking_uri else None
         self._heartbeats: dict[int, Heartbeat] = {}
@@ -171,11 +174,9 @@ class Registry(Measurements, StatisticsArtifacts):
                 validate_checkpoint(ckpt)
                 return self.register_statistics(ckpt, name or src.default_name, src.uri)
             label = src.uri.removeprefix("file://")
-            alignment = validate_checkpoint(ckpt, Checkpoint(base_info.store_path) if base_info else None,
-                                            label=label, base_label=f"{base_info.name} ({base_info.digest[:19]})"
-                                            if base_info else None)
-            checksums: dict[str, str] = {}
-            digest = checkpoint_digest(ckpt, checksums)
+            digest, checksums = self.scan(ckpt)
+            alignment = check_base(ckpt, Checkpoint(base_info.store_path) if base_info else None, label=label,
+                                   base_label=f"{base_info.name} ({base_info.digest[:19]})" if base_info else None)
             existing = self.find_digest(digest)
             if existing is not None:  # the same bytes: a no-op, but a base now declared is recorded
                 self.restore_if_damaged(existing, ckpt)
@@ -187,6 +188,19 @@ class Registry(Measurements, StatisticsArtifacts):
         if alignment is not None and alignment.wraps:
             self.register_head(model, alignment)
         return model, created
+
+    def scan(self, ckpt: Checkpoint) -> tuple[str, dict[str, str]]:
+        """Validated bytes' digest and tensor checksums: remembered from an earlier read of the very same files
+        (merging/digest_cache.py), or validated and hashed in one read now."""
+        before = checkpoint_stamp(ckpt)
+        hit = self.digests.lookup(ckpt, stamp=before)
+        if hit is not None and hit.validated and hit.checksums:
+            check_names(ckpt)  # cheap, and the rules may have grown since
+            return hit.digest, hit.checksums
+        checksums: dict[str, str] = {}
+        digest = scan_checkpoint(ckpt, checksums)
+        self.digests.record(ckpt, before, digest, checksums, validated=True)
+        return digest, checksums
 
     def restore_if_damaged(self, model: ModelInfo, ckpt: Checkpoint) -> bool:
         """Put back a stored copy that is missing or damaged from `ckpt`, whose digest the caller computed equal to
@@ -244,10 +258,11 @@ class Registry(Measurements, StatisticsArtifacts):
                  in_transaction: Callable[[Session, Model], None] | None = None,
                  mlflow_run_id: str | None = None, mirror: bool = True,
                  serving_heads: list[ServedHead] = (),
-                 tensor_checksums: dict[str, str] | None = None) -> tuple[ModelInfo, bool]:
+                 tensor_checksums: dict[str, str] | None = None, move: bool = False) -> tuple[ModelInfo, bool]:
         """Store the bytes and record the model (and whatever `in_transaction` adds) atomically. MLflow gets it as a
-        pyfunc model where transformers can load it (serving each of `serving_heads`' tasks)."""
-        path, files, created = self.store.put(ckpt, digest, origin={
+        pyfunc model where transformers can load it (serving each of `serving_heads`' tasks). `move`: the files are
+        the registry's own scratch output, renamed into the store rather than copied."""
+        path, files, created = self.store.put(ckpt, digest, move=move, origin={
             "name": name, "kind": kind, "source_uri": source_uri, "revision": revision, "architecture": architecture})
         crashpoint("register.stored")  # a complete store entry that no row names
         for attempt in range(LOCKED_RETRIES):
@@ -337,8 +352,9 @@ class Registry(Measurements, StatisticsArtifacts):
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
                            seconds: float, evaluations: list[SuiteEvaluation] = (),
                            details: dict | None = None, heads: list[ServedHead] = (),
-                           recipe_json: str | None = None) -> ModelInfo:
-        """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction."""
+                           recipe_json: str | None = None, move: bool = False) -> ModelInfo:
+        """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction.
+        `move`: `out_dir` is scratch the registry owns; its files are renamed into the store, not copied."""
         self._stop_heartbeat(run_id)
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
@@ -357,7 +373,7 @@ class Registry(Measurements, StatisticsArtifacts):
             Checkpoint(out_dir), digest, kind="merged", name=name, source_uri=f"mergeyard://merge-run/{run_id}",
             architecture=base.architecture if base else None, base_model_id=base.id if base else None,
             parents=parents, merge_run_id=run_id, in_transaction=finish, mlflow_run_id=mlflow_run_id,
-            serving_heads=heads,
+            serving_heads=heads, move=move,
         )
         if not created:  # the same bytes were made before: this run made them too
             with self.Session.begin() as s:

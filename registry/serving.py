@@ -19,6 +19,7 @@ without a pyfunc flavour, as before.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,18 +65,19 @@ def serving_spec(model_dir: Path, heads: list[ServedHead] = ()) -> ServingSpec |
     return ServingSpec("features")
 
 
-def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str]) -> None:
-    """An MLflow pyfunc model at `out` (which must not exist) serving the checkpoint in `model_dir`."""
+def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, by_reference: bool = False) -> None:
+    """An MLflow pyfunc model at `out` (absent or empty) serving the checkpoint in `model_dir`. `by_reference`: the
+    checkpoint's files are hard links to `model_dir`'s (the store entry's), not copies, so a local MLflow store
+    holds no second copy of the bytes (`share_files`)."""
     import mlflow.pyfunc
 
     data = out.parent / (out.name + ".data")
     shutil.rmtree(data, ignore_errors=True)
     (data / MODEL_DIR).mkdir(parents=True)
-    # links, not copies: save_model copies the data directory once, following them
-    for name in files:
-        source = model_dir / name
-        if source.is_file():
-            (data / MODEL_DIR / name).symlink_to(source.resolve())
+    if not by_reference:  # symbolic links here are followed: save_model copies the data directory once
+        for name in files:
+            if (model_dir / name).is_file():
+                (data / MODEL_DIR / name).symlink_to((model_dir / name).resolve())
     heads = []
     for head in spec.heads:
         (data / HEADS_DIR).mkdir(exist_ok=True)
@@ -88,6 +90,23 @@ def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str]) -> 
                                  pip_requirements=["mergeyard", "transformers", "torch", "safetensors", "pandas"])
     finally:
         shutil.rmtree(data, ignore_errors=True)
+    if by_reference:
+        (saved,) = [p.parent for p in out.rglob(SPEC)]
+        share_files(model_dir, saved / MODEL_DIR, files)
+
+
+def share_files(source: Path, target: Path, files: list[str]) -> None:
+    """`target/NAME` the same file as `source/NAME` for each of `files` there: a hard link (both are the registry's
+    own: the store entry and MLflow's artifacts), a copy only across filesystems. Not a symbolic link: MLflow
+    refuses to download an artifact that resolves outside its artifact directory."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        src = Path(source) / name
+        if src.is_file():
+            try:
+                os.link(src, target / name)
+            except OSError:
+                shutil.copyfile(src, target / name)
 
 
 INPUT_COLUMN = {"text-classification": "text", "image-classification": "image", "causal-lm": "prompt",

@@ -8,6 +8,7 @@ storing the same digest at once both end with the one complete copy.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,23 +29,50 @@ ORIGIN = "mergeyard-origin.json"
 COMPANIONS = (INDEX_NAME, *MODEL_FILES, "README.md", "mergeyard.json")
 
 
-def _copy_hashing(src: Path, dst: Path) -> dict:
+FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS, bcachefs, OCFS2); ext4 says EOPNOTSUPP
+
+
+def _hash_file(src: Path, copy_to: Path | None = None) -> dict:
+    """sha256 and size of `src`, read once; with `copy_to`, the same read writes the copy (where the filesystem
+    cannot reflink it: a reflinked copy costs no bytes and only the hashing read)."""
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while block := fin.read(8 << 20):
-            h.update(block)
-            fout.write(block)
-            size += len(block)
+    with open(src, "rb") as fin:
+        fout = open(copy_to, "wb") if copy_to is not None else None
+        try:
+            if fout is not None and _reflink(fin, fout):
+                fout.close()
+                fout = None
+            while block := fin.read(8 << 20):
+                h.update(block)
+                size += len(block)
+                if fout is not None:
+                    fout.write(block)
+        finally:
+            if fout is not None:
+                fout.close()
     return {"sha256": h.hexdigest(), "bytes": size}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
+def _move_hashing(src: Path, dst: Path) -> dict:
+    try:
+        os.rename(src, dst)
+    except OSError as exc:  # another filesystem (a scratch directory set elsewhere): copy
+        if exc.errno != errno.EXDEV:
+            raise
+        return _hash_file(src, dst)
+    return _hash_file(dst)
+
+
+def _reflink(fin, fout) -> bool:
+    """Never a hard link: a user editing the original in place would change the store's bytes with it."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        return True
+    except OSError:
+        return False
 
 
 class ModelStore:
@@ -94,7 +122,7 @@ class ModelStore:
         bad = []
         for f in recorded:
             path = root / f["path"]
-            if not path.is_file() or path.stat().st_size != f["bytes"] or _sha256(path) != f["sha256"]:
+            if not path.is_file() or path.stat().st_size != f["bytes"] or _hash_file(path)["sha256"] != f["sha256"]:
                 bad.append(f["path"])
         return bad
 
@@ -110,10 +138,11 @@ class ModelStore:
             return []
         return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def put(self, ckpt: Checkpoint, digest: str, *, replace: bool = False,
-            origin: dict | None = None) -> tuple[Path, list[dict], bool]:
+    def put(self, ckpt: Checkpoint, digest: str, *, replace: bool = False, origin: dict | None = None,
+            move: bool = False) -> tuple[Path, list[dict], bool]:
         """Copy a checkpoint in (if not there yet; with `replace`, over a damaged copy: the caller verified the
-        checkpoint's digest). Returns (path, files with sha256, created)."""
+        checkpoint's digest). `move`: the checkpoint's files are the registry's own (a merge's output in scratch)
+        and are renamed in, not copied. Returns (path, files with sha256, created)."""
         final = self.path_for(digest)
         if self.has(digest) and not replace:
             return final, self.files(digest), False
@@ -122,13 +151,12 @@ class ModelStore:
         try:
             files = []
             single = len(ckpt.files) == 1 and not (ckpt.files[0].parent / INDEX_NAME).is_file()
-            for src in ckpt.files:
-                name = SINGLE_NAME if single else src.name
-                files.append({"path": name, **_copy_hashing(src, tmp / name)})
             source_dir = ckpt.files[0].parent
-            for extra in COMPANIONS:
-                if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME):
-                    files.append({"path": extra, **_copy_hashing(source_dir / extra, tmp / extra)})
+            wanted = [(src, SINGLE_NAME if single else src.name) for src in ckpt.files]
+            wanted += [(source_dir / extra, extra) for extra in COMPANIONS
+                       if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME)]
+            for src, name in wanted:
+                files.append({"path": name, **(_move_hashing(src, tmp / name) if move else _hash_file(src, tmp / name))})
             manifest = [{**f, "mtime_ns": (tmp / f["path"]).stat().st_mtime_ns} for f in files]
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             (tmp / ORIGIN).write_text(json.dumps({**(origin or {}), "owner": owner_token()}, indent=2))

@@ -6,7 +6,8 @@ import re
 
 from merging.checkpoint import Checkpoint
 from merging.alignment import Alignment, align_all, check_buffers_equal
-from merging.finite import all_finite
+from merging.digest import checkpoint_digest
+from merging.finite import all_finite, raw_finite
 from registry.errors import ValidationFailed
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -23,16 +24,42 @@ def validate_checkpoint(ckpt: Checkpoint, base: Checkpoint | None = None, *, lab
                         base_label: str | None = None) -> Alignment | None:
     """Readable headers (checked on open), safe names, finite values, the declared base's tensors (by name, or
     under a task model's wrapper prefix: the rest is its head). Returns how it holds the base."""
+    check_names(ckpt)
+    for name in ckpt.names:
+        if ckpt.entries[name].is_float and not all_finite(ckpt.read(name)):
+            raise _not_finite(ckpt, name)
+    return check_base(ckpt, base, label=label, base_label=base_label)
+
+
+def scan_checkpoint(ckpt: Checkpoint, checksums: dict[str, str]) -> str:
+    """`validate_checkpoint`'s checks of the checkpoint's own bytes and its digest (filling `checksums`), in one
+    read: each block of bytes is hashed and checked for NaN/inf as it comes."""
+    check_names(ckpt)
+
+    def finite(name: str, dtype: str, block: memoryview) -> None:
+        if not raw_finite(dtype, block):
+            raise _not_finite(ckpt, name)
+
+    return checkpoint_digest(ckpt, checksums, inspect=finite)
+
+
+def check_names(ckpt: Checkpoint) -> None:
     if not ckpt.entries:
         raise ValidationFailed(f"{ckpt.path}: holds no tensors")
     for name in ckpt.names:
         check_tensor_name(name)
-    for name in ckpt.names:
-        if ckpt.entries[name].is_float and not all_finite(ckpt.read(name)):
-            raise ValidationFailed(f"{ckpt.path}: tensor {name!r} holds NaN or infinity; nothing was recorded")
+
+
+def check_base(ckpt: Checkpoint, base: Checkpoint | None, *, label: str | None = None,
+               base_label: str | None = None) -> Alignment | None:
+    """The declared base's tensors are there (by name, or under a wrapper prefix): how the checkpoint holds it."""
     if base is None:
         return None
     names = [base_label or str(base.path), label or str(ckpt.path)]
     ((view, alignment),) = align_all(base, [ckpt], names)
     check_buffers_equal(base, [view], {id(base): names[0], id(view): names[1]})
     return alignment
+
+
+def _not_finite(ckpt: Checkpoint, name: str) -> ValidationFailed:
+    return ValidationFailed(f"{ckpt.path}: tensor {name!r} holds NaN or infinity; nothing was recorded")

@@ -130,7 +130,8 @@ def registry_config(database_url, mlflow_store, tmp_path):
 
     uri, artifacts = mlflow_store
     return RegistryConfig(database_url=database_url, store_root=tmp_path / "store", scratch=tmp_path / "scratch",
-                          mlflow_tracking_uri=uri, mlflow_artifact_root=artifacts, hf_cache=tmp_path / "hub")
+                          mlflow_tracking_uri=uri, mlflow_artifact_root=artifacts, hf_cache=tmp_path / "hub",
+                          digest_cache=tmp_path / "cache" / "digests.sqlite")
 
 
 def assert_audit_intact(registry, request) -> None:

@@ -36,7 +36,7 @@ class Patch:
     values: torch.Tensor
 
 
-MergeFn = Callable[[TensorInputs, Any, Any], Iterator[torch.Tensor]]
+MergeFn = Callable[[TensorInputs, Any, Any], Iterator["torch.Tensor"]]
 PrepareFn = Callable[[MergeInputs, Any], Any]
 FinalizeFn = Callable[[Any], list[Patch]]
 

@@ -33,6 +33,7 @@ from merging.mudsc import matching as M
 from merging.mudsc.similarity import activation_similarity, weight_similarity
 from merging.mudsc.spec import Group, PermutationSpec
 from merging.mudsc.transform import Matching, Mover, merge_states
+from merging.grad_free import without_grad
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -164,7 +165,7 @@ def _load(create_model: Callable[[], torch.nn.Module], state: dict[str, torch.Te
     return module.eval()
 
 
-@torch.no_grad()
+@without_grad
 def reset_batchnorm(create_model: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor],
                     batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every BatchNorm's running mean and (unbiased) variance set to those of its inputs over all calibration

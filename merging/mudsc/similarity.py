@@ -21,6 +21,7 @@ import torch
 
 from merging.mudsc.spec import Group, PermutationSpec
 from merging.mudsc.transform import Matching, Mover
+from merging.grad_free import without_grad
 
 
 class _Moments:
@@ -46,7 +47,7 @@ class _Moments:
         return corr.numpy()
 
 
-@torch.no_grad()
+@without_grad
 def activation_similarity(spec: PermutationSpec, modules: list[torch.nn.Module], batches: Iterable[torch.Tensor],
                           progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Per group with probes: the (K·n × K·n) correlation of its units over the calibration inputs."""
