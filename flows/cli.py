@@ -2,7 +2,7 @@
 
     flows/cli_merge.py     merge, digest, methods, export, version
     flows/cli_registry.py  ingest, models list, lineage, promote, audit, reproduce, db
-    flows/cli_doctor.py    doctor
+    flows/cli_doctor.py    doctor, gc
     flows/cli_evaluate.py  evaluate, score
     flows/cli_pipeline.py  demo, run, serve
     flows/cli_map.py       map (sweep, pick, list, show)

@@ -58,3 +58,30 @@ def doctor(
             stdout.print(f"{len(left)} of {len(findings)} left{hint}", highlight=False)
     if left:
         raise typer.Exit(EXIT_UNHEALTHY)
+
+
+@app.command()
+@user_errors
+def gc(
+    apply: bool = typer.Option(False, "--apply", help="remove what was found (default: only list it)"),
+    as_json: bool = JSON,
+) -> None:
+    """Free disk no registered model and no lineage row needs: store entries no model row names and temporary
+    directories of processes that are gone. Nothing a model row (and so its lineage) uses is ever removed."""
+    from flows.registry_access import open_registry
+    from registry.gc import collect, freed_bytes
+
+    findings = collect(open_registry(expect_mirror=False), apply=apply)
+    frees = freed_bytes(findings, done_only=apply)
+    if as_json:
+        print_json({"apply": apply, "findings": [f.as_dict() for f in findings], "bytes": frees})
+        return
+    if findings:
+        shown = table("kind", "subject", "MB", "removed" if apply else "would remove")
+        for f in findings:
+            shown.add_row(f.kind, f.subject, f"{f.bytes / 1e6:.1f}",
+                          "yes" if f.fixed else (f"failed: {f.error}" if f.error else ("no" if apply else "yes")))
+        stdout.print(shown)
+    verb = "freed" if apply else "would free"
+    hint = "" if apply or not findings else "; run `mergeyard gc --apply`"
+    stdout.print(f"{verb} {frees / 1e6:.1f} MB ({len(findings)} item{'s' * (len(findings) != 1)}){hint}", highlight=False)

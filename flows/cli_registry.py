@@ -20,12 +20,13 @@ def ingest(
     uri: str = typer.Argument(..., help="path, file://, hf://ORG/NAME[@REV], open_clip://ARCH[/PRETRAINED], mlflow://NAME/VERSION or NAME@ALIAS"),
     name: Optional[str] = typer.Option(None, help="registry name (default: derived from the source)"),
     base: Optional[str] = typer.Option(None, help="declared base: a registered MODEL, or a path or URI (ingested first); the checkpoint must hold its tensors (a task model around it too)"),
+    by_reference: bool = typer.Option(False, "--by-reference", help="record a local checkpoint where it is, without copying it into the store; every later read checks it is unchanged"),
     as_json: bool = JSON,
 ) -> None:
     """Validate a checkpoint and register it by content digest (the same bytes again are a no-op)."""
     from flows.registry_access import open_registry
 
-    model, created = open_registry().ingest(uri, name=name, base=base)
+    model, created = open_registry().ingest(uri, name=name, base=base, by_reference=by_reference)
     if as_json:
         print_json({**model.as_dict(), "created": created})
     else:

@@ -30,7 +30,9 @@ def store_resolver(registry: Registry):
         info = registry.find_digest(digest)
         if info is None:
             raise ModelNotFoundError(f"input {digest} is not in the registry")
-        if not registry.store.looks_intact(digest):  # a stat per file: never merge from lost or changed bytes
+        if registry.store.is_reference(digest):  # the user's own files: unchanged, or re-verified by their digest
+            registry.verify_reference(info)
+        elif not registry.store.looks_intact(digest):  # a stat per file: never merge from lost or changed bytes
             raise StoreDamagedError(f"the stored copy of input {info.name} ({digest[:19]}) is missing or changed "
                                     "since it was stored; ingest the original again to restore it "
                                     "(`mergeyard doctor` lists every such model)")

@@ -100,8 +100,9 @@ class Doctor:
                 if run_status == "running":
                     continue
                 if run_status is not None or owner_gone(path.name, mtime):
-                    self.found(Finding("temp-dir", str(path), f"{_size(path) / 1e6:.1f} MB left by a process that "
-                                       "is gone", "remove"), lambda p=path: self._remove(p))
+                    size = _size(path)
+                    self.found(Finding("temp-dir", str(path), f"{size / 1e6:.1f} MB left by a process that "
+                                       "is gone", "remove", bytes=size), lambda p=path: self._remove(p))
 
     def _merge_run_status(self, name: str) -> str | None:
         """A merge's scratch output (`merge-run-N`, or its temporary sibling) belongs to run N while it is
@@ -113,8 +114,9 @@ class Doctor:
             status = s.scalar(select(MergeRun.status).where(MergeRun.id == int(stem[len("merge-run-"):])))
         return status or "unknown"
 
-    def store_entries(self) -> None:
-        """Entries no row names: adopted when an ingest stored them and their digest verifies, else removed."""
+    def store_entries(self, adopt: bool = True) -> None:
+        """Entries no row names: adopted when an ingest stored them and their digest verifies (and `adopt`), else
+        removed."""
         with self.registry.Session() as s:
             recorded = {self.registry.store.path_for(d).name for d in s.scalars(select(Model.digest))}
         for entry in self.registry.store.entries():
@@ -125,17 +127,18 @@ class Doctor:
             if owner_gone(origin.get("owner"), entry.stat().st_mtime) is None:
                 continue  # its registration may still be under way
             try:
-                verified = checkpoint_digest(Checkpoint(entry)) == digest
+                verified = adopt and checkpoint_digest(Checkpoint(entry)) == digest
             except (MergeyardError, OSError, ValueError):
                 verified = False
+            size = _size(entry)
             if verified and origin.get("kind") == "ingested" and origin.get("name"):
                 self.found(Finding("unrecorded-entry", digest, f"a complete, verified copy of {origin['name']} "
                                    f"({origin.get('source_uri')}) that no row names", "adopt (register it)"),
                            lambda d=digest, o=origin, e=entry: self._adopt(d, o, e))
             else:
-                why = "its bytes do not match its name" if not verified else \
-                    f"the output of a {origin.get('kind', 'unknown')} registration that never committed"
-                self.found(Finding("unrecorded-entry", digest, f"{why}; {_size(entry) / 1e6:.1f} MB", "remove"),
+                why = ("no model row needs it" if not adopt else "its bytes do not match its name") if not verified \
+                    else f"the output of a {origin.get('kind', 'unknown')} registration that never committed"
+                self.found(Finding("unrecorded-entry", digest, f"{why}; {size / 1e6:.1f} MB", "remove", bytes=size),
                            lambda d=digest: self.registry.store.remove(d))
 
     def _adopt(self, digest: str, origin: dict, entry: Path) -> None:
@@ -153,6 +156,9 @@ class Doctor:
         for model in models:
             if task:
                 task(1)
+            if self.registry.store.is_reference(model.digest):
+                self._reference(model)
+                continue
             if self.registry.store.has(model.digest):
                 bad = self.registry.store.damaged(model.digest, model.files)
                 if not bad:
@@ -169,6 +175,13 @@ class Doctor:
                 hint = (f"`mergeyard reproduce {model.digest[:19]}` rebuilds and restores it" if model.kind == "merged"
                         else "ingest the original again to restore it")
                 self.found(Finding("damaged-entry", model.digest, f"{model.name}: {detail}; {hint}", ""))
+
+    def _reference(self, model) -> None:
+        """A model registered by reference: its files unchanged, or changed with the same digest (times refreshed)."""
+        try:
+            self.registry.verify_reference(model)
+        except MergeyardError as exc:
+            self.found(Finding("changed-reference", model.digest, str(exc), ""))
 
     def _restore(self, model, source: Path) -> None:
         ckpt = Checkpoint(source)

@@ -18,6 +18,7 @@ class Finding:
     action: str  # what --fix does, or "" where it cannot repair it itself (the detail says what to do)
     fixed: bool = False
     error: str | None = None
+    bytes: int = 0  # what repairing it frees on disk (temporary directories, unrecorded entries)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -29,6 +30,7 @@ FINDING_KINDS = {
     "temp-dir": "a temporary directory of a process that is gone",
     "unrecorded-entry": "a store entry no model row names (a registration killed after its copy)",
     "damaged-entry": "a model whose stored copy is missing or whose bytes differ from the recorded sha256",
+    "changed-reference": "a model registered by reference whose files changed since (their digest differs)",
     "pending-logged-model": "an MLflow logged model a killed process left PENDING",
     "unrecorded-logged-model": "an MLflow logged model no version and no row records",
     "unrecorded-version": "an MLflow model version the lineage database does not record",

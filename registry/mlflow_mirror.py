@@ -99,9 +99,10 @@ class MlflowMirror:
             return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 
     def register_model(self, name: str, model_dir: Path, tags: dict[str, str], source_run_id: str | None = None,
-                       serving=None, files: list[str] | None = None) -> MirroredModel:
+                       serving=None, files: list[str] | None = None, share: bool = True) -> MirroredModel:
         """A logged model + registered version. With a `serving` spec its artifacts are an MLflow pyfunc model
-        (registry.serving) holding the checkpoint's `files`, else the checkpoint directory as it is."""
+        (registry.serving) holding the checkpoint's `files`, else the checkpoint directory as it is. In a local
+        MLflow store the files are the store entry's own (hard links, `share`) or reflinked copies."""
         import tempfile
 
         from mlflow.entities import LoggedModelStatus
@@ -116,9 +117,10 @@ class MlflowMirror:
                 from registry.serving import package, share_files
 
                 if serving is not None:
-                    package(Path(model_dir), serving, local, files or [], by_reference=True)
+                    package(Path(model_dir), serving, local, files or [], by_reference=True, share=share)
                 else:
-                    share_files(Path(model_dir), local, files or [p.name for p in Path(model_dir).iterdir()])
+                    share_files(Path(model_dir), local, files or [p.name for p in Path(model_dir).iterdir()],
+                                copy=not share)
             elif serving is not None:  # a tracking server: it must hold the bytes
                 from registry.serving import package
 

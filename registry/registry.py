@@ -30,7 +30,8 @@ from merging.references import parse_ref
 from registry.audit_chain import intact
 from merging.crashpoints import crashpoint
 from registry.db import ensure_schema, is_locked, make_engine
-from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
+from merging.errors import MergeyardError
+from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError, StoreDamagedError
 from registry.recovery import Heartbeat, owner_columns, reap_interrupted
 from registry.measurements import Measurements, SuiteEvaluation
 from registry.model_info import ModelInfo, Parent
@@ -159,16 +160,20 @@ class Registry(Measurements, StatisticsArtifacts):
 
     # ---- writes -----------------------------------------------------------------------------
 
-    def ingest(self, uri: str, name: str | None = None, base: str | None = None) -> tuple[ModelInfo, bool]:
+    def ingest(self, uri: str, name: str | None = None, base: str | None = None,
+               by_reference: bool = False) -> tuple[ModelInfo, bool]:
         """Validate, store and record a checkpoint. Returns (model, created); the same bytes again are a no-op.
 
         With a declared base, a task model that wraps it (`bert.encoder…` around `encoder…`) is accepted, and
-        its head (the tensors outside the base) is registered too, linked to it in lineage."""
+        its head (the tensors outside the base) is registered too, linked to it in lineage. `by_reference`: a
+        local checkpoint is recorded where it is, not copied; every later read checks it is unchanged."""
         base_info = None
         if base:  # a registered model, or a path or URI (ingested first)
             base_info = self.ingest(base)[0] if parse_ref(base).is_source else self.resolve(base)
         with resolve_source(uri, hf_cache=self.config.hf_cache, scratch=self.config.scratch,
                             mlflow_tracking_uri=self.config.mlflow_tracking_uri) as src:
+            if by_reference and not src.uri.startswith("file://"):
+                raise RegistryError(f"{uri}: only a local path can be registered by reference (this one is fetched)")
             ckpt = Checkpoint(src.path)
             if is_statistics(ckpt):  # a model's published Fisher or Grams, not a model
                 validate_checkpoint(ckpt)
@@ -179,12 +184,12 @@ class Registry(Measurements, StatisticsArtifacts):
                                    base_label=f"{base_info.name} ({base_info.digest[:19]})" if base_info else None)
             existing = self.find_digest(digest)
             if existing is not None:  # the same bytes: a no-op, but a base now declared is recorded
-                self.restore_if_damaged(existing, ckpt)
+                self.restore_if_damaged(existing, ckpt)  # (a model registered by reference stays so)
                 return (self.declare_base(existing, base_info) if base_info else existing), False
             model, created = self.register(ckpt, digest, kind="ingested", name=name or src.default_name,
                                            source_uri=src.uri, revision=src.revision, architecture=src.architecture,
                                            base_model_id=base_info.id if base_info else None,
-                                           tensor_checksums=checksums)
+                                           tensor_checksums=checksums, reference=by_reference)
         if alignment is not None and alignment.wraps:
             self.register_head(model, alignment)
         return model, created
@@ -202,10 +207,28 @@ class Registry(Measurements, StatisticsArtifacts):
         self.digests.record(ckpt, before, digest, checksums, validated=True)
         return digest, checksums
 
+    def verify_reference(self, model: ModelInfo) -> None:
+        """A model registered by reference still has the bytes it was registered with: its files' size and time
+        unchanged, or, where they changed, the same digest (one read, remembered). Raises StoreDamagedError."""
+        if self.store.looks_intact(model.digest):
+            return
+        path = Path(model.store_path)
+        try:
+            same = self.digests.digest(Checkpoint(path)) == model.digest
+        except (OSError, MergeyardError):
+            same = False
+        if not same:
+            raise StoreDamagedError(f"{path} changed since it was registered by reference as {model.name} "
+                                    f"({model.digest[:19]}); ingest it again to register its new bytes")
+        self.store.refresh_times(model.digest)
+
     def restore_if_damaged(self, model: ModelInfo, ckpt: Checkpoint) -> bool:
         """Put back a stored copy that is missing or damaged from `ckpt`, whose digest the caller computed equal to
         the model's. Returns whether it did (recorded in `self.restored`)."""
         if self.store.looks_intact(model.digest):
+            return False
+        if self.store.is_reference(model.digest):  # the user's own files, just verified by the caller's digest
+            self.store.refresh_times(model.digest)
             return False
         if self.store.has(model.digest) and not self.store.damaged(model.digest, model.files):
             self.store.refresh_times(model.digest)  # touched or copied with new times, the same bytes
@@ -258,12 +281,16 @@ class Registry(Measurements, StatisticsArtifacts):
                  in_transaction: Callable[[Session, Model], None] | None = None,
                  mlflow_run_id: str | None = None, mirror: bool = True,
                  serving_heads: list[ServedHead] = (),
-                 tensor_checksums: dict[str, str] | None = None, move: bool = False) -> tuple[ModelInfo, bool]:
+                 tensor_checksums: dict[str, str] | None = None, move: bool = False,
+                 reference: bool = False) -> tuple[ModelInfo, bool]:
         """Store the bytes and record the model (and whatever `in_transaction` adds) atomically. MLflow gets it as a
         pyfunc model where transformers can load it (serving each of `serving_heads`' tasks). `move`: the files are
         the registry's own scratch output, renamed into the store rather than copied."""
-        path, files, created = self.store.put(ckpt, digest, move=move, origin={
-            "name": name, "kind": kind, "source_uri": source_uri, "revision": revision, "architecture": architecture})
+        origin = {"name": name, "kind": kind, "source_uri": source_uri, "revision": revision, "architecture": architecture}
+        if reference:
+            path, files, created = self.store.put_reference(ckpt, digest, origin=origin)
+        else:
+            path, files, created = self.store.put(ckpt, digest, move=move, origin=origin)
         crashpoint("register.stored")  # a complete store entry that no row names
         for attempt in range(LOCKED_RETRIES):
             try:
@@ -286,13 +313,18 @@ class Registry(Measurements, StatisticsArtifacts):
                 in_transaction: Callable[[Session, Model], None] | None, mlflow_run_id: str | None, mirror: bool,
                 serving_heads: list[ServedHead], tensor_checksums: dict[str, str] | None) -> tuple[ModelInfo, bool]:
         mirrored: MirroredModel | None = None
+        # by reference: the row names the user's checkpoint itself; MLflow gets copies (reflinks where the filesystem
+        # can), never links to files the user may edit
+        reference = any(Path(f["path"]).is_absolute() for f in files)
+        model_dir = ckpt.files[0].parent if reference else path
         try:
             with self.Session.begin() as s:
                 row = Model(
                     digest=digest, name=name, kind=kind, source_uri=source_uri, resolved_revision=revision,
                     files=files, architecture=architecture, base_model_id=base_model_id,
                     num_params=ckpt.num_params, dtype=_dominant_dtype(ckpt), size_bytes=ckpt.nbytes,
-                    store_path=path.name, tensor_checksums=tensor_checksums or None,
+                    store_path=str(Path(ckpt.path).resolve()) if reference else path.name,
+                    tensor_checksums=tensor_checksums or None,
                 )
                 s.add(row)
                 s.flush()  # a concurrent ingest of the same bytes fails here, before anything is mirrored
@@ -304,9 +336,10 @@ class Registry(Measurements, StatisticsArtifacts):
                 if self.mirror is not None and mirror:
                     tags = {"mergeyard.digest": digest, "mergeyard.source": source_uri, "mergeyard.kind": kind,
                             "mergeyard.parents": ",".join(p.model.digest for p in parents)}
-                    mirrored = self.mirror.register_model(name, path, tags, source_run_id=mlflow_run_id,
-                                                          serving=serving_spec(path, list(serving_heads)),
-                                                          files=[f["path"] for f in files])
+                    mirrored = self.mirror.register_model(name, model_dir, tags, source_run_id=mlflow_run_id,
+                                                          serving=serving_spec(model_dir, list(serving_heads)),
+                                                          files=[Path(f["path"]).name for f in files],
+                                                          share=not reference)
                     row.mlflow_model_id, row.mlflow_version = mirrored.model_id, mirrored.version
                 crashpoint("register.mirrored")  # MLflow has the version, the transaction has not committed
                 info = self._info(row)

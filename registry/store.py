@@ -19,6 +19,7 @@ from pathlib import Path
 from merging.atomic import OLD_MARK, move_into_place, temp_beside
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.companions import MODEL_FILES
+from merging.crashpoints import crashpoint
 from merging.processes import owner_token
 
 MANIFEST = "mergeyard-files.json"
@@ -52,6 +53,13 @@ def _hash_file(src: Path, copy_to: Path | None = None) -> dict:
             if fout is not None:
                 fout.close()
     return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """A copy of `src` at `dst`: reflinked where the filesystem can, else copied."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        if not _reflink(fin, fout):
+            shutil.copyfileobj(fin, fout, 8 << 20)
 
 
 def _move_hashing(src: Path, dst: Path) -> dict:
@@ -122,6 +130,10 @@ class ModelStore:
         bad = []
         for f in recorded:
             path = root / f["path"]
+            if f["sha256"] is None:  # a reference: its digest verifies its bytes (Registry.verify_reference)
+                if not path.is_file():
+                    bad.append(f["path"])
+                continue
             if not path.is_file() or path.stat().st_size != f["bytes"] or _hash_file(path)["sha256"] != f["sha256"]:
                 bad.append(f["path"])
         return bad
@@ -157,6 +169,8 @@ class ModelStore:
                        if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME)]
             for src, name in wanted:
                 files.append({"path": name, **(_move_hashing(src, tmp / name) if move else _hash_file(src, tmp / name))})
+                if move:
+                    crashpoint("store.moving")  # part of a merge's output moved into a temporary entry
             manifest = [{**f, "mtime_ns": (tmp / f["path"]).stat().st_mtime_ns} for f in files]
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             (tmp / ORIGIN).write_text(json.dumps({**(origin or {}), "owner": owner_token()}, indent=2))
@@ -166,6 +180,39 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def put_reference(self, ckpt: Checkpoint, digest: str, *, origin: dict | None = None) -> tuple[Path, list[dict], bool]:
+        """Record a checkpoint by reference: an entry holding only its manifest, whose files are the user's own
+        (absolute paths, with the size and modification time they had when their digest was taken; no sha256:
+        the digest, recomputed when they look changed, is what verifies them). Nothing is copied."""
+        final = self.path_for(digest)
+        if self.has(digest):
+            return final, self.files(digest), False
+        source_dir = ckpt.files[0].parent
+        paths = list(ckpt.files) + [source_dir / extra for extra in COMPANIONS
+                                    if (source_dir / extra).is_file() and (source_dir / extra) not in ckpt.files]
+        files = []
+        for path in paths:
+            st = path.resolve().stat()
+            files.append({"path": str(path.resolve()), "sha256": None, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+        tmp = temp_beside(final)
+        try:
+            (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
+            (tmp / ORIGIN).write_text(json.dumps({**(origin or {}), "reference": str(Path(ckpt.path).resolve()),
+                                                  "owner": owner_token()}, indent=2))
+            if not move_into_place(tmp, final):
+                return final, self.files(digest), False
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final, [{k: f[k] for k in ("path", "sha256", "bytes")} for f in files], True
+
+    def is_reference(self, digest: str) -> bool:
+        """Whether the entry names the user's files instead of holding a copy (`ingest --by-reference`)."""
+        try:
+            return any(Path(f["path"]).is_absolute() for f in self._manifest(digest))
+        except (OSError, ValueError):
+            return False
 
     def remove(self, digest: str) -> None:
         """Undo a `put` whose registration failed (only ever for a copy this process created), or drop an entry
