@@ -21,6 +21,7 @@ def merge(
     device: Optional[str] = DEVICE,
     max_shard_bytes: Optional[int] = typer.Option(None, help="largest output shard in bytes (default 5e9)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory once the merge succeeded"),
+    by_reference: bool = typer.Option(False, "--by-reference", help="inputs named by local path are registered where they are, not copied into the store (see `ingest --by-reference`)"),
     as_json: bool = JSON,
 ) -> None:
     """Merge checkpoints as RECIPE says, register the result with its lineage, print its digest.
@@ -40,6 +41,7 @@ def merge(
         recorded = merge_and_record(
             parsed, registry, out=out, name=name, device=device or settings.device,
             max_shard_bytes=max_shard_bytes or settings.max_shard_bytes, overwrite=overwrite, progress=progress,
+            by_reference=by_reference,
         )
     result = recorded.result
     if as_json:

@@ -101,10 +101,12 @@ def data_builder(device: str, registry: Registry | None = None, base: ModelInfo 
     return build
 
 
-def pin_inputs(recipe: Recipe, registry: Registry) -> tuple[Recipe, ModelInfo | None, list[ModelInfo]]:
-    """Resolve (ingesting where needed) every input and name it by digest."""
-    base = resolve_input(registry, recipe.base) if recipe.base else None
-    models = [resolve_input(registry, m.model) for m in recipe.models]
+def pin_inputs(recipe: Recipe, registry: Registry,
+               by_reference: bool = False) -> tuple[Recipe, ModelInfo | None, list[ModelInfo]]:
+    """Resolve (ingesting where needed; `by_reference`: local paths recorded where they are) every input and name
+    it by digest."""
+    base = resolve_input(registry, recipe.base, by_reference) if recipe.base else None
+    models = [resolve_input(registry, m.model, by_reference) for m in recipe.models]
     tokenizer = resolve_input(registry, recipe.tokenizer_source) if recipe.tokenizer_source else None
     named = {}  # the method's parameters that name registered artifacts, pinned to their digests
     params = recipe.params().model_dump(by_alias=True, mode="json")
@@ -116,11 +118,11 @@ def pin_inputs(recipe: Recipe, registry: Registry) -> tuple[Recipe, ModelInfo | 
 
 def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, device: str = "cpu",
                 max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
-                progress: ProgressFn | None = None) -> StagedMerge:
+                progress: ProgressFn | None = None, by_reference: bool = False) -> StagedMerge:
     """Run the merge into `out` (default: scratch) under a `running` run row; a failure marks the run failed."""
     if out is not None:
         registry.refuse_managed(out)
-    pinned, base, models = pin_inputs(recipe, registry)
+    pinned, base, models = pin_inputs(recipe, registry, by_reference)
     params = {"method": pinned.method, "seed": str(pinned.seed), "recipe_hash": pinned.recipe_hash,
               "out_dtype": str(pinned.out_dtype), **{f"param.{k}": str(v) for k, v in pinned.params().model_dump(by_alias=True).items()}}
     run_id = registry.begin_merge_run(
@@ -177,9 +179,10 @@ def abort_merge(registry: Registry, staged: StagedMerge, error: BaseException) -
 
 def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = None, name: str | None = None,
                      device: str = "cpu", max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
-                     progress: ProgressFn | None = None, details: dict | None = None) -> RecordedMerge:
+                     progress: ProgressFn | None = None, details: dict | None = None,
+                     by_reference: bool = False) -> RecordedMerge:
     staged = stage_merge(recipe, registry, out=out, device=device, max_shard_bytes=max_shard_bytes,
-                         overwrite=overwrite, progress=progress)
+                         overwrite=overwrite, progress=progress, by_reference=by_reference)
     model = commit_merge(registry, staged, name or f"merged-{staged.recipe.method}", keep_output=out is not None,
                          details=details)
     return RecordedMerge(model, staged.result, staged.run_id, out)

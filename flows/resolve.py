@@ -15,10 +15,12 @@ def is_source(ref: str) -> bool:
     return parse_ref(ref).is_source
 
 
-def resolve_input(registry: Registry, ref: str) -> ModelInfo:
-    """A recipe input: a source to ingest (URI or existing path), else a registry reference."""
+def resolve_input(registry: Registry, ref: str, by_reference: bool = False) -> ModelInfo:
+    """A recipe input: a source to ingest (URI or existing path; `by_reference`: a local one is recorded where it is,
+    not copied), else a registry reference."""
     if is_source(ref):
-        return registry.ingest(ref)[0]
+        local = "://" not in ref or ref.startswith("file://")
+        return registry.ingest(ref, by_reference=by_reference and local)[0]
     try:
         return registry.resolve(ref)
     except ModelNotFoundError:

@@ -42,6 +42,9 @@ class _TorchDtypes(Mapping):
 
         return getattr(torch, _TORCH_NAMES[name])
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would resolve the dtype, importing torch
+        return name in _TORCH_NAMES
+
     def __iter__(self) -> Iterator[str]:
         return iter(_TORCH_NAMES)
 

@@ -22,7 +22,8 @@ FORBIDDEN = {
     "registry": {"prefect", "evaluation", "flows"},
 }
 # what each lower layer may take from merging/ (a module and anything below it)
-SHARED = {"merging.errors", "merging.checkpoint", "merging.digest", "merging.safetensors_format", "merging.alignment",
+SHARED = {"merging.errors", "merging.checkpoint", "merging.digest", "merging.digest_cache", "merging.safetensors_format",
+          "merging.alignment",
           "merging.companions", "merging.yaml_input"}
 ALLOWED_FROM_MERGING = {
     "evaluation": SHARED | {"merging.objective", "merging.mudsc"},  # the objective protocol; MuDSC's spec types
