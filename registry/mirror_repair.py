@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from sqlalchemy import select
 
 from registry.findings import Finding, owner_gone
-from registry.mlflow_mirror import OWNER_TAG, registered_name
+from registry.mlflow_mirror import OWNER_TAG, local_path, registered_name
 from registry.schema import Model, PromotionEvent
 from registry.serving import ServedHead, serving_spec
 
@@ -62,7 +61,7 @@ class MirrorRepair:
             self.client.delete_logged_model(model_id)
         except MlflowException:
             pass
-        path = _local_path(artifact_location)  # MLflow marks it deleted; its partial artifacts stay: remove them
+        path = local_path(artifact_location)  # MLflow marks it deleted; its partial artifacts stay: remove them
         root = self.mirror.artifact_root.resolve()
         if path is not None and (root in path.resolve().parents):
             shutil.rmtree(path.parent if path.name == "artifacts" else path, ignore_errors=True)
@@ -237,10 +236,3 @@ def _model_id(version) -> str | None:
     """The logged model behind a version (searches leave `model_id` empty; the source names it)."""
     source = version.source or ""
     return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/") else None)
-
-
-def _local_path(uri: str | None) -> Path | None:
-    if not uri:
-        return None
-    parsed = urlparse(uri)
-    return Path(unquote(parsed.path)) if parsed.scheme == "file" else None

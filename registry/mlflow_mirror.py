@@ -21,6 +21,7 @@ from registry.errors import MirrorLostError, RegistryError
 from merging.processes import owner_token
 
 OWNER_TAG = "mergeyard.owner"  # <host tag>-<pid> of the process that created a logged model or run
+REFERENCE_TAG = "mergeyard.reference"  # the path of a model registered by reference (its version holds no artifacts)
 
 EXPERIMENT = "mergeyard"
 
@@ -37,13 +38,12 @@ class MirroredModel:
     version: str
 
 
-def _local_path(artifact_location: str | None) -> Path | None:
+def local_path(artifact_location: str | None) -> Path | None:
     """A logged model's artifact directory when it is on this machine's filesystem (a `file:` URI)."""
-    if not artifact_location or not artifact_location.startswith("file:"):
-        return None
     from urllib.parse import unquote, urlparse
 
-    return Path(unquote(urlparse(artifact_location).path))
+    parsed = urlparse(artifact_location or "")
+    return Path(unquote(parsed.path)) if parsed.scheme == "file" else None
 
 
 class MlflowMirror:
@@ -99,10 +99,12 @@ class MlflowMirror:
             return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 
     def register_model(self, name: str, model_dir: Path, tags: dict[str, str], source_run_id: str | None = None,
-                       serving=None, files: list[str] | None = None, share: bool = True) -> MirroredModel:
+                       serving=None, files: list[str] | None = None, reference: str | None = None) -> MirroredModel:
         """A logged model + registered version. With a `serving` spec its artifacts are an MLflow pyfunc model
         (registry.serving) holding the checkpoint's `files`, else the checkpoint directory as it is. In a local
-        MLflow store the files are the store entry's own (hard links, `share`) or reflinked copies."""
+        MLflow store the files are the store entry's own (hard links): the bytes are on disk once. A model registered
+        by `reference` (its path) gets a version with no artifacts, tagged with the path: copying it would undo
+        what registering by reference is for, and linking it would let an edit of the user's file change MLflow's."""
         import tempfile
 
         from mlflow.entities import LoggedModelStatus
@@ -110,17 +112,20 @@ class MlflowMirror:
 
         rname = registered_name(name)
         try:
+            if reference is not None:
+                tags = {**tags, REFERENCE_TAG: reference}
             logged = self.client.create_logged_model(self.experiment_id, name=rname, source_run_id=source_run_id,
                                                      tags={**tags, OWNER_TAG: owner_token()}, model_type="mergeyard-pyfunc" if serving else "safetensors")
-            local = _local_path(logged.artifact_location)
-            if local is not None:  # a local store: the artifacts share the store entry's files, not a second copy
+            local = local_path(logged.artifact_location)
+            if reference is not None:
+                pass
+            elif local is not None:  # a local store: the artifacts share the store entry's files, not a second copy
                 from registry.serving import package, share_files
 
                 if serving is not None:
-                    package(Path(model_dir), serving, local, files or [], by_reference=True, share=share)
+                    package(Path(model_dir), serving, local, files or [], by_reference=True)
                 else:
-                    share_files(Path(model_dir), local, files or [p.name for p in Path(model_dir).iterdir()],
-                                copy=not share)
+                    share_files(Path(model_dir), local, files or [p.name for p in Path(model_dir).iterdir()])
             elif serving is not None:  # a tracking server: it must hold the bytes
                 from registry.serving import package
 

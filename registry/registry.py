@@ -25,13 +25,12 @@ import registry.audit  # noqa: F401  (installs the append-only guard)
 from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
-from merging.digest_cache import DigestCache, checkpoint_stamp
+from merging.digest_cache import DigestCache
 from merging.references import parse_ref
 from registry.audit_chain import intact
 from merging.crashpoints import crashpoint
 from registry.db import ensure_schema, is_locked, make_engine
-from merging.errors import MergeyardError
-from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError, StoreDamagedError
+from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
 from registry.recovery import Heartbeat, owner_columns, reap_interrupted
 from registry.measurements import Measurements, SuiteEvaluation
 from registry.model_info import ModelInfo, Parent
@@ -41,7 +40,8 @@ from registry.schema import LineageEdge, MergeRun, Model, PromotionEvent, utcnow
 from registry.sources import resolve_source
 from registry.statistics import StatisticsArtifacts, is_statistics
 from registry.store import ModelStore
-from registry.validation import check_base, check_names, scan_checkpoint, validate_checkpoint
+from registry.stored_bytes import StoredBytes
+from registry.validation import check_base, validate_checkpoint
 from merging.processes import owner_token
 
 LOCKED_RETRIES = 4
@@ -66,7 +66,7 @@ def _dominant_dtype(ckpt: Checkpoint) -> str:
     return counts.most_common(1)[0][0]
 
 
-class Registry(Measurements, StatisticsArtifacts):
+class Registry(StoredBytes, Measurements, StatisticsArtifacts):
     def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True, reap: bool = True):
         self.config = config
         self.engine = make_engine(config.database_url)
@@ -194,51 +194,6 @@ class Registry(Measurements, StatisticsArtifacts):
             self.register_head(model, alignment)
         return model, created
 
-    def scan(self, ckpt: Checkpoint) -> tuple[str, dict[str, str]]:
-        """Validated bytes' digest and tensor checksums: remembered from an earlier read of the very same files
-        (merging/digest_cache.py), or validated and hashed in one read now."""
-        before = checkpoint_stamp(ckpt)
-        hit = self.digests.lookup(ckpt, stamp=before)
-        if hit is not None and hit.validated and hit.checksums:
-            check_names(ckpt)  # cheap, and the rules may have grown since
-            return hit.digest, hit.checksums
-        checksums: dict[str, str] = {}
-        digest = scan_checkpoint(ckpt, checksums)
-        self.digests.record(ckpt, before, digest, checksums, validated=True)
-        return digest, checksums
-
-    def verify_reference(self, model: ModelInfo) -> None:
-        """A model registered by reference still has the bytes it was registered with: its files' size and time
-        unchanged, or, where they changed, the same digest (one read, remembered). Raises StoreDamagedError."""
-        if self.store.looks_intact(model.digest):
-            return
-        path = Path(model.store_path)
-        try:
-            same = self.digests.digest(Checkpoint(path)) == model.digest
-        except (OSError, MergeyardError):
-            same = False
-        if not same:
-            raise StoreDamagedError(f"{path} changed since it was registered by reference as {model.name} "
-                                    f"({model.digest[:19]}); ingest it again to register its new bytes")
-        self.store.refresh_times(model.digest)
-
-    def restore_if_damaged(self, model: ModelInfo, ckpt: Checkpoint) -> bool:
-        """Put back a stored copy that is missing or damaged from `ckpt`, whose digest the caller computed equal to
-        the model's. Returns whether it did (recorded in `self.restored`)."""
-        if self.store.looks_intact(model.digest):
-            return False
-        if self.store.is_reference(model.digest):  # the user's own files, just verified by the caller's digest
-            self.store.refresh_times(model.digest)
-            return False
-        if self.store.has(model.digest) and not self.store.damaged(model.digest, model.files):
-            self.store.refresh_times(model.digest)  # touched or copied with new times, the same bytes
-            return False
-        _, files, _ = self.store.put(ckpt, model.digest, replace=True)
-        with self.Session.begin() as s:
-            s.get(Model, model.id).files = files
-        self.restored.append(model.digest)
-        return True
-
     def declare_base(self, model: ModelInfo, base: ModelInfo) -> ModelInfo:
         """Record `base` as the model's declared base where none was (a candidate first ingested as a recipe
         input, then named with its base); a different declared base is left as it is."""
@@ -313,8 +268,7 @@ class Registry(Measurements, StatisticsArtifacts):
                 in_transaction: Callable[[Session, Model], None] | None, mlflow_run_id: str | None, mirror: bool,
                 serving_heads: list[ServedHead], tensor_checksums: dict[str, str] | None) -> tuple[ModelInfo, bool]:
         mirrored: MirroredModel | None = None
-        # by reference: the row names the user's checkpoint itself; MLflow gets copies (reflinks where the filesystem
-        # can), never links to files the user may edit
+        # by reference: the row names the user's checkpoint itself (and MLflow's version its path, registry.mlflow_mirror)
         reference = any(Path(f["path"]).is_absolute() for f in files)
         model_dir = ckpt.files[0].parent if reference else path
         try:
@@ -339,7 +293,8 @@ class Registry(Measurements, StatisticsArtifacts):
                     mirrored = self.mirror.register_model(name, model_dir, tags, source_run_id=mlflow_run_id,
                                                           serving=serving_spec(model_dir, list(serving_heads)),
                                                           files=[Path(f["path"]).name for f in files],
-                                                          share=not reference)
+                                                          reference=str(Path(ckpt.path).resolve()) if reference
+                                                          else None)
                     row.mlflow_model_id, row.mlflow_version = mirrored.model_id, mirrored.version
                 crashpoint("register.mirrored")  # MLflow has the version, the transaction has not committed
                 info = self._info(row)
@@ -464,10 +419,6 @@ class Registry(Measurements, StatisticsArtifacts):
             rows = s.execute(select(LineageEdge, Model).join(Model, Model.id == LineageEdge.parent_id)
                              .where(LineageEdge.child_id == model.id).order_by(LineageEdge.id)).all()
             return [(edge, self._info(parent)) for edge, parent in rows]
-
-    def recorded_checksums(self, model: ModelInfo) -> dict[str, str] | None:
-        with self.Session() as s:
-            return s.scalar(select(Model.tensor_checksums).where(Model.id == model.id))
 
     def count(self, table) -> int:
         with self.Session() as s:

@@ -65,8 +65,7 @@ def serving_spec(model_dir: Path, heads: list[ServedHead] = ()) -> ServingSpec |
     return ServingSpec("features")
 
 
-def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, by_reference: bool = False,
-            share: bool = True) -> None:
+def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, by_reference: bool = False) -> None:
     """An MLflow pyfunc model at `out` (absent or empty) serving the checkpoint in `model_dir`. `by_reference`: the
     checkpoint's files are hard links to `model_dir`'s (the store entry's), not copies, so a local MLflow store
     holds no second copy of the bytes (`share_files`)."""
@@ -93,14 +92,14 @@ def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, 
         shutil.rmtree(data, ignore_errors=True)
     if by_reference:
         (saved,) = [p.parent for p in out.rglob(SPEC)]
-        share_files(model_dir, saved / MODEL_DIR, files, copy=not share)
+        share_files(model_dir, saved / MODEL_DIR, files)
 
 
-def share_files(source: Path, target: Path, files: list[str], *, copy: bool = False) -> None:
+def share_files(source: Path, target: Path, files: list[str]) -> None:
     """`target/NAME` the same file as `source/NAME` for each of `files` there: a hard link (both are the registry's
-    own: the store entry and MLflow's artifacts), a copy only across filesystems; with `copy` (files the user owns),
-    a reflink where the filesystem can, else a copy. Not a symbolic link: MLflow refuses to download an artifact
-    that resolves outside its artifact directory."""
+    own: the store entry and MLflow's artifacts), a copy (a reflink where the filesystem can) only across
+    filesystems. Not a symbolic link: MLflow refuses to download an artifact that resolves outside its artifact
+    directory."""
     from registry.store import clone_file
 
     target.mkdir(parents=True, exist_ok=True)
@@ -108,13 +107,10 @@ def share_files(source: Path, target: Path, files: list[str], *, copy: bool = Fa
         src = Path(source) / name
         if not src.is_file():
             continue
-        if not copy:
-            try:
-                os.link(src, target / name)
-                continue
-            except OSError:
-                pass
-        clone_file(src, target / name)
+        try:
+            os.link(src, target / name)
+        except OSError:
+            clone_file(src, target / name)
 
 
 INPUT_COLUMN = {"text-classification": "text", "image-classification": "image", "causal-lm": "prompt",
