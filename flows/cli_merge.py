@@ -91,8 +91,9 @@ def methods(as_json: bool = JSON) -> None:
     listing = []
     for spec in all_methods():
         params = {
-            (f.alias or name): {"default": _plain_default(f.get_default(call_default_factory=True)),
-                                "description": f.description or ""}
+            (f.alias or name): {"default": None if f.is_required() else
+                                _plain_default(f.get_default(call_default_factory=True)),
+                                "required": f.is_required(), "description": f.description or ""}
             for name, f in spec.params.model_fields.items()
         }
         listing.append({"name": spec.name, "summary": spec.summary, "paper": spec.paper,
@@ -102,7 +103,8 @@ def methods(as_json: bool = JSON) -> None:
         return
     shown = table("method", "parameters (default)", "paper", title="merge methods")
     for m in listing:
-        params = ", ".join(f"{k}={v['default']}" for k, v in m["parameters"].items())
+        params = ", ".join(f"{k} (required)" if v["required"] else f"{k}={v['default']}"
+                           for k, v in m["parameters"].items())
         shown.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", params, m["paper"])
     stdout.print(shown)
 

@@ -29,6 +29,7 @@ from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
 from merging.recipe import Recipe
 from merging.references import parse_ref
 from merging.safetensors_format import DTYPE_NAMES, DTYPES
+from merging.settings import layer_positions
 from merging.version import __version__
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -188,10 +189,12 @@ def run_merge(
         total_bytes = sum(reference.entries[n].nbytes for n in names)
         done_bytes = 0
         out_dtypes = {name: DTYPES[dtype] for name, dtype, _ in layout}
+        positions = layer_positions(names) if recipe.varying else {}
         for name in names:
             writer.begin_tensor(name)
             if reference.entries[name].is_float:
-                chunks = [solved.state[name]] if solved is not None else spec.merge(inputs.tensor(name), params, state)
+                chunks = [solved.state[name]] if solved is not None else _merge_tensor(spec, recipe, inputs, name,
+                                                                                         params, state, positions)
                 for merged in chunks:
                     out = merged.to(out_dtypes[name])
                     if not all_finite(out):
@@ -234,6 +237,14 @@ def run_merge(
         details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
         resolved=resolved,
     )
+
+
+def _merge_tensor(spec, recipe: Recipe, inputs: MergeInputs, name: str, params, state, positions: dict[str, float]):
+    """The merged chunks of one tensor, with the parameters and weights the recipe gives that tensor."""
+    tensor = inputs.tensor(name)
+    if name in positions:  # a varying recipe: gradients and filters evaluated for this tensor
+        params, tensor.weights, tensor.overrides = recipe.for_tensor(name, positions[name])
+    return spec.merge(tensor, params, state)
 
 
 def _build_each(requests: Any, build: Callable[[Any], Any]) -> Any:

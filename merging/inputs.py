@@ -56,7 +56,23 @@ class TensorInputs:
     seed: int = 0
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
     check_finite: bool = True
+    # each model's own values of per-model parameters for this tensor (`MethodParams.per_model`)
+    overrides: list[dict] = field(default_factory=list)
     _cached: Chunk | None = field(default=None, repr=False)
+
+    def per_model(self, params, key: str) -> list:
+        """`key` for each model: its own value for this tensor where it set one, else the recipe's."""
+        default = getattr(params, key)
+        return [(self.overrides[i] if i < len(self.overrides) else {}).get(key, default)
+                for i in range(len(self.models))]
+
+    def whole(self) -> Chunk:
+        """The whole tensor of every input at once (for methods that need all of it: norms, sorts, ranks)."""
+        chunks = list(self.chunks())
+        if len(chunks) == 1:
+            return chunks[0]
+        base = torch.cat([c.base for c in chunks]) if chunks[0].base is not None else None
+        return Chunk(0, base, [torch.cat([c.models[i] for c in chunks]) for i in range(len(self.models))])
 
     @property
     def numel(self) -> int:

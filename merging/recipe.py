@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merging.errors import RecipeError
 from merging.methods import MergeMethod, MethodParams, get_method
 from merging.references import parse_ref
+from merging.settings import canonical_setting, check_setting, evaluate, first_defined, is_plain, leaves
 from merging.yaml_input import YamlDoc, read_yaml, validation_problems
 
 OutDtype = Literal["float32", "float16", "bfloat16"]
@@ -36,6 +37,16 @@ class ModelEntry(BaseModel):
 
     model: str = Field(min_length=1)
     weight: float = 1.0
+    # this model's own parameters (mergekit's per-model `parameters:`): a value, a gradient over layers or
+    # filters (`merging.settings`), taking precedence over the recipe's; `weight` here may vary by tensor
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, setting in value.items():
+            check_setting(setting, f"parameters.{key}")
+        return value
 
 
 class MergeStep(BaseModel):
@@ -85,28 +96,113 @@ class Recipe(MergeStep):
         return get_method(self.method)
 
     def params(self) -> MethodParams:
-        return self.method_spec.parse_params(self.parameters)
+        """The method's parameters for the recipe as a whole (a varying one at its first layer, outside filters)."""
+        return self.method_spec.parse_params(self._evaluated("", 0.0))
+
+    @property
+    def varying(self) -> bool:
+        """True when a tensor's parameters depend on more than the recipe's values: a gradient or filters, or a
+        model's own parameters (what `for_tensor` resolves)."""
+        return bool(self._varying_keys()) or any(m.parameters for m in self.models)
+
+    def _varying_keys(self) -> list[str]:
+        scalar = scalar_fields(self.method_spec.params)
+        return [k for k, v in self.parameters.items() if k in scalar and not is_plain(v)]
+
+    def _evaluated(self, tensor: str, t: float) -> dict[str, Any]:
+        # only a parameter holding one value per tensor can be a setting; a list-typed one (`tasks`) is a value
+        scalar = scalar_fields(self.method_spec.params)
+        out = {}
+        for key, setting in self.parameters.items():
+            value = evaluate(setting, tensor, t) if key in scalar and _is_setting(setting) else setting
+            if value is not None:
+                out[key] = value
+        return out
+
+    def for_tensor(self, tensor: str, t: float) -> tuple[MethodParams, list[float], list[dict[str, Any]]]:
+        """What one tensor gets, by mergekit's precedence (the model's own parameter, the recipe's, the default):
+        the method's parameters, each model's weight, and each model's own values of its per-model parameters."""
+        spec = self.method_spec
+        shared = self._evaluated(tensor, t)
+        params = spec.parse_params(shared)
+        weights, overrides = [], []
+        for m in self.models:
+            own = {k: first_defined([v], tensor, t) for k, v in m.parameters.items()}
+            own = {k: v for k, v in own.items() if v is not None}
+            weight = own.pop("weight", m.weight)
+            if own:
+                validated = spec.parse_params({**shared, **own})
+                own = {k: getattr(validated, _field(spec.params, k)) for k in own}
+            weights.append(float(weight))
+            overrides.append(own)
+        return params, weights, overrides
 
     def check(self) -> "Recipe":
         """Raise RecipeError unless the method exists, takes these parameters and has its base."""
         spec = self.method_spec
-        self.params()
+        for key in self._varying_keys():  # the shape of a gradient or filter list, before any is evaluated
+            try:
+                check_setting(self.parameters[key], f"parameters.{key}")
+            except ValueError as exc:
+                raise RecipeError(f"method {self.method!r}: {exc}") from None
+        params = self.params()
         if spec.requires_base and not self.base:
             raise RecipeError(f"method {self.method!r} needs a `base:` model (the one the others were fine-tuned from)")
+        self._check_settings(params)
         return self
 
+    def _check_settings(self, params: MethodParams) -> None:
+        spec = self.method_spec
+        varying = self._varying_keys()
+        plain = {k: v for k, v in self.parameters.items() if k not in varying}
+        for key in varying:
+            for value in leaves(self.parameters[key]):
+                    spec.parse_params({**plain, key: value})
+        per_model = set(getattr(spec.params, "per_model", ())) | {"weight"}
+        for n, m in enumerate(self.models):
+            unknown = sorted(set(m.parameters) - per_model)
+            if unknown:
+                raise RecipeError(f"method {self.method!r}: models[{n}] ({m.model}) sets {', '.join(unknown)}, which it "
+                                  f"takes per model: {', '.join(sorted(per_model))}")
+            for key, setting in m.parameters.items():
+                for value in leaves(setting):
+                    if key == "weight":
+                        if isinstance(value, bool) or not isinstance(value, (int, float)):
+                            raise RecipeError(f"models[{n}] ({m.model}): weight {value!r} is not a number")
+                    else:
+                        spec.parse_params({**plain, key: value})
+        if self.varying and not spec.varies_per_tensor(params):
+            raise RecipeError(f"method {self.method!r} (as configured) works on the whole model at once: its "
+                              "parameters take one value each (no gradient, filters or per-model values)")
+
     def canonical(self) -> dict[str, Any]:
+        params = self.params().model_dump(by_alias=True, mode="json")
+        for key in self._varying_keys():  # a varying parameter is recorded as written, normalised
+            params[key] = _canonical_numbers(canonical_setting(self.parameters[key]))
         data = {
             "method": self.method,
             "base": self.base,
-            "models": [{"model": m.model, "weight": m.weight} for m in self.models],
-            "parameters": self.params().model_dump(by_alias=True, mode="json"),
+            "models": [self._canonical_model(m) for m in self.models],
+            "parameters": params,
             "out_dtype": self.out_dtype,
             "seed": self.seed,
         }
         if self.tokenizer_source is not None:  # only when set: recipes without one keep their hash
             data["tokenizer_source"] = self.tokenizer_source
         return data
+
+    def _canonical_model(self, m: ModelEntry) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": m.model, "weight": m.weight}
+        own = dict(m.parameters)
+        if "weight" in own and is_plain(own["weight"]):  # a plain per-model weight is the entry's weight
+            out["weight"] = float(own.pop("weight"))
+        if own:  # only when set: recipes without any keep their hash
+            spec = self.method_spec
+            out["parameters"] = {
+                k: (getattr(spec.parse_params({k: v}), _field(spec.params, k)) if k != "weight" and is_plain(v)
+                    else _canonical_numbers(canonical_setting(v)))
+                for k, v in sorted(own.items())}
+        return out
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
@@ -117,6 +213,41 @@ class Recipe(MergeStep):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.canonical(), sort_keys=False)
+
+
+def _field(model: type[MethodParams], key: str) -> str:
+    """The attribute name of the parameter spelled `key` (its alias, as `lambda`, or its name)."""
+    for name, info in model.model_fields.items():
+        if key in (name, info.alias):
+            return name
+    return key
+
+
+def scalar_fields(model: type[MethodParams]) -> set[str]:
+    """Names and aliases of the parameters holding one scalar (a number, flag, or choice): those a gradient or
+    filters may set."""
+    out = set()
+    for name, info in model.model_fields.items():
+        args = [a for a in (get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
+        if get_origin(info.annotation) is Literal or all(a in (bool, int, float, str) or get_origin(a) is Literal
+                                                         for a in args):
+            out |= {name, info.alias} - {None}
+    return out
+
+
+def _is_setting(value: Any) -> bool:
+    return isinstance(value, (list, dict)) or is_plain(value)
+
+
+def _canonical_numbers(setting: Any) -> Any:
+    """Integers in gradients written as floats (1 and 1.0 interpolate alike, so they must hash alike)."""
+    if isinstance(setting, bool) or not isinstance(setting, (int, float, list, dict)):
+        return setting
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    if isinstance(setting, dict):
+        return {k: (v if k == "filter" else _canonical_numbers(v)) for k, v in setting.items()}
+    return [_canonical_numbers(e) for e in setting]
 
 
 def _resolve_local(ref: str, root: Path) -> str:

@@ -26,6 +26,8 @@ class DareParams(MethodParams):
     rescale: bool = Field(True, description="scale survivors by 1/(1 − drop_rate)")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
+    per_model = ("drop_rate",)
+
 
 class DareTiesParams(DareParams):
     aggregate: Literal["mean", "sum"] = Field("sum", description="how agreeing entries combine")
@@ -33,13 +35,13 @@ class DareTiesParams(DareParams):
 
 def dare_task_vectors(tensor: TensorInputs, chunk, params: DareParams) -> list[torch.Tensor]:
     """w_i · DARE(τ_i) for one chunk."""
-    scale = 1.0 / (1.0 - params.drop_rate) if params.rescale else 1.0
     out = []
-    for i, (m, w) in enumerate(zip(chunk.models, tensor.weights)):
+    for i, (m, w, p) in enumerate(zip(chunk.models, tensor.weights, tensor.per_model(params, "drop_rate"))):
+        scale = 1.0 / (1.0 - p) if params.rescale else 1.0
         tau = m - chunk.base
-        if params.drop_rate > 0:
+        if p > 0:
             u = uniform(stream_key(tensor.seed, i, tensor.name), chunk.offset, tau.numel(), tau.device)
-            tau.mul_(u >= params.drop_rate)
+            tau.mul_(u >= p)
         out.append(tau.mul_(w * scale))
     return out
 

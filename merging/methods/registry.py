@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,9 +22,13 @@ from merging.yaml_input import validation_problems
 
 
 class MethodParams(BaseModel):
-    """Base of every parameter model: unknown keys are an error, not ignored."""
+    """Base of every parameter model: unknown keys are an error, not ignored.
+
+    `per_model` names the parameters a model entry may set for itself (mergekit's per-model `density`);
+    a method reads them per tensor with `TensorInputs.per_model`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    per_model: ClassVar[tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ class MergeMethod:
     example: dict[str, Any] | None = None
     # parameters naming registered models or artifacts (RegMean's statistics): recorded by digest, like inputs
     model_params: tuple[str, ...] = ()
+    # whether (as configured) each tensor may get its own parameters and weights (gradients, filters): a
+    # method that decides over the whole model at once (global TIES thresholds, a data-informed solve) cannot
+    per_tensor: Callable[[Any], bool] | None = None
+
+    def varies_per_tensor(self, params: Any) -> bool:
+        if self.solve is not None:
+            return False
+        return True if self.per_tensor is None else self.per_tensor(params)
 
     @property
     def data_informed(self) -> bool:

@@ -41,6 +41,8 @@ class TiesParams(MethodParams):
     aggregate: Literal["mean", "sum"] = Field("mean", description="how agreeing entries combine")
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
+    per_model = ("density",)  # per_tensor scope: each model keeps its own fraction, as in mergekit
+
 
 @dataclass
 class GlobalTiesState:
@@ -158,35 +160,34 @@ def _select_top_k(magnitudes, n: int, k: int, device) -> _ExactTopK:
 
 def _merge_per_tensor(tensor: TensorInputs, params: TiesParams) -> Iterator[torch.Tensor]:
     n = tensor.numel
-    k = int(params.density * n) if params.density < 1.0 else n
-    trim = 0 < k < n
+    ks = [int(d * n) if d < 1.0 else n for d in tensor.per_model(params, "density")]
     if tensor.single_chunk:
         # The whole tensor is in memory: compute τ and |τ| once per model, select on them directly.
         chunk = next(tensor.chunks())
         weighted = []
-        for m, w in zip(chunk.models, tensor.weights):
+        for m, w, k in zip(chunk.models, tensor.weights, ks):
             tau = m - chunk.base
             if k == 0:
                 tau.zero_()
-            elif trim:
+            elif k < n:
                 magnitude = tau.abs()
                 tau.mul_(_select_top_k(lambda: (magnitude,), n, k, tau.device).mask(magnitude))
             weighted.append(tau.mul_(w))
         yield _combine(chunk.base, weighted, tensor.weights, params)
         return
-    selectors = None
-    if trim:  # one selection pass pair per model over the streamed chunks, then the merge pass
-        selectors = [
-            _select_top_k(lambda i=i: ((c.models[i] - c.base).abs_() for c in tensor.chunks()), n, k, tensor.device)
-            for i in range(len(tensor.models))
-        ]
+    # one selection pass pair per trimmed model over the streamed chunks, then the merge pass
+    selectors = [
+        _select_top_k(lambda i=i: ((c.models[i] - c.base).abs_() for c in tensor.chunks()), n, k, tensor.device)
+        if 0 < k < n else None
+        for i, k in enumerate(ks)
+    ]
     for chunk in tensor.chunks():
         weighted = []
         for i, (m, w) in enumerate(zip(chunk.models, tensor.weights)):
             tau = m - chunk.base
-            if k == 0:
+            if ks[i] == 0:
                 tau.zero_()
-            elif selectors is not None:
+            elif selectors[i] is not None:
                 tau.mul_(selectors[i].mask(tau.abs()))
             weighted.append(tau.mul_(w))
         yield _combine(chunk.base, weighted, tensor.weights, params)
@@ -203,6 +204,7 @@ def _combine(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[flo
     paper="https://arxiv.org/abs/2306.01708",
     prepare=prepare_ties,
     finalize=finalize_ties,
+    per_tensor=lambda p: p.trim_scope == "per_tensor",
     example={"density": 0.5, "lambda": 0.8},
 )
 def ties(tensor: TensorInputs, params: TiesParams, state: GlobalTiesState | None) -> Iterator[torch.Tensor]:
