@@ -7,6 +7,7 @@
     flows/cli_pipeline.py  demo, run, serve
     flows/cli_map.py       map (sweep, pick, list, show)
     flows/cli_zoo.py       zoo pretrain, build
+    flows/cli_recipe.py    recipe convert
 
 Conventions and exit codes live in flows/cli_common.py. Importing a command module registers its commands on
 the app (flows/cli_app.py); nothing heavier than typer is imported until a command runs.
@@ -25,8 +26,10 @@ QUICK = {"methods", "digest", "version", "--version", "--help", "-h"}
 from flows import cli_doctor, cli_evaluate, cli_merge, cli_pipeline, cli_registry, cli_zoo  # noqa: F401  (register commands)
 from flows.cli_app import app
 from flows.cli_map import map_app
+from flows.cli_recipe import recipe_app
 
 app.add_typer(map_app, name="map")
+app.add_typer(recipe_app, name="recipe")
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo],
     """The same recipe with every input (and the tokenizer's source, and what its parameters name) by digest."""
     data = recipe.canonical()
     data["base"] = base.digest if base else None
-    data["models"] = [{"model": m.digest, "weight": entry["weight"]} for m, entry in zip(models, data["models"])]
+    # each entry keeps its weight and own parameters; slices name models by position, so they stay right
+    data["models"] = [{**entry, "model": m.digest} for m, entry in zip(models, data["models"])]
     if tokenizer is not None:
         data["tokenizer_source"] = tokenizer.digest
     if params:

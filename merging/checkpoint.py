@@ -114,6 +114,20 @@ class Checkpoint:
         view._handles = self._handles
         return view
 
+    @staticmethod
+    def joined(mapping: dict[str, tuple["Checkpoint", str]]) -> "Checkpoint":
+        """A view of tensors from several checkpoints, each under a new name (new name → (checkpoint, its name))."""
+        view = object.__new__(Checkpoint)
+        first = next(iter(mapping.values()))[0] if mapping else None
+        view.path = first.path if first else Path(".")
+        view.files = sorted({f for c, _ in mapping.values() for f in c.files})
+        view.metadata = {}
+        view.entries = {new: c.entries[old] for new, (c, old) in mapping.items()}
+        view._file_of = {new: c._file_of[old] for new, (c, old) in mapping.items()}
+        view._source = {new: c._source.get(old, old) for new, (c, old) in mapping.items()}
+        view._handles = {}
+        return view
+
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.entries)} tensors)"
 

@@ -30,6 +30,7 @@ from merging.recipe import Recipe
 from merging.references import parse_ref
 from merging.safetensors_format import DTYPE_NAMES, DTYPES
 from merging.settings import layer_positions
+from merging.slices import layer_count, stack as stack_layers, stacked_config as stacked_model_config
 from merging.version import __version__
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -125,21 +126,34 @@ def run_merge(
                                  "elsewhere")
     checkpoints = {ref: Checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
     refs = list(checkpoints)
-    reference_ref = recipe.base or recipe.models[0].model
+    reference_ref = recipe.base or recipe.models[recipe.slice_model(recipe.slices[0]) if recipe.slices else 0].model
     reference = checkpoints[reference_ref]
     label = {ref: (labels or {}).get(ref, ref) for ref in refs}
-    # Each input seen under the reference's names: a task model's head is not merged, its encoder is.
-    aligned = dict(zip(refs, align_all(reference, [checkpoints[r] for r in refs],
-                                       [label[reference_ref], *(label[r] for r in refs)])))
-    views = {ref: view for ref, (view, _) in aligned.items()}
-    check_buffers_equal(reference, [v for v in views.values() if v is not reference],
-                        {id(views[r]): label[r] for r in refs})
-    base = views[recipe.base] if recipe.base else None
-    models = [views[m.model] for m in recipe.models]
+    stacked_config = None
+    if recipe.slices:
+        # one input: the model stacked from the slices' layer ranges (models of other layer counts may take part)
+        sources = [(checkpoints[recipe.models[recipe.slice_model(s)].model], s.layer_range,
+                    label[recipe.models[recipe.slice_model(s)].model]) for s in recipe.slices]
+        reference = stack_layers(sources)
+        views, base, models, wrapped_views = dict(checkpoints), None, [reference], {}
+        config_file = paths[reference_ref] if paths[reference_ref].is_dir() else paths[reference_ref].parent
+        if (config_file / "config.json").is_file():
+            stacked_config = stacked_model_config(config_file / "config.json", layer_count(reference))
+    else:
+        # Each input seen under the reference's names: a task model's head is not merged, its encoder is.
+        aligned = dict(zip(refs, align_all(reference, [checkpoints[r] for r in refs],
+                                           [label[reference_ref], *(label[r] for r in refs)])))
+        views = {ref: view for ref, (view, _) in aligned.items()}
+        check_buffers_equal(reference, [v for v in views.values() if v is not reference],
+                            {id(views[r]): label[r] for r in refs})
+        base = views[recipe.base] if recipe.base else None
+        models = [views[m.model] for m in recipe.models]
+        wrapped_views = {i: aligned[m.model][1].as_dict() for i, m in enumerate(recipe.models)
+                         if aligned[m.model][1].wraps}
     # config from the base, tokenizer from it or the recipe's tokenizer_source: found before any work is done
     companions = loadability_files(paths[reference_ref],
                                    resolve(recipe.tokenizer_source) if recipe.tokenizer_source else None)
-    wrapped = {i: aligned[m.model][1].as_dict() for i, m in enumerate(recipe.models) if aligned[m.model][1].wraps}
+    wrapped = wrapped_views
 
     # Digests the caller already knows (the registry does) are not recomputed.
     input_digests = dict(input_digests or {})
@@ -160,7 +174,8 @@ def run_merge(
         for n in names
     ]
     inputs = MergeInputs(
-        base=base, models=models, weights=[m.weight for m in recipe.models], names=float_names,
+        base=base, models=models, weights=[1.0] if recipe.slices else [m.weight for m in recipe.models],
+        names=float_names,
         device=dev, seed=recipe.seed, chunk_elems=chunk_elems, progress=progress,
         check_finite=not spec.propagates_non_finite, resolve=resolve,
     )
@@ -220,7 +235,8 @@ def run_merge(
         # The digest is known only once the shards are complete; the card is written after it.
         t0 = time.perf_counter()
         digest, files = writer.commit_with(
-            lambda digest: _card_files(provenance(recipe, records, digest, environment(dev))),
+            lambda digest: {**_card_files(provenance(recipe, records, digest, environment(dev))),
+                            **({"config.json": stacked_config} if stacked_config else {})},
             companions,
         )
         phases["commit"] = time.perf_counter() - t0
@@ -243,7 +259,10 @@ def _merge_tensor(spec, recipe: Recipe, inputs: MergeInputs, name: str, params, 
     """The merged chunks of one tensor, with the parameters and weights the recipe gives that tensor."""
     tensor = inputs.tensor(name)
     if name in positions:  # a varying recipe: gradients and filters evaluated for this tensor
-        params, tensor.weights, tensor.overrides = recipe.for_tensor(name, positions[name])
+        resolved, weights, overrides = recipe.for_tensor(name, positions[name])
+        params = resolved
+        if not recipe.slices:  # a stacked model is one input: the models' own values do not apply to it
+            tensor.weights, tensor.overrides = weights, overrides
     return spec.merge(tensor, params, state)
 
 

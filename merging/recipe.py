@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.errors import RecipeError
 from merging.methods import MergeMethod, MethodParams, get_method
+from merging.mergekit_config import is_mergekit, translate
 from merging.references import parse_ref
 from merging.settings import canonical_setting, check_setting, evaluate, first_defined, is_plain, leaves
 from merging.yaml_input import YamlDoc, read_yaml, validation_problems
@@ -79,9 +80,40 @@ class MergeStep(BaseModel):
         return None if value == "base" else value
 
 
+class LayerSlice(BaseModel):
+    """Layers [start, end) of one of the recipe's models (by its ref, or its position in `models`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | int
+    layer_range: tuple[int, int]
+
+
 class Recipe(MergeStep):
     base: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
+    # a model stacked from layer ranges of the models, in order (`passthrough` frankenmerges, merging.slices);
+    # `models` defaults to the slices' models
+    slices: list[LayerSlice] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_of_slices(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("slices") and not value.get("models"):
+            refs = [s.get("model") for s in value["slices"] if isinstance(s, dict)]
+            value = {**value, "models": list(dict.fromkeys(r for r in refs if isinstance(r, str)))}
+        return value
+
+    def slice_model(self, s: LayerSlice) -> int:
+        """The position in `models` of the model slice `s` takes its layers from."""
+        if isinstance(s.model, int):
+            if not 0 <= s.model < len(self.models):
+                raise RecipeError(f"slice model {s.model}: the recipe has {len(self.models)} models")
+            return s.model
+        for i, m in enumerate(self.models):
+            if m.model == s.model:
+                return i
+        raise RecipeError(f"slice model {s.model!r} is not among the recipe's models")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -149,6 +181,18 @@ class Recipe(MergeStep):
         if spec.requires_base and not self.base:
             raise RecipeError(f"method {self.method!r} needs a `base:` model (the one the others were fine-tuned from)")
         self._check_settings(params)
+        if self.slices:
+            if not spec.stacks_slices:
+                raise RecipeError(f"method {self.method!r} merges whole models; layer `slices:` need `passthrough`")
+            if self.base:
+                raise RecipeError("a stacked (sliced) model has no base")
+            for s in self.slices:
+                self.slice_model(s)
+                if s.layer_range[0] < 0 or s.layer_range[1] <= s.layer_range[0]:
+                    raise RecipeError(f"slice of {s.model}: layer_range {list(s.layer_range)} is empty")
+        elif spec.stacks_slices and len(self.models) != 1:
+            raise RecipeError(f"method {self.method!r} copies one model (or stacks `slices:`); the recipe has "
+                              f"{len(self.models)}")
         return self
 
     def _check_settings(self, params: MethodParams) -> None:
@@ -189,6 +233,8 @@ class Recipe(MergeStep):
         }
         if self.tokenizer_source is not None:  # only when set: recipes without one keep their hash
             data["tokenizer_source"] = self.tokenizer_source
+        if self.slices:  # by position: pinning inputs to digests leaves them right
+            data["slices"] = [{"model": self.slice_model(s), "layer_range": list(s.layer_range)} for s in self.slices]
         return data
 
     def _canonical_model(self, m: ModelEntry) -> dict[str, Any]:
@@ -260,6 +306,8 @@ def parse_recipe(data: Any, root: Path | None = None, doc: YamlDoc | None = None
     """A checked Recipe from parsed YAML/JSON; relative paths resolve against `root`; `doc` gives errors lines."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with at least `method:` and `models:`")
+    if is_mergekit(data):  # mergekit's own YAML, as it is
+        data, doc = translate(data, root), None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -271,6 +319,8 @@ def parse_recipe(data: Any, root: Path | None = None, doc: YamlDoc | None = None
                 "models": [m.model_copy(update={"model": _resolve_local(m.model, root)}) for m in recipe.models],
                 "parameters": recipe.method_spec.rebase_paths(recipe.parameters, root),
                 "tokenizer_source": _resolve_local(recipe.tokenizer_source, root) if recipe.tokenizer_source else None,
+                "slices": [s.model_copy(update={"model": _resolve_local(s.model, root)}) if isinstance(s.model, str)
+                           else s for s in recipe.slices] if recipe.slices else None,
             }
         )
     return recipe.check()

@@ -94,6 +94,8 @@ class MergeMethod:
     # whether (as configured) each tensor may get its own parameters and weights (gradients, filters): a
     # method that decides over the whole model at once (global TIES thresholds, a data-informed solve) cannot
     per_tensor: Callable[[Any], bool] | None = None
+    # takes the one model stacked from the recipe's layer `slices:` (passthrough) instead of the models
+    stacks_slices: bool = False
 
     def varies_per_tensor(self, params: Any) -> bool:
         if self.solve is not None:
