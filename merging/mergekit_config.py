@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from merging.errors import RecipeError
 from merging.references import parse_ref
-from merging.settings import canonical_setting, is_plain, layer_index
+from merging.settings import canonical_setting, is_plain
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "dtype", "out_dtype", "tokenizer_source", "parameters"}
 REFUSED_TOP = {
@@ -107,13 +107,13 @@ def _model_ref(value: Any, where: str) -> str:
 def _layer_count(ref: str, root: Path | None) -> int | None:
     """Layers of a local checkpoint, from its tensor names; None when `ref` is not a local path."""
     from merging.checkpoint import Checkpoint
+    from merging.slices import layer_count
 
     parsed = parse_ref(ref, root)
     path = parsed.path if parsed.scheme in ("file", None) else None
     if path is None or not Path(path).exists():
         return None
-    indices = [layer_index(n) for n in Checkpoint(Path(path)).names]
-    return max((i for i in indices if i is not None), default=-1) + 1
+    return layer_count(Checkpoint(Path(path)))
 
 
 def _from_slices(slices: Any, root: Path | None) -> tuple[list[dict], dict, Any]:
@@ -223,6 +223,11 @@ def translate(data: dict, root: Path | None = None) -> dict:
 
     mapped_method, mapped_params = _method_params(method, params, models)
     recipe: dict[str, Any] = {"method": mapped_method, "base": base, "models": models, "parameters": mapped_params}
+    return _with_output_keys(recipe, data)
+
+
+def _with_output_keys(recipe: dict, data: dict) -> dict:
+    """`recipe` with the config's output dtype (mergekit's `dtype` where `out_dtype` is not set) and tokenizer."""
     out_dtype = data.get("out_dtype") or data.get("dtype")
     if out_dtype is not None:
         recipe["out_dtype"] = out_dtype
@@ -266,12 +271,7 @@ def _passthrough(data: dict, params: dict) -> dict:
                 raise RecipeError(f"mergekit config: slices[{n}].sources[0]: layer_range must be [start, end]")
             slices.append({"model": _model_ref(src.get("model"), f"slices[{n}].sources[0].model"), "layer_range": span})
         recipe["slices"] = slices
-    out_dtype = data.get("out_dtype") or data.get("dtype")
-    if out_dtype is not None:
-        recipe["out_dtype"] = out_dtype
-    if data.get("tokenizer_source") is not None:
-        recipe["tokenizer_source"] = data["tokenizer_source"]
-    return recipe
+    return _with_output_keys(recipe, data)
 
 
 def _method_params(method: str, params: dict, models: list[dict]) -> tuple[str, dict]:

@@ -25,7 +25,8 @@ Scalar = (bool, int, float, str)
 
 # The layer index inside a tensor name: `model.layers.3.`, `encoder.layer.3.`, `h.3.` (GPT-2),
 # `blocks.3.` / `resblocks.3.` (ViT, open_clip).
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|resblocks)\.(\d+)\.")
+# Groups: the prefix up to the index, the index, the dot after it (merging.slices renumbers with them).
+LAYER_NAME = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|resblocks)\.)(\d+)(\.)")
 
 
 def is_scalar(value: Any) -> bool:
@@ -115,8 +116,8 @@ def first_defined(settings: Iterable[Any], tensor_name: str, t: float) -> Any:
 
 
 def layer_index(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+    match = LAYER_NAME.search(name)
+    return int(match.group(2)) if match else None
 
 
 def layer_positions(names: Iterable[str]) -> dict[str, float]:

@@ -14,14 +14,12 @@ norm, the head). The output config's layer count is the new one.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from merging.checkpoint import Checkpoint
 from merging.errors import CheckpointError, RecipeError
-from merging.settings import layer_index
+from merging.settings import LAYER_NAME, layer_index
 
-_LAYER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|resblocks)\.)(\d+)(\.)")
 _BEFORE_LAYERS = ("embed", "wte", "wpe")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -45,7 +43,7 @@ def stack(sources: list[tuple[Checkpoint, tuple[int, int], str]]) -> Checkpoint:
                 by_layer.setdefault(i, []).append(name)
         for layer in range(start, end):
             for name in by_layer.get(layer, []):
-                new = _LAYER.sub(lambda m: f"{m.group(1)}{out_layer}{m.group(3)}", name, count=1)
+                new = LAYER_NAME.sub(lambda m: f"{m.group(1)}{out_layer}{m.group(3)}", name, count=1)
                 mapping[new] = (ckpt, name)
             out_layer += 1
     first, last = sources[0][0], sources[-1][0]

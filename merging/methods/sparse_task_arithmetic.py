@@ -25,6 +25,7 @@ from pydantic import Field
 
 from merging.errors import RecipeError
 from merging.inputs import TensorInputs
+from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted
 from merging.methods.registry import MethodParams, merge_method
 from merging.random_mask import stream_key, uniform
 
@@ -91,23 +92,14 @@ def combine(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float], 
             lam: float) -> torch.Tensor:
     """mergekit's generalised task arithmetic over already sparsified task vectors."""
     deltas = [t * w for t, w in zip(taus, weights)]
+    if consensus:  # TIES's sign election, mergekit's variant (a zero sum counts positive, agreeing weights divide)
+        elected = elect_sign_weighted(deltas)
+        return base + lam * disjoint_merge_weighted(deltas, weights, elected, "mean" if normalize else "sum")
     mixed = torch.zeros_like(base)
-    if consensus:
-        total = torch.zeros_like(base)
-        for d in deltas:
-            total += d
-        majority = torch.where(total >= 0, 1.0, -1.0)
-        divisor = torch.zeros_like(base)
-        for d, w in zip(deltas, weights):
-            agree = d.sign() == majority
-            mixed += torch.where(agree, d, 0.0)
-            divisor.add_(agree.to(base.dtype), alpha=w)
-        divisor[divisor == 0] = 1
-    else:
-        for d in deltas:
-            mixed += d
-        total_weight = sum(weights)
-        divisor = torch.tensor(1.0 if abs(total_weight) < 1e-8 else total_weight)
+    for d in deltas:
+        mixed += d
+    total_weight = sum(weights)
+    divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
     if normalize:
         mixed = mixed / divisor
     return base + lam * mixed
