@@ -27,7 +27,7 @@ DEMO_NAME = "demo-ta8"
 
 
 def demo_pipeline(zoo: Path, manifest: dict, full: bool) -> dict:
-    """The demo's pipeline config (as YAML data): every registered method, a gate, a nightly schedule."""
+    """The demo's pipeline config (as YAML data): every method with a demo example, a gate, a nightly schedule."""
     if full:
         targets = list(TA8_MINI)
         off_target = [t for t in TASKS if t not in TA8_MINI][:4]
@@ -43,7 +43,8 @@ def demo_pipeline(zoo: Path, manifest: dict, full: bool) -> dict:
         "score": {"method": "gradient", "samples_per_task": 100, "top_k": len(targets)},
         # every method with the parameters it registered as its example (fw_hard: step 1 moves far enough in
         # 10 steps on this small tower)
-        "merges": [{"method": m.name, "parameters": dict(m.example or {})} for m in all_methods()],
+        "merges": [{"method": m.name, "parameters": dict(m.example or {})} for m in all_methods()
+                   if m.example is not None],
         "promotion": {
             "alias": "staging",
             # exactly the suite the merges were evaluated on: these tasks of ta8-mini

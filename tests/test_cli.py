@@ -91,7 +91,9 @@ def test_methods_lists_every_method_with_paper():
     proc = run("methods", "--json")
     listing = {m["name"]: m for m in json.loads(proc.stdout)}
     assert set(listing) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fw_hard", "fw_soft", "mudsc",
-                            "fisher", "regmean", "adamerging"}
+                            "fisher", "regmean", "adamerging", "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
+                            "nearswap", "sce", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "passthrough"}
+    assert all(m["paper"].startswith("https://") for m in listing.values())
     assert listing["regmean"]["paper"].startswith("https://arxiv.org/abs/2212.09849")
     assert listing["mudsc"]["paper"].startswith("https://arxiv.org/abs/2403.01753") and not listing["mudsc"]["requires_base"]
     assert {"alpha", "mode", "calibration"} <= set(listing["mudsc"]["parameters"])
@@ -116,7 +118,7 @@ def test_demo_writes_only_under_mergeyard_home(tmp_path, small_zoo):
     proc = subprocess.run([*MERGEYARD, "demo", "--json"], capture_output=True, text=True, cwd=work, env=env, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
-    # every registered method, the data-informed ones included
+    # every method with a demo example, the data-informed ones included
     assert {m["method"] for m in report["merges"]} == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                                                         "fw_hard", "fw_soft", "mudsc", "fisher", "regmean", "adamerging"}
     assert report["promotion"]["decision"] == "promoted"

@@ -17,7 +17,7 @@ class AverageParams(MethodParams):
 
 
 @merge_method("average", params=AverageParams, paper="https://arxiv.org/abs/2203.05482", requires_base=False,
-              propagates_non_finite=True)
+              propagates_non_finite=True, example={})
 def average(tensor: TensorInputs, params: AverageParams, state: None) -> Iterator[torch.Tensor]:
     """Weighted mean of the models' weights (model soups); the base is not part of it."""
     total = sum(tensor.weights)

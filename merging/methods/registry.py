@@ -87,7 +87,8 @@ class MergeMethod:
     describe: Callable[[dict], str] | None = None
     # digests of the data it read, from its details: `reproduce` says when a rebuild read other bytes
     data_digests: Callable[[dict], dict[str, str]] | None = None
-    # parameters that show it at work on the demo's small zoo
+    # parameters that show it at work on the demo's small zoo; None leaves it out of the demo (a method for
+    # exactly two models or for stacked slices, or one its own tests cover, so the demo stays a few minutes)
     example: dict[str, Any] | None = None
     # parameters naming registered models or artifacts (RegMean's statistics): recorded by digest, like inputs
     model_params: tuple[str, ...] = ()
