@@ -1,6 +1,6 @@
 """The `mergeyard` command line (typer + rich), one module per command group:
 
-    flows/cli_merge.py     merge, digest, methods, export, version
+    flows/cli_merge.py     merge, digest, methods, export, extract-lora, version
     flows/cli_registry.py  ingest, models list, lineage, promote, audit, reproduce, db
     flows/cli_doctor.py    doctor, gc
     flows/cli_evaluate.py  evaluate, score

@@ -134,6 +134,35 @@ def export(
         stdout.print(f"wrote {info.name}{with_head} to {out}", highlight=False)
 
 
+@app.command("extract-lora")
+@user_errors
+def extract_lora(
+    model: str = typer.Argument(..., help="the fine-tuned or merged model: a path, or a digest, name or NAME@ALIAS"),
+    base: str = typer.Option(..., "--base", help="the model it was made from: a path, or a registered model"),
+    rank: int = typer.Option(..., "--rank", "-r", help="the adapter's rank r"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the PEFT adapter to (must not exist unless --overwrite)"),
+    overwrite: bool = typer.Option(False, help="replace an existing directory"),
+    as_json: bool = JSON,
+) -> None:
+    """Write MODEL's difference from BASE as a PEFT LoRA adapter of rank R (a truncated SVD of each linear weight's
+    change), loadable with peft.PeftModel.from_pretrained(base, OUT); prints each weight's approximation error."""
+    from flows.export import open_model
+    from merging.extract_lora import extract_lora as extract
+
+    with progress_bars(enabled=show_progress(as_json)) as progress:
+        (model_ckpt, model_label), (base_ckpt, base_label) = open_model(model), open_model(base)
+        result = extract(model_ckpt, base_ckpt, rank, out, base_name=base_label, overwrite=overwrite, progress=progress)
+    if as_json:
+        print_json({"out": str(out), "rank": rank, "modules": result.modules, "left_out": result.left_out,
+                    "worst_relative_error": result.worst_relative_error})
+        return
+    stdout.print(f"wrote a rank-{rank} LoRA adapter of {model_label} over {base_label} to {out}: "
+                 f"{len(result.modules)} weights, worst relative error {result.worst_relative_error:.2e}",
+                 highlight=False)
+    for name, diff in sorted(result.left_out.items()):
+        stdout.print(f"  not in the adapter (not a linear weight): {name} differs by up to {diff:.3g}", highlight=False)
+
+
 @app.command()
 def version(as_json: bool = JSON) -> None:
     """Print the mergeyard version."""

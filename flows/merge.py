@@ -24,7 +24,7 @@ from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
 from merging.version import __version__
 from flows.provenance import code_revision
-from flows.resolve import resolve_input, store_resolver
+from flows.resolve import check_adapter_bases, resolve_input, store_resolver
 from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
 from registry.serving import ServedHead
 
@@ -107,7 +107,8 @@ def pin_inputs(recipe: Recipe, registry: Registry,
     """Resolve (ingesting where needed; `by_reference`: local paths recorded where they are) every input and name
     it by digest."""
     base = resolve_input(registry, recipe.base, by_reference) if recipe.base else None
-    models = [resolve_input(registry, m.model, by_reference) for m in recipe.models]
+    models = [resolve_input(registry, m.model, by_reference, base) for m in recipe.models]
+    check_adapter_bases(base, models)
     tokenizer = resolve_input(registry, recipe.tokenizer_source) if recipe.tokenizer_source else None
     named = {}  # the method's parameters that name registered artifacts, pinned to their digests
     params = recipe.params().model_dump(by_alias=True, mode="json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from merging.lora import ADAPTER_ARCHITECTURE, is_peft_adapter
 from merging.references import parse_ref
 from registry.errors import ModelNotFoundError, StoreDamagedError, RegistryError
 from registry.registry import ModelInfo, Registry
@@ -15,16 +16,26 @@ def is_source(ref: str) -> bool:
     return parse_ref(ref).is_source
 
 
-def resolve_input(registry: Registry, ref: str, by_reference: bool = False) -> ModelInfo:
+def resolve_input(registry: Registry, ref: str, by_reference: bool = False, base: ModelInfo | None = None) -> ModelInfo:
     """A recipe input: a source to ingest (URI or existing path; `by_reference`: a local one is recorded where it is,
-    not copied), else a registry reference."""
+    not copied), else a registry reference. A LoRA adapter named by path is ingested on the recipe's `base`."""
     if is_source(ref):
         local = "://" not in ref or ref.startswith("file://")
-        return registry.ingest(ref, by_reference=by_reference and local)[0]
+        adapter_base = base.digest if base is not None and local and is_peft_adapter(parse_ref(ref).path or Path(ref)) else None
+        return registry.ingest(ref, base=adapter_base, by_reference=by_reference and local)[0]
     try:
         return registry.resolve(ref)
     except ModelNotFoundError:
         raise RegistryError(f"recipe input {ref!r} is neither a path, a source URI nor a registered model") from None
+
+
+def check_adapter_bases(base: ModelInfo | None, models: list[ModelInfo]) -> None:
+    """A LoRA adapter is a task vector on the base it was trained on: a recipe on another base is refused."""
+    for m in models:
+        if m.architecture == ADAPTER_ARCHITECTURE and (base is None or m.base_model_id != base.id):
+            raise RegistryError(f"{m.name} ({m.digest[:19]}) is a LoRA adapter of model id {m.base_model_id}, but the "
+                                f"recipe's base is {base.name + ' (id ' + str(base.id) + ')' if base else 'missing'}; "
+                                "merge it on the base it was trained on")
 
 
 def store_resolver(registry: Registry):

@@ -22,7 +22,8 @@ from merging.checkpoint import SINGLE_NAME, Checkpoint
 from merging.companions import CONFIG_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 from merging.digest import checkpoint_digest
 from merging.finite import all_finite
-from merging.errors import CheckpointError, DeviceError, MergeyardError, NonFiniteError
+from merging.errors import CheckpointError, DeviceError, MergeyardError, NonFiniteError, RecipeError
+from merging.lora import LoraView, is_adapter, is_peft_adapter
 from merging.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn, check_input_finite
 from merging.model_card import InputRecord, provenance, provenance_json, render_model_card
 from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
@@ -70,6 +71,19 @@ def local_path(ref: str) -> Path:
     if parsed.scheme not in ("file", None):
         raise CheckpointError(f"{ref}: only local paths can be merged directly; ingest it into the registry first")
     return parsed.path or Path(ref)
+
+
+def with_adapters_applied(stored: dict[str, Checkpoint], base_ref: str | None,
+                          label: dict[str, str]) -> dict[str, Checkpoint]:
+    """Each input as it is merged: a LoRA adapter is its task vector on the recipe's base (`merging.lora`)."""
+    adapters = [ref for ref, ckpt in stored.items() if is_adapter(ckpt)]
+    if not adapters:
+        return stored
+    if base_ref is None or base_ref in adapters:
+        raise RecipeError(f"{label[adapters[0]]} is a LoRA adapter: a task vector on a base, so the recipe needs a "
+                          "base model (base:) that is a full checkpoint")
+    return {ref: LoraView(ckpt, stored[base_ref], label[ref], label[base_ref]) if ref in adapters else ckpt
+            for ref, ckpt in stored.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,11 +138,16 @@ def run_merge(
         if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
             raise MergeyardError(f"the output directory {out_dir} would overwrite the input {ref}; write the merge "
                                  "elsewhere")
-    checkpoints = {ref: Checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
-    refs = list(checkpoints)
+    for ref, path in paths.items():
+        if is_peft_adapter(path):
+            raise CheckpointError(f"{ref}: a PEFT adapter directory; register it on its base first (`mergeyard ingest "
+                                  f"{ref} --base BASE`), or name it in a recipe `mergeyard merge` runs")
+    stored = {ref: Checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
+    refs = list(stored)
+    label = {ref: (labels or {}).get(ref, ref) for ref in refs}
+    checkpoints = with_adapters_applied(stored, recipe.base, label)  # what is merged
     reference_ref = recipe.base or recipe.models[recipe.slice_model(recipe.slices[0]) if recipe.slices else 0].model
     reference = checkpoints[reference_ref]
-    label = {ref: (labels or {}).get(ref, ref) for ref in refs}
     stacked_config = None
     if recipe.slices:
         # one input: the model stacked from the slices' layer ranges (models of other layer counts may take part)
@@ -157,10 +176,10 @@ def run_merge(
 
     # Digests the caller already knows (the registry does) are not recomputed.
     input_digests = dict(input_digests or {})
-    missing = [ref for ref in checkpoints if ref not in input_digests]
+    missing = [ref for ref in stored if ref not in input_digests]
     t0 = time.perf_counter()
     for n, ref in enumerate(missing):
-        input_digests[ref] = checkpoint_digest(checkpoints[ref])
+        input_digests[ref] = checkpoint_digest(stored[ref])
         if progress:
             progress("digest inputs", n + 1, len(missing))
     phases["digest_inputs"] = time.perf_counter() - t0

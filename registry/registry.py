@@ -26,6 +26,7 @@ from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.digest_cache import DigestCache
+from merging.lora import ADAPTER_ARCHITECTURE, check_against_base, is_peft_adapter, read_peft
 from merging.references import parse_ref
 from registry.audit_chain import intact
 from merging.crashpoints import crashpoint
@@ -174,6 +175,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts):
                             mlflow_tracking_uri=self.config.mlflow_tracking_uri) as src:
             if by_reference and not src.uri.startswith("file://"):
                 raise RegistryError(f"{uri}: only a local path can be registered by reference (this one is fetched)")
+            if is_peft_adapter(src.path):
+                return self.ingest_adapter(src, name, base_info)
             ckpt = Checkpoint(src.path)
             if is_statistics(ckpt):  # a model's published Fisher or Grams, not a model
                 validate_checkpoint(ckpt)
@@ -193,6 +196,29 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts):
         if alignment is not None and alignment.wraps:
             self.register_head(model, alignment)
         return model, created
+
+    def ingest_adapter(self, src, name: str | None, base_info: ModelInfo | None) -> tuple[ModelInfo, bool]:
+        """A PEFT LoRA adapter, kept in mergeyard's adapter form (merging/lora.py) with its declared base: always
+        copied into the store (it is converted, and small), checked against the base's weights first."""
+        from safetensors.torch import save_file
+
+        label = src.uri.removeprefix("file://")
+        if base_info is None:
+            raise RegistryError(f"{label}: a LoRA adapter is a task vector on its base model: give the base "
+                                "(`--base`, a registered model or a path)")
+        tensors = read_peft(src.path)
+        self.config.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"adapter-{owner_token()}-", dir=self.config.scratch) as tmp:
+            save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt", "mergeyard.kind": "lora"})
+            ckpt = Checkpoint(tmp)
+            check_against_base(ckpt, Checkpoint(base_info.store_path), label, f"{base_info.name} ({base_info.digest[:19]})")
+            digest, checksums = self.scan(ckpt)
+            existing = self.find_digest(digest)
+            if existing is not None:
+                return self.declare_base(existing, base_info), False
+            return self.register(ckpt, digest, kind="ingested", name=name or src.default_name, source_uri=src.uri,
+                                 revision=src.revision, architecture=ADAPTER_ARCHITECTURE, base_model_id=base_info.id,
+                                 tensor_checksums=checksums)
 
     def declare_base(self, model: ModelInfo, base: ModelInfo) -> ModelInfo:
         """Record `base` as the model's declared base where none was (a candidate first ingested as a recipe

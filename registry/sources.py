@@ -31,7 +31,7 @@ from merging.processes import owner_token
 _HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
 _OPEN_CLIP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
 _MLFLOW_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *MODEL_FILES]
+SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "adapter_config.json", *MODEL_FILES]
 
 
 @dataclass

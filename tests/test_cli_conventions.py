@@ -37,7 +37,7 @@ ALL = commands(typer.main.get_command(app))
 def test_the_command_tree_is_what_the_readme_lists():
     assert {c[0] for c in ALL} == {"merge", "digest", "methods", "export", "version", "ingest", "models", "lineage",
                                    "promote", "audit", "reproduce", "db", "evaluate", "score", "demo", "run", "serve",
-                                   "map", "zoo", "measure", "doctor", "gc", "recipe"}
+                                   "map", "zoo", "measure", "doctor", "gc", "recipe", "extract-lora"}
 
 
 @pytest.mark.parametrize("command", [(), *ALL], ids=lambda c: " ".join(c) or "mergeyard")

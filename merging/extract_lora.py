@@ -1,0 +1,97 @@
+"""A model's difference from its base as a PEFT LoRA adapter: a truncated SVD of every linear weight's change.
+
+For each 2-D weight W of the model that differs from the base's W₀, ΔW = W − W₀ = U S Vᵀ; the adapter keeps the
+top r singular directions, B = U_r S_r (out × r) and A = V_rᵀ (r × in), with lora_alpha = r so PEFT's scaling is
+1 and B@A is the best rank-r approximation of ΔW (Eckart–Young): its error is √(Σ_{i>r} s_i²), which is what the
+report gives per weight. Embeddings and 1-D tensors (norms, biases) are not linear layers' weights; where they
+differ from the base the report names them, since the adapter cannot carry them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merging.atomic import atomic_directory
+from merging.checkpoint import Checkpoint
+from merging.errors import CheckpointError, MergeyardError
+from merging.lora import CONFIG_NAME, WEIGHTS_NAME
+
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+@dataclass
+class Extracted:
+    """What `extract_lora` wrote and how close it is."""
+
+    rank: int
+    modules: dict[str, dict] = field(default_factory=dict)  # module → {error, relative_error, norm}
+    left_out: dict[str, float] = field(default_factory=dict)  # tensor that differs but is not adapted → max |Δ|
+
+    @property
+    def worst_relative_error(self) -> float:
+        return max((m["relative_error"] for m in self.modules.values()), default=0.0)
+
+
+def _is_linear_weight(name: str, model: Checkpoint, base: Checkpoint) -> bool:
+    entry = model.entries[name]
+    return (name.endswith(".weight") and len(entry.shape) == 2 and entry.is_float and name in base.entries
+            and base.entries[name].shape == entry.shape and not any(h in name for h in EMBEDDING_HINTS))
+
+
+def extract_lora(model: Checkpoint, base: Checkpoint, rank: int, out: Path, *, base_name: str | None = None,
+                 overwrite: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Extracted:
+    """Write the PEFT adapter (adapter_config.json, adapter_model.safetensors) of `model` over `base` to `out`."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if rank < 1:
+        raise MergeyardError(f"--rank must be at least 1 (got {rank})")
+    if Path(out).exists() and not overwrite:
+        raise MergeyardError(f"{out} exists; choose another directory or pass --overwrite")
+    missing = [n for n in model.names if model.entries[n].is_float and n not in base.entries]
+    if missing:
+        raise CheckpointError(f"{model.path}: {len(missing)} tensors are not in the base {base.path} (first: "
+                              f"{missing[0]!r}); is this the model's base?")
+    result = Extracted(rank)
+    tensors: dict[str, torch.Tensor] = {}
+    names = model.names
+    for i, name in enumerate(names):
+        if progress:
+            progress("extract", i + 1, len(names))
+        if not model.entries[name].is_float:
+            continue
+        delta = model.read(name).float() - base.read(name).float()
+        if delta.shape != base.entries[name].shape or not bool(delta.any()):
+            continue
+        if not _is_linear_weight(name, model, base):
+            result.left_out[name] = float(delta.abs().max())
+            continue
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        keep = min(rank, s.numel())
+        b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+        a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+        b[:, :keep] = u[:, :keep] * s[:keep]
+        a[:keep] = vh[:keep]
+        module = name.removesuffix(".weight")
+        error = float(s[keep:].pow(2).sum().sqrt())
+        norm = float(s.pow(2).sum().sqrt())
+        result.modules[module] = {"error": error, "norm": norm, "relative_error": error / norm if norm else 0.0}
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.float().contiguous()
+    if not tensors:
+        raise MergeyardError(f"{model.path}: no linear weight differs from the base; there is nothing to extract")
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(result.modules), lora_dropout=0.0, bias="none",
+                        base_model_name_or_path=base_name or str(base.path))
+    with atomic_directory(Path(out), replace=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        if not (tmp / CONFIG_NAME).is_file():  # peft's own writer names it; be sure of the name we read back
+            raise MergeyardError(f"peft wrote no {CONFIG_NAME}")
+        (tmp / "extraction.json").write_text(json.dumps({"rank": rank, "modules": result.modules,
+                                                          "left_out": result.left_out}, indent=1))
+    return result
