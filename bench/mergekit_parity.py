@@ -3,6 +3,7 @@
     python bench/mergekit_parity.py                  # ViT-B/32-shaped fp32 set + a small Llama-shaped set
     python bench/mergekit_parity.py --sets llama     # only the small Llama-shaped set (quick)
     python bench/mergekit_parity.py --methods ties,slerp
+    python bench/mergekit_parity.py --sets minilm --methods ties,breadcrumbs   # real all-MiniLM-L6-v2 fine-tunes
 
 Both tools read one and the same mergekit config file: mergekit through `mergekit-pytorch` (the ViT set: plain
 tensors, no architecture) or `mergekit-yaml` (the Llama set, whose config.json mergekit knows), installed in its
@@ -90,6 +91,8 @@ def build_set(kind: str, work: Path, n: int = 3) -> tuple[Path, list[Path]]:
     if marker.exists():
         return dirs[0], dirs[1:]
     shutil.rmtree(root, ignore_errors=True)
+    if kind == "minilm":
+        return minilm_set(root, n)
     torch.manual_seed(0)
     if kind == "vit":
         import open_clip
@@ -108,6 +111,30 @@ def build_set(kind: str, work: Path, n: int = 3) -> tuple[Path, list[Path]]:
         if config:
             (d / "config.json").write_text(json.dumps(config))
     marker.write_text("{}")
+    return dirs[0], dirs[1:]
+
+
+def minilm_set(root: Path, n: int) -> tuple[Path, list[Path]]:
+    """Real fine-tunes: all-MiniLM-L6-v2 and its four text-suite fine-tunes (tests/text_fixture.py builds them once
+    into tests/.cache from wheels on the package index), encoders only, under the pretrained model's names."""
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from text_fixture import build_text_suite
+
+    suite = build_text_suite()
+    # float tensors only (position_ids is a buffer the fine-tunes do not store)
+    base_sd = {k: v for k, v in load_file(str(Path(suite.base) / "model.safetensors")).items() if v.is_floating_point()}
+    dirs = [root / "base"] + [root / f"ft{i}" for i in range(n)]
+    for d, source in zip(dirs, [None, *list(suite.finetuned.values())[:n]]):
+        d.mkdir(parents=True)
+        if source is None:
+            sd = base_sd
+        else:
+            tuned = load_file(str(Path(source) / "model.safetensors"))
+            sd = {k: tuned["bert." + k] for k in base_sd}  # the task model's encoder, without its head
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (root / "built.json").write_text("{}")
     return dirs[0], dirs[1:]
 
 
@@ -145,8 +172,6 @@ def run_mergeyard(cfg_path: Path, home: Path, name: str) -> tuple[float, dict]:
 
 
 def compare(ours: Path, theirs: Path, base: Path) -> dict:
-    import torch
-
     from merging.checkpoint import Checkpoint
 
     a, b, c = Checkpoint(ours), Checkpoint(theirs), Checkpoint(base)
@@ -190,9 +215,11 @@ def main() -> None:
     rows = []
     for kind in args.sets.split(","):
         base, models = build_set(kind, args.work)
+        if kind != "llama":  # mergekit-pytorch reads files, not directories
+            base, models = base / "model.safetensors", [m / "model.safetensors" for m in models]
         home = args.work / f"parity-home-{kind}"
         shutil.rmtree(home, ignore_errors=True)
-        tool = venv / "bin" / ("mergekit-pytorch" if kind == "vit" else "mergekit-yaml")
+        tool = venv / "bin" / ("mergekit-yaml" if kind == "llama" else "mergekit-pytorch")
         cases = [m for m in args.methods.split(",") if m]
         if kind == "llama" and "passthrough" not in cases:
             cases.append("passthrough")

@@ -4,6 +4,7 @@ MLflow and all), on the same files.
     python bench/vs_mergekit.py                 # 8 × ~351 MB fp32 ViT-B/32-shaped fine-tunes + base
     python bench/vs_mergekit.py --n 4 --skip-ties
     python bench/vs_mergekit.py --llama-7b      # also the 7B-shaped bf16 TIES row (sparse files, ~14 GB each)
+    python bench/vs_mergekit.py --only-7b       # that row alone
 
 Rows: a fresh home (every input ingested first: copied into the store, or `--by-reference`), then the same home
 with the inputs registered. `home +MB` is what the home grew by (`du`), `db +MB` the lineage and MLflow databases'
@@ -151,8 +152,11 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", type=Path, default=None)
     ap.add_argument("--skip-ties", action="store_true", help="leave out the TIES rows (mergekit's takes ~2 min)")
     ap.add_argument("--llama-7b", action="store_true", help="also the 7B-shaped TIES row (~60 GB of sparse files)")
+    ap.add_argument("--only-7b", action="store_true", help="only the 7B-shaped TIES row")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.only_7b:
+        return print_7b(llama_7b_row(args.work))
     base, models = build_checkpoints(args.work, args.n, 1e-3)
     inputs = [base, *models]
     floor = read_floor(inputs)
@@ -211,9 +215,12 @@ def main() -> None:
     for label, seconds, target in quick:
         print(f"{label:<52} {seconds:>8.3f}  {target}")
     if args.llama_7b:
-        r = llama_7b_row(args.work)
-        print(f"\n7B-shaped TIES per tensor (bf16, Llama names/shapes, 3 candidates + base, {r['input_gb']:.0f} GB read, "
-              f"--by-reference): {r['wall']:.1f} s, peak anonymous RSS {r['rss'] / 2**30:.2f} GiB (target < 3 GiB)")
+        print_7b(llama_7b_row(args.work))
+
+
+def print_7b(r: dict) -> None:
+    print(f"\n7B-shaped TIES per tensor (bf16, Llama names/shapes, 3 candidates + base, {r['input_gb']:.0f} GB read, "
+          f"--by-reference): {r['wall']:.1f} s, peak anonymous RSS {r['rss'] / 2**30:.2f} GiB (target < 3 GiB)")
 
 
 if __name__ == "__main__":
