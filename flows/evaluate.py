@@ -6,7 +6,7 @@ from pathlib import Path
 
 from evaluation.evaluator import SuiteResult, evaluate_checkpoint
 from evaluation.imported import ImportedResults, read_lm_eval_results
-from flows.resolve import resolve_input
+from flows.resolve import refuse_adapter, resolve_input
 from flows.suites import bound_to, suite_for
 from registry.promotion import IMPORTED_SUITE
 from registry.registry import ModelInfo, Registry
@@ -19,6 +19,7 @@ def evaluate_model(registry: Registry, ref: str, suite_ref: str, *, tasks: list[
     a bad suite file ingests and records nothing."""
     suite = suite_for(suite_ref, tasks, zoo_manifest, registry=registry)
     model = resolve_input(registry, ref)
+    refuse_adapter(model, "evaluated")
     result = evaluate_checkpoint(model.store_path, bound_to(suite, registry, model), device=device, progress=progress,
                                  label=model.name)
     if record:

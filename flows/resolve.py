@@ -38,6 +38,13 @@ def check_adapter_bases(base: ModelInfo | None, models: list[ModelInfo]) -> None
                                 "merge it on the base it was trained on")
 
 
+def refuse_adapter(model: ModelInfo, doing: str) -> None:
+    """An adapter alone is not a model to run: its weights exist only merged onto a base."""
+    if model.architecture == ADAPTER_ARCHITECTURE:
+        raise RegistryError(f"{model.name} ({model.digest[:19]}) is a LoRA adapter and cannot be {doing} on its own; "
+                            "merge it onto its base first (task_arithmetic, lambda 1) and use the merge")
+
+
 def store_resolver(registry: Registry):
     def resolve(digest: str) -> Path:
         info = registry.find_digest(digest)

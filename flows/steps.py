@@ -20,6 +20,7 @@ from merging.recipe import Recipe, parse_recipe
 from merging.relevance import gradient_alignment
 from merging.version import __version__
 from flows.merge import abort_merge, commit_merge, stage_merge
+from flows.resolve import refuse_adapter
 from flows.suites import bound_to, suite_for  # noqa: F401  (suite_for: what the steps' callers open suites with)
 from registry.registry import ModelInfo, Registry, SuiteEvaluation
 
@@ -59,6 +60,7 @@ def evaluate_or_reuse(registry: Registry, model: ModelInfo, suite: Suite, device
     rows = registry.evaluation_rows(model.id, suite.digest)
     if rows:
         return Scores.from_rows(model.digest, suite.digest, rows, reused=True)
+    refuse_adapter(model, "evaluated")
     result = evaluate_checkpoint(model.store_path, bound_to(suite, registry, model), device=device, progress=progress,
                                  label=model.name)
     registry.record_evaluations(model, suite.name, suite.digest, result.rows(), run_id=_log_to_mlflow(registry, model, suite, result))

@@ -117,6 +117,8 @@ def test_adapters_are_refused_without_their_base_or_on_another(cli, isolated_hom
     cli("ingest", family / "adapter", "--base", "base", "--name", "lora")
     other = cli("merge", recipe(tmp_path / "o.yaml", ["lora"], family / "full"), ok=False)
     assert other.exit_code == 1 and "merge it on the base it was trained on" in other.output
+    alone = cli("evaluate", "lora", "--suite", "ta8-mini", ok=False)  # its weights exist only merged onto a base
+    assert alone.exit_code == 1 and "cannot be evaluated on its own" in alone.output
 
 
 @pytest.mark.parametrize("change, message", [
