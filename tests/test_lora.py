@@ -215,3 +215,30 @@ def test_an_adapter_from_the_hub_cache_is_ingested_offline(registry, family):
     assert is_adapter(stored) and len(targets(stored)) == LAYERS * 3
     # the same adapter from its directory is the same bytes: the same registry row
     assert registry.ingest(str(family / "adapter"), base=base.digest)[0].id == model.id
+
+
+def test_a_fan_in_fan_out_adapter_of_gpt2_merges_as_peft_merges_it(cli, isolated_home, tmp_path):
+    """GPT-2's Conv1D stores weights transposed (fan_in_fan_out): the task vector is (B@A)ᵀ."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    adapted = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                             LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                        use_rslora=True))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    adapted.save_pretrained(tmp_path / "adapter")
+    unloaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    expected = {k: v.detach() for k, v in unloaded.merge_and_unload().state_dict().items()}
+    merged = json.loads(cli("merge", recipe(tmp_path / "r.yaml", [tmp_path / "adapter"], tmp_path / "base",
+                                            **{"lambda": 1.0}), "--json").stdout)
+    out = load_all(merged["store_path"])
+    moved = [k for k in out if "c_attn.weight" in k or "c_fc.weight" in k]
+    assert len(moved) == 4 and all(not torch.equal(out[k], load_all(tmp_path / "base")[k]) for k in moved)
+    assert max(float((out[k] - expected[k]).abs().max()) for k in out if k in expected) <= 1e-6
