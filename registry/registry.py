@@ -225,11 +225,18 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts):
         input, then named with its base); a different declared base is left as it is."""
         if model.base_model_id is not None or model.id == base.id:
             return model
-        with self.Session.begin() as s:
-            row = s.get(Model, model.id)
-            if row.base_model_id is None:
-                row.base_model_id = base.id
-            return self._info(row)
+        for attempt in range(LOCKED_RETRIES):
+            try:
+                with self.Session.begin() as s:
+                    row = s.get(Model, model.id)
+                    if row.base_model_id is None:
+                        row.base_model_id = base.id
+                    return self._info(row)
+            except OperationalError as exc:  # SQLite's busy timeout ran out under many writers (as in `register`)
+                if not is_locked(exc) or attempt == LOCKED_RETRIES - 1:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def register_head(self, model: ModelInfo, alignment: Alignment) -> ModelInfo:
         """A task model's head (its tensors outside the base it wraps) as a model of its own, kind `head`, linked
