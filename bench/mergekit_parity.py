@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from merge_throughput import compare_with_mergekit, ensure_mergekit  # noqa: E402
+from merge_throughput import ensure_mergekit  # noqa: E402
 
 MERGEYARD = [sys.executable, "-m", "flows.cli"]
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
@@ -171,6 +171,54 @@ def run_mergeyard(cfg_path: Path, home: Path, name: str) -> tuple[float, dict]:
     return wall, json.loads(out[out.index("{"):])
 
 
+def _ties_cut(p: dict):
+    """TIES keeps the top int(density·n) of |τ|: one cut, at n − k in ascending order."""
+    return lambda n: [n - max(1, int(p["density"] * n))]
+
+
+def _breadcrumbs_cuts(p: dict):
+    """Breadcrumbs keeps ascending positions [n − k − ⌊γn⌋, n − ⌊γn⌋) of |τ|, k = ⌊density·n⌋ (as mergekit counts)."""
+    def cuts(n: int) -> list[int]:
+        k, top = int(p["density"] * n), int(p["gamma"] * n)
+        low = max(0, n - k - top)
+        return [low, low + k]
+    return cuts
+
+
+MAGNITUDE_CUTS = {"ties": _ties_cut, "breadcrumbs": _breadcrumbs_cuts, "breadcrumbs_ties": _breadcrumbs_cuts}
+
+
+def outside_ties(ours: Path, theirs: Path, base: Path, models: list[Path], cuts) -> dict:
+    """Where the two outputs differ, whether it is at a tie: an element whose |τ| equals the value at a cut that
+    falls inside a run of equal magnitudes (which of them is kept is each tool's own tie-breaking: mergekit's
+    argsort order, mergeyard's flat index). Cuts come from torch.sort here, independently of both tools."""
+    import torch
+
+    from merging.checkpoint import Checkpoint
+
+    a, b, c = Checkpoint(ours), Checkpoint(theirs), Checkpoint(base)
+    ms = [Checkpoint(m) for m in models]
+    worst_untied, n_diff, n_at_ties = 0.0, 0, 0
+    for name in a.names:
+        delta = (a.read(name).float() - b.read(name).float()).abs().reshape(-1)
+        differs = delta > 1e-5
+        if not bool(differs.any()):
+            continue
+        ref = c.read(name).float().reshape(-1)
+        tied = torch.zeros_like(differs)
+        for m in ms:
+            mag = (m.read(name).float().reshape(-1) - ref).abs()
+            ordered = torch.sort(mag).values
+            for cut in cuts(mag.numel()):
+                if 0 < cut < mag.numel() and ordered[cut - 1] == ordered[cut]:
+                    tied |= mag == ordered[cut]
+        n_diff += int(differs.sum())
+        n_at_ties += int((differs & tied).sum())
+        if bool((~tied).any()):
+            worst_untied = max(worst_untied, float(delta[~tied].max()))
+    return {"max_untied": worst_untied, "n_tied": f"{n_at_ties} of {n_diff}"}
+
+
 def compare(ours: Path, theirs: Path, base: Path) -> dict:
     from merging.checkpoint import Checkpoint
 
@@ -247,13 +295,9 @@ def main() -> None:
             try:
                 row["mergeyard_s"], info = run_mergeyard(cfg_path, home, f"{kind}-{method}")
                 row.update(compare(Path(info["store_path"]), theirs, base))
-                if method == "ties":
-                    # mergekit breaks ties at the k-th |τ| by argsort order, mergeyard by flat index: outside those
-                    # positions the two must agree (thresholds from torch.kthvalue, independent of either tool)
-                    tied = compare_with_mergekit(Path(info["store_path"]), theirs, base, models[:CASES[method][0]],
-                                                 CASES[method][3]["density"])
-                    row["max_untied"] = tied["max_abs_diff_untied"]
-                    row["n_tied"] = f"{tied['n_diff_at_ties']} of {tied['n_diff']}"
+                if method in MAGNITUDE_CUTS:
+                    row.update(outside_ties(Path(info["store_path"]), theirs, base, models[:CASES[method][0]],
+                                            MAGNITUDE_CUTS[method](CASES[method][3])))
                 if method in RANDOM:
                     # a second home: the first would answer the same recipe from its cache
                     again_home = args.work / f"parity-home-{kind}-again"

@@ -28,8 +28,9 @@ SHARED = {"merging.errors", "merging.checkpoint", "merging.digest", "merging.dig
 ALLOWED_FROM_MERGING = {
     "evaluation": SHARED | {"merging.objective", "merging.mudsc"},  # the objective protocol; MuDSC's spec types
     # validation, refs, the store; whose process owns a run or a directory, and the fault-injection hook
+    # and a LoRA adapter's stored form (a checkpoint format: read and checked at ingest, like a checkpoint's)
     "registry": SHARED | {"merging.finite", "merging.references", "merging.atomic", "merging.processes",
-                          "merging.crashpoints"},
+                          "merging.crashpoints", "merging.lora"},
 }
 
 
