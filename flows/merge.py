@@ -22,6 +22,7 @@ from merging.methods.hooks import MethodLineage
 from merging.engine import MergeResult, environment, resolve_device, run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
+from merging.references import parse_ref
 from merging.version import __version__
 from flows.provenance import code_revision
 from flows.resolve import check_adapter_bases, resolve_input, store_resolver
@@ -102,10 +103,39 @@ def data_builder(device: str, registry: Registry | None = None, base: ModelInfo 
     return build
 
 
+def prefetch_scans(registry: Registry, refs: list[str], workers: int = 2) -> None:
+    """Validate and hash the recipe's local checkpoints two at a time before they are ingested one by one: sha256
+    runs on one core per file, and the digest cache hands each ingest its result. An unchanged, already cached file
+    costs a stat. What fails here is left for the ingest itself to report, in the recipe's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merging.checkpoint import Checkpoint
+    from merging.lora import is_peft_adapter
+
+    paths = []
+    for ref in dict.fromkeys(refs):
+        parsed = parse_ref(ref)
+        path = parsed.path or Path(ref)
+        if parsed.scheme in (None, "file") and path.exists() and not is_peft_adapter(path):
+            paths.append(path)
+    if len(paths) < 2:
+        return
+
+    def scan(path: Path) -> None:
+        try:
+            registry.scan(Checkpoint(path))
+        except Exception:  # reported by the ingest that follows
+            pass
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="mergeyard-prefetch") as pool:
+        list(pool.map(scan, paths))
+
+
 def pin_inputs(recipe: Recipe, registry: Registry,
                by_reference: bool = False) -> tuple[Recipe, ModelInfo | None, list[ModelInfo]]:
     """Resolve (ingesting where needed; `by_reference`: local paths recorded where they are) every input and name
     it by digest."""
+    prefetch_scans(registry, ([recipe.base] if recipe.base else []) + [m.model for m in recipe.models])
     base = resolve_input(registry, recipe.base, by_reference) if recipe.base else None
     models = [resolve_input(registry, m.model, by_reference, base) for m in recipe.models]
     check_adapter_bases(base, models)

@@ -126,6 +126,17 @@ def test_a_merge_of_registered_inputs_reads_each_input_exactly_once(registry, tm
     assert recorded.model.kind == "merged"
 
 
+def test_a_fresh_merge_by_reference_reads_each_input_twice_its_scan_and_the_merge(registry, tmp_path, reads):
+    """The recipe's new inputs are validated and hashed two at a time before they are ingested one by one
+    (flows.merge.prefetch_scans): each ingest then takes its scan from the digest cache, so no input is read a
+    third time."""
+    bp, mps = family(tmp_path)
+    recipe = parse_recipe({"method": "task_arithmetic", "base": str(bp), "models": [{"model": str(m)} for m in mps]})
+    merge_and_record(recipe, registry, name="fresh", by_reference=True)
+    for p in [bp, *mps]:
+        assert reads[str(p.resolve())] == 2 * tensor_bytes(p), p
+
+
 def test_the_merged_output_is_renamed_into_the_store_and_mlflow_shares_its_bytes(registry, tmp_path):
     bp, mps = family(tmp_path)
     recorded = merge_and_record(parse_recipe({"method": "task_arithmetic", "base": str(bp),
