@@ -242,3 +242,33 @@ def test_a_fan_in_fan_out_adapter_of_gpt2_merges_as_peft_merges_it(cli, isolated
     moved = [k for k in out if "c_attn.weight" in k or "c_fc.weight" in k]
     assert len(moved) == 4 and all(not torch.equal(out[k], load_all(tmp_path / "base")[k]) for k in moved)
     assert max(float((out[k] - expected[k]).abs().max()) for k in out if k in expected) <= 1e-6
+
+
+def test_the_randomized_svd_for_large_weights_is_near_the_best_rank_r_and_reports_its_own_error(family, tmp_path):
+    """Forced onto every weight (`exact_up_to=0`): within 5% of the Eckart–Young bound, never below it, the
+    reported error the one measured from the weights peft rebuilds, and the same adapter twice."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from merging.checkpoint import Checkpoint
+    from merging.extract_lora import extract_lora
+
+    rank = 3
+    report = extract_lora(Checkpoint(family / "full"), Checkpoint(family / "base"), rank, tmp_path / "r", exact_up_to=0)
+    again = extract_lora(Checkpoint(family / "full"), Checkpoint(family / "base"), rank, tmp_path / "r2", exact_up_to=0)
+    assert load_file(tmp_path / "r" / "adapter_model.safetensors").keys() == load_file(
+        tmp_path / "r2" / "adapter_model.safetensors").keys()
+    assert all(torch.equal(x, y) for x, y in zip(load_file(tmp_path / "r" / "adapter_model.safetensors").values(),
+                                                 load_file(tmp_path / "r2" / "adapter_model.safetensors").values()))
+    assert report.modules == again.modules
+    rebuilt = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(family / "base"), tmp_path / "r").merge_and_unload()
+    rebuilt = {k: v.detach() for k, v in rebuilt.state_dict().items()}
+    base_sd, full_sd = load_all(family / "base"), load_all(family / "full")
+    for module, row in report.modules.items():
+        name = module + ".weight"
+        delta = (full_sd[name] - base_sd[name]).double()
+        bound = float(torch.linalg.svdvals(delta)[rank:].pow(2).sum().sqrt())
+        error = float(torch.linalg.matrix_norm(rebuilt[name].double() - full_sd[name].double()))
+        assert bound * (1 - 1e-3) <= error <= bound * 1.05, name
+        assert abs(row["error"] - error) <= 1e-3 * bound, name
