@@ -14,7 +14,6 @@ from pathlib import Path
 from merging.atomic import atomic_directory
 from merging.checkpoint import Checkpoint
 from merging.errors import MergeyardError, OutputExistsError
-from merging.references import parse_ref
 from registry.registry import ModelInfo, Registry
 from registry.serving import write_task_model
 from registry.store import MANIFEST
@@ -45,11 +44,11 @@ def open_model(ref: str) -> tuple[Checkpoint, str]:
     """A model to read, and how to name it: a local checkpoint by its path (nothing is registered), else a
     registered model's stored copy (checked intact, as a merge input is)."""
     from flows.registry_access import open_registry
-    from flows.resolve import is_source, store_resolver
+    from flows.resolve import local_source, store_resolver
 
-    parsed = parse_ref(ref)
-    if is_source(ref) and parsed.scheme in (None, "file"):
-        return Checkpoint(parsed.path or Path(ref)), str(parsed.path or ref)
+    path = local_source(ref)
+    if path is not None:
+        return Checkpoint(path), str(path)
     registry = open_registry()
     info = registry.resolve(ref)
     return Checkpoint(store_resolver(registry)(info.digest)), f"{info.name} ({info.digest[:19]})"

@@ -22,10 +22,9 @@ from merging.methods.hooks import MethodLineage
 from merging.engine import MergeResult, environment, resolve_device, run_merge
 from merging.inputs import ProgressFn
 from merging.recipe import Recipe, parse_recipe
-from merging.references import parse_ref
 from merging.version import __version__
 from flows.provenance import code_revision
-from flows.resolve import check_adapter_bases, resolve_input, store_resolver
+from flows.resolve import check_adapter_bases, local_source, resolve_input, store_resolver
 from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
 from registry.serving import ServedHead
 
@@ -112,12 +111,8 @@ def prefetch_scans(registry: Registry, refs: list[str], workers: int = 2) -> Non
     from merging.checkpoint import Checkpoint
     from merging.lora import is_peft_adapter
 
-    paths = []
-    for ref in dict.fromkeys(refs):
-        parsed = parse_ref(ref)
-        path = parsed.path or Path(ref)
-        if parsed.scheme in (None, "file") and path.exists() and not is_peft_adapter(path):
-            paths.append(path)
+    paths = [path for path in map(local_source, dict.fromkeys(refs))
+             if path is not None and path.exists() and not is_peft_adapter(path)]
     if len(paths) < 2:
         return
 

@@ -16,12 +16,22 @@ def is_source(ref: str) -> bool:
     return parse_ref(ref).is_source
 
 
+def local_source(ref: str) -> Path | None:
+    """The path a recipe input names when it is a local checkpoint to read or ingest (a path, or a file:// URI),
+    else None (a registry reference, or a source that is fetched)."""
+    parsed = parse_ref(ref)
+    if not parsed.is_source or parsed.scheme not in (None, "file"):
+        return None
+    return parsed.path or Path(ref)
+
+
 def resolve_input(registry: Registry, ref: str, by_reference: bool = False, base: ModelInfo | None = None) -> ModelInfo:
     """A recipe input: a source to ingest (URI or existing path; `by_reference`: a local one is recorded where it is,
     not copied), else a registry reference. A LoRA adapter named by path is ingested on the recipe's `base`."""
     if is_source(ref):
         local = "://" not in ref or ref.startswith("file://")
-        adapter_base = base.digest if base is not None and local and is_peft_adapter(parse_ref(ref).path or Path(ref)) else None
+        path = local_source(ref)
+        adapter_base = base.digest if base is not None and path is not None and is_peft_adapter(path) else None
         return registry.ingest(ref, base=adapter_base, by_reference=by_reference and local)[0]
     try:
         return registry.resolve(ref)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+import time
+from typing import Callable, Iterator, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -74,9 +75,28 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+LOCKED_RETRIES = 4
+T = TypeVar("T")
+
+
 def is_locked(exc: OperationalError) -> bool:
     """SQLite's "database is locked": a writer outwaited the busy timeout (worth a retry, not a failure)."""
     return "database is locked" in str(getattr(exc, "orig", exc))
+
+
+def retry_when_locked(write: Callable[[], T], on_give_up: Callable[[], None] | None = None) -> T:
+    """`write()`, again after a pause while SQLite's busy timeout runs out under many writers; `on_give_up` runs
+    before the last failure propagates (or before any other database error does)."""
+    for attempt in range(LOCKED_RETRIES):
+        try:
+            return write()
+        except OperationalError as exc:
+            if not is_locked(exc) or attempt == LOCKED_RETRIES - 1:
+                if on_give_up is not None:
+                    on_give_up()
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def _alembic_config(engine: Engine) -> Config:

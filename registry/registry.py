@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -26,11 +26,12 @@ from merging.alignment import Alignment
 from merging.checkpoint import Checkpoint
 from merging.digest import checkpoint_digest
 from merging.digest_cache import DigestCache
-from merging.lora import ADAPTER_ARCHITECTURE, check_against_base, is_peft_adapter, read_peft
+from merging.lora import is_peft_adapter
 from merging.references import parse_ref
+from registry.adapters import LoraAdapters
 from registry.audit_chain import intact
 from merging.crashpoints import crashpoint
-from registry.db import ensure_schema, is_locked, make_engine
+from registry.db import ensure_schema, make_engine, retry_when_locked
 from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
 from registry.recovery import Heartbeat, owner_columns, reap_interrupted
 from registry.measurements import Measurements, SuiteEvaluation
@@ -45,7 +46,6 @@ from registry.stored_bytes import StoredBytes
 from registry.validation import check_base, validate_checkpoint
 from merging.processes import owner_token
 
-LOCKED_RETRIES = 4
 _HEX_PREFIX = re.compile(r"^(sha256:)?([0-9a-f]{8,64})$")
 
 
@@ -67,7 +67,7 @@ def _dominant_dtype(ckpt: Checkpoint) -> str:
     return counts.most_common(1)[0][0]
 
 
-class Registry(StoredBytes, Measurements, StatisticsArtifacts):
+class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
     def __init__(self, config: RegistryConfig, *, auto_upgrade: bool = True, reap: bool = True):
         self.config = config
         self.engine = make_engine(config.database_url)
@@ -197,62 +197,29 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts):
             self.register_head(model, alignment)
         return model, created
 
-    def ingest_adapter(self, src, name: str | None, base_info: ModelInfo | None) -> tuple[ModelInfo, bool]:
-        """A PEFT LoRA adapter, kept in mergeyard's adapter form (merging/lora.py) with its declared base: always
-        copied into the store (it is converted, and small), checked against the base's weights first."""
-        from safetensors.torch import save_file
-
-        label = src.uri.removeprefix("file://")
-        if base_info is None:
-            raise RegistryError(f"{label}: a LoRA adapter is a task vector on its base model: give the base "
-                                "(`--base`, a registered model or a path)")
-        tensors = read_peft(src.path)
-        self.config.scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"adapter-{owner_token()}-", dir=self.config.scratch) as tmp:
-            save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt", "mergeyard.kind": "lora"})
-            ckpt = Checkpoint(tmp)
-            check_against_base(ckpt, Checkpoint(base_info.store_path), label, f"{base_info.name} ({base_info.digest[:19]})")
-            digest, checksums = self.scan(ckpt)
-            existing = self.find_digest(digest)
-            if existing is not None:
-                return self.declare_base(existing, base_info), False
-            return self.register(ckpt, digest, kind="ingested", name=name or src.default_name, source_uri=src.uri,
-                                 revision=src.revision, architecture=ADAPTER_ARCHITECTURE, base_model_id=base_info.id,
-                                 tensor_checksums=checksums)
-
     def declare_base(self, model: ModelInfo, base: ModelInfo) -> ModelInfo:
         """Record `base` as the model's declared base where none was (a candidate first ingested as a recipe
         input, then named with its base); a different declared base is left as it is."""
         if model.base_model_id is not None or model.id == base.id:
             return model
-        for attempt in range(LOCKED_RETRIES):
-            try:
-                with self.Session.begin() as s:
-                    row = s.get(Model, model.id)
-                    if row.base_model_id is None:
-                        row.base_model_id = base.id
-                    return self._info(row)
-            except OperationalError as exc:  # SQLite's busy timeout ran out under many writers (as in `register`)
-                if not is_locked(exc) or attempt == LOCKED_RETRIES - 1:
-                    raise
-                time.sleep(0.5 * 2 ** attempt)
-        raise AssertionError("unreachable")
+
+        def write() -> ModelInfo:
+            with self.Session.begin() as s:
+                row = s.get(Model, model.id)
+                if row.base_model_id is None:
+                    row.base_model_id = base.id
+                return self._info(row)
+
+        return retry_when_locked(write)
 
     def register_head(self, model: ModelInfo, alignment: Alignment) -> ModelInfo:
         """A task model's head (its tensors outside the base it wraps) as a model of its own, kind `head`, linked
         to the task model by a `head` lineage edge; the same head again is the same row. Heads are not mirrored
         to MLflow: they are a part of their fine-tune, which is."""
-        from safetensors.torch import save_file
-
         source = Checkpoint(model.store_path)
         tensors = {n: source.read(n).contiguous() for n in alignment.head}
-        self.config.scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"head-{owner_token()}-", dir=self.config.scratch) as tmp:
-            save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-            config = Path(model.store_path) / "config.json"
-            if config.is_file():
-                shutil.copyfile(config, Path(tmp) / "config.json")
-            ckpt = Checkpoint(tmp)
+        config = Path(model.store_path) / "config.json"
+        with self.scratch_checkpoint(tensors, "head", companions=[config] if config.is_file() else []) as ckpt:
             digest = checkpoint_digest(ckpt)
             existing = self.find_digest(digest)
             if existing is not None:
@@ -262,6 +229,20 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts):
                                     parents=[Parent(model, "head", details={"prefix": alignment.prefix})],
                                     mirror=False)
         return head
+
+    @contextmanager
+    def scratch_checkpoint(self, tensors: dict, prefix: str, metadata: dict[str, str] | None = None,
+                           companions: list[Path] = ()) -> Iterator[Checkpoint]:
+        """`tensors` as a checkpoint in a scratch directory of this process (with copies of `companions`), for
+        registering a derived model; removed on exit (the store keeps its own copy)."""
+        from safetensors.torch import save_file
+
+        self.config.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-{owner_token()}-", dir=self.config.scratch) as tmp:
+            save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+            for file in companions:
+                shutil.copyfile(file, Path(tmp) / file.name)
+            yield Checkpoint(tmp)
 
     def register(self, ckpt: Checkpoint, digest: str, *, kind: str, name: str, source_uri: str,
                  revision: str | None = None, architecture: str | None = None, base_model_id: int | None = None,
@@ -280,20 +261,18 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts):
         else:
             path, files, created = self.store.put(ckpt, digest, move=move, origin=origin)
         crashpoint("register.stored")  # a complete store entry that no row names
-        for attempt in range(LOCKED_RETRIES):
-            try:
-                return self._record(ckpt, digest, path, files, created, kind=kind, name=name, source_uri=source_uri,
-                                    revision=revision, architecture=architecture, base_model_id=base_model_id,
-                                    parents=parents, merge_run_id=merge_run_id, in_transaction=in_transaction,
-                                    mlflow_run_id=mlflow_run_id, mirror=mirror, serving_heads=serving_heads,
-                                    tensor_checksums=tensor_checksums)
-            except OperationalError as exc:  # SQLite's busy timeout ran out under many writers: wait and retry
-                if not is_locked(exc) or attempt == LOCKED_RETRIES - 1:
-                    if created and self.find_digest(digest) is None:
-                        self.store.remove(digest)
-                    raise
-                time.sleep(0.5 * 2 ** attempt)
-        raise AssertionError("unreachable")
+
+        def forget_entry() -> None:  # a store entry this call created and no row came to name
+            if created and self.find_digest(digest) is None:
+                self.store.remove(digest)
+
+        return retry_when_locked(
+            lambda: self._record(ckpt, digest, path, files, created, kind=kind, name=name, source_uri=source_uri,
+                                 revision=revision, architecture=architecture, base_model_id=base_model_id,
+                                 parents=parents, merge_run_id=merge_run_id, in_transaction=in_transaction,
+                                 mlflow_run_id=mlflow_run_id, mirror=mirror, serving_heads=serving_heads,
+                                 tensor_checksums=tensor_checksums),
+            on_give_up=forget_entry)
 
     def _record(self, ckpt: Checkpoint, digest: str, path: Path, files: list[dict], created: bool, *, kind: str,
                 name: str, source_uri: str, revision: str | None, architecture: str | None,

@@ -85,12 +85,12 @@ def test_a_write_that_outwaits_the_busy_timeout_is_retried(tmp_path, monkeypatch
         holder.execute("BEGIN IMMEDIATE")  # another writer, holding the lock past the timeout
         threading.Timer(seconds, lambda: (holder.rollback(), holder.close())).start()
 
-    monkeypatch.setattr(registry.registry, "LOCKED_RETRIES", 1)
+    monkeypatch.setattr(registry.db, "LOCKED_RETRIES", 1)  # the retry loop every registry write shares
     hold_write_lock(1.0)
     with pytest.raises(OperationalError, match="database is locked"):  # without retries: the job fails
         reg.ingest(str(paths[0]))
     time.sleep(1.2)
-    monkeypatch.setattr(registry.registry, "LOCKED_RETRIES", 4)
+    monkeypatch.setattr(registry.db, "LOCKED_RETRIES", 4)  # the retry loop every registry write shares
     hold_write_lock(1.0)
     model, created = reg.ingest(str(paths[1]))
     assert created and reg.count(Model) == 1 and reg.find_digest(model.digest) is not None
