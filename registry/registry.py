@@ -334,13 +334,17 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
     def begin_merge_run(self, *, method: str, recipe_json: str, recipe_hash: str, seed: int, mergeyard_version: str,
                         environment: dict, code_revision: str | None, params: dict[str, str]) -> int:
         mlflow_run_id = self.mirror.start_merge_run(f"{method}-{recipe_hash[7:19]}", params) if self.mirror else None
-        with self.Session.begin() as s:
-            run = MergeRun(method=method, recipe_json=recipe_json, recipe_hash=recipe_hash, seed=seed,
-                           mergeyard_version=mergeyard_version, code_revision=code_revision, environment=environment,
-                           status="running", mlflow_run_id=mlflow_run_id, **owner_columns())
-            s.add(run)
-            s.flush()
-            run_id = run.id
+
+        def insert() -> int:
+            with self.Session.begin() as s:
+                run = MergeRun(method=method, recipe_json=recipe_json, recipe_hash=recipe_hash, seed=seed,
+                               mergeyard_version=mergeyard_version, code_revision=code_revision,
+                               environment=environment, status="running", mlflow_run_id=mlflow_run_id, **owner_columns())
+                s.add(run)
+                s.flush()
+                return run.id
+
+        run_id = retry_when_locked(insert)  # many first-use jobs at once outwait SQLite's busy timeout here too
         self._heartbeats[run_id] = Heartbeat(self, run_id)
         return run_id
 
