@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,28 @@ def checkpoint_stamp(ckpt: Checkpoint) -> str:
     return json.dumps([file_stamp(f) for f in ckpt.files])
 
 
+def use_wal(db, *statements: str, patience_s: float = 10.0) -> None:
+    """Put an SQLite connection's database in WAL mode, then run `statements`. Switching a *new* file to WAL
+    takes an exclusive lock without waiting on the busy timeout, so two first users at once (the merge's prefetch
+    threads, first-use processes) saw "database is locked" at once: retried here for `patience_s`. `db` is a
+    DB-API connection to SQLite (stdlib or SQLAlchemy's raw one)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        cur = db.cursor()
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            for statement in statements:
+                cur.execute(statement)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+        finally:
+            cur.close()
+
+
 class DigestCache:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
@@ -49,8 +72,11 @@ class DigestCache:
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(SCHEMA)
+        try:
+            use_wal(db, SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
         return db
 
     def lookup(self, ckpt: Checkpoint, *, stamp: str | None = None) -> Cached | None:

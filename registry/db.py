@@ -21,6 +21,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
+from merging.digest_cache import use_wal
 from registry.errors import RegistryError, SchemaOutOfDateError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -63,11 +64,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
-            cur.close()
+            use_wal(dbapi_conn, "PRAGMA foreign_keys=ON", f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
