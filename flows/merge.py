@@ -189,7 +189,7 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
                                             staged.result.seconds, evaluations=evaluations,
                                             details={**(staged.run_details() or {}), **(details or {})} or None,
                                             heads=heads, recipe_json=staged.recipe.canonical_json(),
-                                            move=not keep_output)
+                                            move=not keep_output, written_sha256=staged.result.file_sha256)
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise

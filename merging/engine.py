@@ -51,6 +51,7 @@ class MergeResult:
     phases: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # what a data-informed method decided (e.g. FW's selections)
     resolved: Recipe | None = None  # the recipe with what the method settled (learned coefficients), if it did
+    file_sha256: dict[str, str] = field(default_factory=dict)  # shard file name -> sha256, hashed as written
 
     def as_dict(self) -> dict:
         return {
@@ -270,7 +271,7 @@ def run_merge(
         input_digests=dict(input_digests), num_params=sum(e.numel for e in reference.entries.values()),
         seconds=time.perf_counter() - started, phases=phases,
         details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
-        resolved=resolved,
+        resolved=resolved, file_sha256=dict(writer.file_sha256),
     )
 
 

@@ -115,6 +115,8 @@ class CheckpointWriter:
         self._metadata = {"format": "pt", **(metadata or {})}
         self._current: StreamingFileWriter | None = None
         self._current_index = -1
+        self.file_sha256: dict[str, str] = {}  # each finished shard's sha256 as written; emptied by a patch
+        self._hashes_valid = True
         self._digest = DigestBuilder()
         self._digest_valid = True
         self._total_size = sum(math.prod(s) * itemsize(d) for _, d, s in layout)
@@ -123,13 +125,19 @@ class CheckpointWriter:
     def _file_for(self, name: str) -> StreamingFileWriter:
         shard = self._shard_of[name]
         if shard != self._current_index:
-            if self._current is not None:
-                self._current.close()
+            self._close_current()
             self._current_index = shard
             self._current = StreamingFileWriter(
                 self.tmp_dir / self._file_names[shard], self._shards[shard], self._metadata
             )
         return self._current
+
+    def _close_current(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            if self._hashes_valid:
+                self.file_sha256[self._current.path.name] = self._current.sha256()
+            self._current = None
 
     def begin_tensor(self, name: str) -> None:
         self._io.submit(self._begin_tensor, name)
@@ -152,9 +160,10 @@ class CheckpointWriter:
     def patch(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite elements of an already written tensor (flat indices)."""
         self._io.drain()
-        if self._current is not None:
-            self._current.close()
-            self._current, self._current_index = None, -1
+        self._close_current()
+        self._current_index = -1
+        self._hashes_valid = False  # the shard's bytes are no longer what was hashed as they streamed
+        self.file_sha256.clear()
         dtype, _ = self._layout[name]
         path = self.tmp_dir / self._file_names[self._shard_of[name]]
         start = read_header(path)[0][name].start
@@ -172,9 +181,7 @@ class CheckpointWriter:
         `copies` (a config, a tokenizer), move into place. Returns (digest, file names)."""
         self._io.drain()
         self._io.stop()
-        if self._current is not None:
-            self._current.close()
-            self._current = None
+        self._close_current()
         if self._digest_valid:
             digest = self._digest.hexdigest()
         else:  # patched after streaming: hash the shards as they now are

@@ -251,7 +251,7 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
                  mlflow_run_id: str | None = None, mirror: bool = True,
                  serving_heads: list[ServedHead] = (),
                  tensor_checksums: dict[str, str] | None = None, move: bool = False,
-                 reference: bool = False) -> tuple[ModelInfo, bool]:
+                 written_sha256: dict[str, str] | None = None, reference: bool = False) -> tuple[ModelInfo, bool]:
         """Store the bytes and record the model (and whatever `in_transaction` adds) atomically. MLflow gets it as a
         pyfunc model where transformers can load it (serving each of `serving_heads`' tasks). `move`: the files are
         the registry's own scratch output, renamed into the store rather than copied."""
@@ -259,7 +259,7 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
         if reference:
             path, files, created = self.store.put_reference(ckpt, digest, origin=origin)
         else:
-            path, files, created = self.store.put(ckpt, digest, move=move, origin=origin)
+            path, files, created = self.store.put(ckpt, digest, move=move, origin=origin, written_sha256=written_sha256)
         crashpoint("register.stored")  # a complete store entry that no row names
 
         def forget_entry() -> None:  # a store entry this call created and no row came to name
@@ -356,9 +356,11 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
     def complete_merge_run(self, run_id: int, out_dir: Path, digest: str, name: str, parents: list[Parent],
                            seconds: float, evaluations: list[SuiteEvaluation] = (),
                            details: dict | None = None, heads: list[ServedHead] = (),
-                           recipe_json: str | None = None, move: bool = False) -> ModelInfo:
+                           recipe_json: str | None = None, move: bool = False,
+                           written_sha256: dict[str, str] | None = None) -> ModelInfo:
         """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction.
-        `move`: `out_dir` is scratch the registry owns; its files are renamed into the store, not copied."""
+        `move`: `out_dir` is scratch the registry owns; its files are renamed into the store, not copied (and those
+        in `written_sha256`, hashed as the engine wrote them, are not read again)."""
         self._stop_heartbeat(run_id)
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
@@ -377,7 +379,7 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             Checkpoint(out_dir), digest, kind="merged", name=name, source_uri=f"mergeyard://merge-run/{run_id}",
             architecture=base.architecture if base else None, base_model_id=base.id if base else None,
             parents=parents, merge_run_id=run_id, in_transaction=finish, mlflow_run_id=mlflow_run_id,
-            serving_heads=heads, move=move,
+            serving_heads=heads, move=move, written_sha256=written_sha256 if move else None,
         )
         if not created:  # the same bytes were made before: this run made them too
             with self.Session.begin() as s:

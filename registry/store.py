@@ -62,13 +62,17 @@ def clone_file(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fin, fout, 8 << 20)
 
 
-def _move_hashing(src: Path, dst: Path) -> dict:
+def _move_hashing(src: Path, dst: Path, sha256: str | None = None) -> dict:
+    """Rename `src` to `dst` and hash it, unless its writer hashed it as it wrote it (`sha256`): then it is
+    never read back."""
     try:
         os.rename(src, dst)
     except OSError as exc:  # another filesystem (a scratch directory set elsewhere): copy
         if exc.errno != errno.EXDEV:
             raise
         return _hash_file(src, dst)
+    if sha256 is not None:
+        return {"sha256": sha256, "bytes": dst.stat().st_size}
     return _hash_file(dst)
 
 
@@ -151,10 +155,11 @@ class ModelStore:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def put(self, ckpt: Checkpoint, digest: str, *, replace: bool = False, origin: dict | None = None,
-            move: bool = False) -> tuple[Path, list[dict], bool]:
+            move: bool = False, written_sha256: dict[str, str] | None = None) -> tuple[Path, list[dict], bool]:
         """Copy a checkpoint in (if not there yet; with `replace`, over a damaged copy: the caller verified the
         checkpoint's digest). `move`: the checkpoint's files are the registry's own (a merge's output in scratch)
-        and are renamed in, not copied. Returns (path, files with sha256, created)."""
+        and are renamed in, not copied; `written_sha256` (file name -> sha256) are those its writer hashed as it
+        wrote them, recorded without reading them again. Returns (path, files with sha256, created)."""
         final = self.path_for(digest)
         if self.has(digest) and not replace:
             return final, self.files(digest), False
@@ -168,7 +173,9 @@ class ModelStore:
             wanted += [(source_dir / extra, extra) for extra in COMPANIONS
                        if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME)]
             for src, name in wanted:
-                files.append({"path": name, **(_move_hashing(src, tmp / name) if move else _hash_file(src, tmp / name))})
+                known = (written_sha256 or {}).get(src.name)
+                files.append({"path": name, **(_move_hashing(src, tmp / name, known) if move
+                                               else _hash_file(src, tmp / name))})
                 if move:
                     crashpoint("store.moving")  # part of a merge's output moved into a temporary entry
             manifest = [{**f, "mtime_ns": (tmp / f["path"]).stat().st_mtime_ns} for f in files]

@@ -156,6 +156,52 @@ def test_a_fresh_merge_by_reference_reads_each_input_twice_its_scan_and_the_merg
         assert reads[str(p.resolve())] == 2 * tensor_bytes(p), p
 
 
+def test_a_merged_output_is_hashed_as_it_is_written_and_never_read_back(registry, tmp_path, monkeypatch):
+    """The store records each shard's sha256 from the engine's writer: renaming the output in reads nothing."""
+    import hashlib
+
+    import registry.store as store_module
+
+    hashed = []
+    real = store_module._hash_file
+    monkeypatch.setattr(store_module, "_hash_file", lambda src, copy_to=None: hashed.append(Path(src).name) or real(src, copy_to))
+    bp, mps = family(tmp_path)
+    recipe = parse_recipe({"method": "task_arithmetic", "base": str(bp), "models": [{"model": str(m)} for m in mps]})
+    for p in [bp, *mps]:
+        registry.ingest(str(p))
+    hashed.clear()
+    recorded = merge_and_record(recipe, registry, name="sharded", max_shard_bytes=tensor_bytes(bp) // 2)
+    store_dir = Path(recorded.model.store_path)
+    shards = sorted(store_dir.glob("*.safetensors"))
+    assert len(shards) >= 2
+    assert not [n for n in hashed if n.endswith(".safetensors")], hashed  # only the small companions are read
+    recorded_sha = {f["path"]: f["sha256"] for f in registry.store.files(recorded.model.digest)}
+    for shard in shards:
+        assert recorded_sha[shard.name] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert registry.store.damaged(recorded.model.digest, registry.store.files(recorded.model.digest)) == []
+
+
+def test_a_patched_output_is_not_taken_for_what_its_writer_hashed(tmp_path):
+    """Global TIES patches written bytes at the end: the streamed sha256 no longer holds and none is offered."""
+    import hashlib
+
+    from merging.output import CheckpointWriter
+
+    writer = CheckpointWriter(tmp_path / "out", [("a", "F32", (4,)), ("b", "F32", (4,))], max_shard_bytes=1 << 20)
+    for name in ("a", "b"):
+        writer.begin_tensor(name)
+        writer.write(name, torch.arange(4, dtype=torch.float32))
+    clean = CheckpointWriter(tmp_path / "clean", [("a", "F32", (4,))], max_shard_bytes=1 << 20)
+    clean.begin_tensor("a")
+    clean.write("a", torch.arange(4, dtype=torch.float32))
+    clean.commit_with(lambda digest: {})
+    (only,) = (tmp_path / "clean").glob("*.safetensors")
+    assert clean.file_sha256 == {only.name: hashlib.sha256(only.read_bytes()).hexdigest()}
+    writer.patch("a", torch.tensor([1]), torch.tensor([9.0]))
+    writer.commit_with(lambda digest: {})
+    assert writer.file_sha256 == {}
+
+
 def test_the_merged_output_is_renamed_into_the_store_and_mlflow_shares_its_bytes(registry, tmp_path):
     bp, mps = family(tmp_path)
     recorded = merge_and_record(parse_recipe({"method": "task_arithmetic", "base": str(bp),
