@@ -8,6 +8,7 @@ half-written output is ever visible under the destination name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import queue
@@ -115,8 +116,13 @@ class CheckpointWriter:
         self._metadata = {"format": "pt", **(metadata or {})}
         self._current: StreamingFileWriter | None = None
         self._current_index = -1
-        self.file_sha256: dict[str, str] = {}  # each finished shard's sha256 as written; emptied by a patch
+        # Each finished shard's sha256, of the bytes as they were written (the store records it without reading the
+        # file back); emptied by a patch. Hashed on a thread of its own: on the writer's, beside the digest, it
+        # made the writer the slowest part of a task-arithmetic merge.
+        self.file_sha256: dict[str, str] = {}
+        self._file_hash = None
         self._hashes_valid = True
+        self._hash_io = _BackgroundIO()
         self._digest = DigestBuilder()
         self._digest_valid = True
         self._total_size = sum(math.prod(s) * itemsize(d) for _, d, s in layout)
@@ -130,13 +136,14 @@ class CheckpointWriter:
             self._current = StreamingFileWriter(
                 self.tmp_dir / self._file_names[shard], self._shards[shard], self._metadata
             )
+            self._file_hash = hashlib.sha256(self._current.header)
         return self._current
 
     def _close_current(self) -> None:
         if self._current is not None:
             self._current.close()
-            if self._hashes_valid:
-                self.file_sha256[self._current.path.name] = self._current.sha256()
+            name, sha = self._current.path.name, self._file_hash
+            self._hash_io.submit(lambda: self.file_sha256.__setitem__(name, sha.hexdigest()))
             self._current = None
 
     def begin_tensor(self, name: str) -> None:
@@ -155,6 +162,7 @@ class CheckpointWriter:
 
     def _write(self, name: str, data) -> None:
         self._file_for(name).write(name, data.data)
+        self._hash_io.submit(self._file_hash.update, data.data)  # keeps `data` alive until it is hashed
         self._digest.update(data.data)
 
     def patch(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -162,8 +170,8 @@ class CheckpointWriter:
         self._io.drain()
         self._close_current()
         self._current_index = -1
+        self._hash_io.drain()
         self._hashes_valid = False  # the shard's bytes are no longer what was hashed as they streamed
-        self.file_sha256.clear()
         dtype, _ = self._layout[name]
         path = self.tmp_dir / self._file_names[self._shard_of[name]]
         start = read_header(path)[0][name].start
@@ -182,6 +190,10 @@ class CheckpointWriter:
         self._io.drain()
         self._io.stop()
         self._close_current()
+        self._hash_io.drain()
+        self._hash_io.stop()
+        if not self._hashes_valid:
+            self.file_sha256.clear()
         if self._digest_valid:
             digest = self._digest.hexdigest()
         else:  # patched after streaming: hash the shards as they now are
@@ -210,6 +222,7 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         self._io.stop()
+        self._hash_io.stop()
         if self._current is not None:
             self._current.abort()
             self._current = None

@@ -13,7 +13,6 @@ of the header). https://github.com/huggingface/safetensors#format
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -197,8 +196,7 @@ class StreamingFileWriter:
         self._names = [name for name, _, _ in layout]
         self._fh: BinaryIO = open(path, "wb")
         self._fh.write(header)
-        # the file's own sha256, as written: the store records it without reading the file back
-        self._sha256 = hashlib.sha256(header)
+        self.header = header
         self._index = 0
         self._written = 0
         self._skip_empty()
@@ -214,7 +212,6 @@ class StreamingFileWriter:
         if self._index >= len(self._names) or self._names[self._index] != name:
             raise RuntimeError(f"write order broken: got {name!r}, expected {self._names[self._index:self._index + 1]}")
         self._fh.write(data)
-        self._sha256.update(data)
         self._written += len(data)
         if self._written > self._sizes[self._index]:
             raise RuntimeError(f"{name!r}: more bytes written than its shape holds")
@@ -228,10 +225,6 @@ class StreamingFileWriter:
         self._fh.close()
         if not complete:
             raise RuntimeError(f"{self.path}: closed before every tensor was written")
-
-    def sha256(self) -> str:
-        """The sha256 of the bytes written (the whole file once `close()` succeeded)."""
-        return self._sha256.hexdigest()
 
     def abort(self) -> None:
         self._fh.close()
