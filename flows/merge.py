@@ -160,7 +160,7 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
     try:
         result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                           progress=progress, resolve=store_resolver(registry),
+                           progress=progress, resolve=store_resolver(registry), validated_inputs=True,
                            data=data_builder(device, registry, base),
                            input_digests={m.digest: m.digest for m in ([base] if base else []) + models},
                            labels={m.digest: f"{m.name} ({m.digest[:19]})" for m in ([base] if base else []) + models})

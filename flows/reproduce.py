@@ -80,6 +80,7 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         try:
             base = registry.find_digest(recipe.base) if recipe.base else None
             result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
+                               validated_inputs=True,
                                data=data_builder(device, registry, base),
                                progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
             ok = result.digest == model.digest

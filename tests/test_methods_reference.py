@@ -155,3 +155,17 @@ def test_dare_seed_changes_the_mask_and_is_reproducible(tmp_path, write_family):
     b1, r3 = merge(tmp_path, "dare_linear", bp, mps, {"drop_rate": 0.5}, seed=2)
     assert r1.digest == r2.digest != r3.digest
     assert not torch.equal(a1["emb.weight"], b1["emb.weight"])
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "sum"])
+@pytest.mark.parametrize("numel,block", [(5, 2), (1000 * 1001, 4096), (3 * 4096, 4096)])
+def test_the_agreeing_merge_gives_the_same_bits_in_cache_sized_blocks(aggregate, numel, block):
+    """Blocking is an optimisation only: each element is the whole-tensor formula's, bit for bit."""
+    from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted, merge_agreeing
+
+    g = torch.Generator().manual_seed(numel)
+    base = torch.randn(numel, generator=g)
+    weighted = [torch.randn(numel, generator=g) * (torch.rand(numel, generator=g) > 0.5) for _ in range(6)]
+    weights = [0.3, 0.2, 1.0, 0.5, 0.7, 1.0]
+    whole = base + 0.7 * disjoint_merge_weighted(weighted, weights, elect_sign_weighted(weighted), aggregate)
+    assert torch.equal(merge_agreeing(base, weighted, weights, aggregate, 0.7, block=block), whole)

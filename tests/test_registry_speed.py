@@ -314,3 +314,21 @@ def test_an_interrupted_output_never_appears_in_the_store(tmp_path, isolated_hom
     report = json.loads(doctor.stdout)
     assert all(f["fixed"] for f in report["findings"]), report
     assert not [p for p in (isolated_home / "store").iterdir() if p.name.startswith(".")]
+
+
+def test_registered_inputs_are_not_checked_finite_again_but_a_direct_merge_checks_them(registry, tmp_path, monkeypatch):
+    """Ingest validated every element; a merge from the registry only checks its output (TIES drops NaN checks
+    otherwise done per input chunk). A merge of files outside a registry still checks its inputs."""
+    import merging.inputs as inputs_module
+    from merging.engine import run_merge
+
+    checked = []
+    real = inputs_module.check_input_finite
+    monkeypatch.setattr(inputs_module, "check_input_finite", lambda ckpt, name, values=None: checked.append(name) or real(ckpt, name, values))
+    bp, mps = family(tmp_path)
+    ties = {"method": "ties", "base": str(bp), "models": [{"model": str(m)} for m in mps],
+            "parameters": {"density": 0.5, "trim_scope": "per_tensor"}}
+    recorded = merge_and_record(parse_recipe(ties), registry, name="ties")
+    assert checked == []
+    direct = run_merge(parse_recipe(ties), tmp_path / "direct")
+    assert checked and direct.digest == recorded.model.digest

@@ -37,3 +37,21 @@ def disjoint_merge_weighted(
         divisor.masked_fill_(divisor == 0, 1.0)
         mixed /= divisor
     return mixed
+
+
+CACHE_BLOCK = 1 << 18  # elements: a block of every input and temporary stays in this machine's caches
+
+
+def merge_agreeing(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[float], aggregate: str,
+                   lam: float, block: int = CACHE_BLOCK) -> torch.Tensor:
+    """base + λ·(mergekit's elected-sign disjoint merge of `weighted`), block by block: the dozen elementwise passes
+    over each input then read caches rather than memory (~20% faster on a 2.4M-element tensor). Every element is
+    computed as without blocks, bit for bit."""
+    flat_base, flats = base.reshape(-1), [w.reshape(-1) for w in weighted]
+    out = torch.empty_like(flat_base)
+    for start in range(0, flat_base.numel(), block):
+        part = [f[start:start + block] for f in flats]
+        elected = elect_sign_weighted(part)
+        merged = disjoint_merge_weighted(part, weights, elected, aggregate).mul_(lam)  # not add(alpha=): fused, it
+        torch.add(flat_base[start:start + block], merged, out=out[start:start + block])  # rounds otherwise
+    return out.reshape(base.shape)

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from merging.inputs import TensorInputs
-from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted
+from merging.methods.consensus import merge_agreeing
 from merging.methods.registry import MethodParams, merge_method
 from merging.random_mask import stream_key, uniform
 
@@ -63,5 +63,4 @@ def dare_ties(tensor: TensorInputs, params: DareTiesParams, state: None) -> Iter
     """DARE's random drop, then TIES's sign election and disjoint merge."""
     for chunk in tensor.chunks():
         weighted = dare_task_vectors(tensor, chunk, params)
-        elected = elect_sign_weighted(weighted)
-        yield chunk.base + params.lambda_ * disjoint_merge_weighted(weighted, tensor.weights, elected, params.aggregate)
+        yield merge_agreeing(chunk.base, weighted, tensor.weights, params.aggregate, params.lambda_)

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from merging.errors import RecipeError
 from merging.inputs import TensorInputs
-from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted
+from merging.methods.consensus import merge_agreeing
 from merging.methods.registry import MethodParams, merge_method
 from merging.random_mask import stream_key, uniform
 
@@ -93,8 +93,7 @@ def combine(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float], 
     """mergekit's generalised task arithmetic over already sparsified task vectors."""
     deltas = [t * w for t, w in zip(taus, weights)]
     if consensus:  # TIES's sign election, mergekit's variant (a zero sum counts positive, agreeing weights divide)
-        elected = elect_sign_weighted(deltas)
-        return base + lam * disjoint_merge_weighted(deltas, weights, elected, "mean" if normalize else "sum")
+        return merge_agreeing(base, deltas, weights, "mean" if normalize else "sum", lam)
     mixed = torch.zeros_like(base)
     for d in deltas:
         mixed += d

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from merging.inputs import MergeInputs, TensorInputs
-from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted
+from merging.methods.consensus import disjoint_merge_weighted, merge_agreeing
 from merging.methods.registry import MethodParams, Patch, merge_method
 from merging.selection import RankSelector
 
@@ -194,8 +194,7 @@ def _merge_per_tensor(tensor: TensorInputs, params: TiesParams) -> Iterator[torc
 
 
 def _combine(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[float], params: TiesParams) -> torch.Tensor:
-    elected = elect_sign_weighted(weighted)
-    return base + params.lambda_ * disjoint_merge_weighted(weighted, weights, elected, params.aggregate)
+    return merge_agreeing(base, weighted, weights, params.aggregate, params.lambda_)
 
 
 @merge_method(
