@@ -332,3 +332,26 @@ def test_registered_inputs_are_not_checked_finite_again_but_a_direct_merge_check
     assert checked == []
     direct = run_merge(parse_recipe(ties), tmp_path / "direct")
     assert checked and direct.digest == recorded.model.digest
+
+
+@pytest.mark.parametrize("kernel", ["copy_file_range", "refused"])
+def test_an_ingested_copy_is_made_by_the_kernel_or_else_plainly_and_its_sha256_is_its_own(registry, tmp_path, monkeypatch, kernel):
+    """The store's copy of an input is a separate file (never a hard link) whose recorded sha256 is computed from
+    it; where copy_file_range is refused (another filesystem, an old kernel) a plain copy is made instead."""
+    import errno
+    import hashlib
+
+    import registry.store as store_module
+
+    if kernel == "refused":
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(store_module.os, "copy_file_range", refuse)
+    bp, _ = family(tmp_path, n=1)
+    info, _ = registry.ingest(str(bp))
+    stored = Path(info.store_path) / "model.safetensors"
+    assert stored.read_bytes() == bp.read_bytes()
+    assert stored.stat().st_ino != bp.stat().st_ino and bp.stat().st_nlink == 1  # MLflow links the store's copy, not the source
+    (recorded,) = [f for f in registry.store.files(info.digest) if f["path"] == "model.safetensors"]
+    assert recorded["sha256"] == hashlib.sha256(bp.read_bytes()).hexdigest() and recorded["bytes"] == bp.stat().st_size
+    assert checkpoint_digest(stored) == info.digest
