@@ -24,6 +24,8 @@ from merging.checkpoint import Checkpoint
 CACHE_FILE = Path("cache") / "digests.sqlite"  # under the home
 SCHEMA = """CREATE TABLE IF NOT EXISTS digests (
     stamp TEXT PRIMARY KEY, digest TEXT NOT NULL, checksums TEXT, validated INTEGER NOT NULL DEFAULT 0)"""
+# one file's own sha256 by that file's stamp (merging.digest.sequential_files): what the store records for its copy
+FILES_SCHEMA = "CREATE TABLE IF NOT EXISTS files (stamp TEXT PRIMARY KEY, sha256 TEXT NOT NULL)"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class DigestCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30)
         try:
-            use_wal(db, SCHEMA)
+            use_wal(db, SCHEMA, FILES_SCHEMA)
         except sqlite3.Error:
             db.close()
             raise
@@ -94,22 +96,38 @@ class DigestCache:
         return Cached(row[0], json.loads(row[1]) if row[1] else None, bool(row[2]))
 
     def record(self, ckpt: Checkpoint, before: str, digest: str, checksums: dict[str, str] | None = None,
-               validated: bool = False) -> bool:
-        """Remember what hashing `ckpt` gave, given its stamp taken before the read; False if it changed meanwhile."""
+               validated: bool = False, file_sha256: dict[str, str] | None = None) -> bool:
+        """Remember what hashing `ckpt` gave, given its stamp taken before the read; False if it changed meanwhile.
+        `file_sha256` (file path -> sha256): whole-file hashes the same read gave."""
         if self.path is None:
             return False
         try:
             if checkpoint_stamp(ckpt) != before:
                 return False
+            stamps = {str(f): json.dumps(s) for f, s in zip(ckpt.files, json.loads(before))}
             with self._connect() as db:
                 db.execute("INSERT INTO digests (stamp, digest, checksums, validated) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT(stamp) DO UPDATE SET digest = excluded.digest, "
                            "checksums = COALESCE(excluded.checksums, digests.checksums), "
                            "validated = MAX(excluded.validated, digests.validated)",
                            (before, digest, json.dumps(checksums) if checksums else None, int(validated)))
+                db.executemany("INSERT OR REPLACE INTO files (stamp, sha256) VALUES (?, ?)",
+                               [(stamps[f], sha) for f, sha in (file_sha256 or {}).items() if f in stamps])
             return True
         except (OSError, sqlite3.Error):
             return False
+
+    def file_sha256(self, path: Path) -> tuple[str, str] | None:
+        """(sha256, stamp) of one file as an earlier read hashed it, if the file is unchanged since."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            stamp = json.dumps(file_stamp(path))
+            with self._connect() as db:
+                row = db.execute("SELECT sha256 FROM files WHERE stamp = ?", (stamp,)).fetchone()
+        except (OSError, sqlite3.Error):
+            return None
+        return (row[0], stamp) if row else None
 
     def digest(self, ckpt: Checkpoint) -> str:
         """The checkpoint's digest: remembered, or computed (with its checksums) and remembered."""

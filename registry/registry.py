@@ -259,6 +259,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
         if reference:
             path, files, created = self.store.put_reference(ckpt, digest, origin=origin)
         else:
+            if not move:  # the scan that took the digest hashed each file too, where it read it front to back
+                written_sha256 = {f.name: known for f in ckpt.files if (known := self.digests.file_sha256(f))}
             path, files, created = self.store.put(ckpt, digest, move=move, origin=origin, written_sha256=written_sha256)
         crashpoint("register.stored")  # a complete store entry that no row names
 

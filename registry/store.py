@@ -16,6 +16,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from merging.digest_cache import file_stamp
 from merging.atomic import OLD_MARK, move_into_place, temp_beside
 from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from merging.companions import MODEL_FILES
@@ -74,6 +75,18 @@ def _kernel_copy(fin, fout) -> None:
         fout.seek(0)
         fout.truncate()
         shutil.copyfileobj(fin, fout, 8 << 20)
+
+
+def _copy_hashing(src: Path, dst: Path, known: tuple[str, str] | None = None) -> dict:
+    """Copy `src` to `dst` and hash the copy, unless `known` (sha256, stamp) says what the source's bytes hash to
+    and the source kept that stamp through the copy (so the copy holds those very bytes)."""
+    if known is None:
+        return _hash_file(src, dst)
+    sha256, stamp = known
+    clone_file(src, dst)
+    if json.dumps(file_stamp(src)) != stamp:  # changed under the copy: hash what was copied
+        return _hash_file(dst)
+    return {"sha256": sha256, "bytes": dst.stat().st_size}
 
 
 def _move_hashing(src: Path, dst: Path, sha256: str | None = None) -> dict:
@@ -169,11 +182,12 @@ class ModelStore:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def put(self, ckpt: Checkpoint, digest: str, *, replace: bool = False, origin: dict | None = None,
-            move: bool = False, written_sha256: dict[str, str] | None = None) -> tuple[Path, list[dict], bool]:
+            move: bool = False, written_sha256: dict | None = None) -> tuple[Path, list[dict], bool]:
         """Copy a checkpoint in (if not there yet; with `replace`, over a damaged copy: the caller verified the
         checkpoint's digest). `move`: the checkpoint's files are the registry's own (a merge's output in scratch)
-        and are renamed in, not copied; `written_sha256` (file name -> sha256) are those its writer hashed as it
-        wrote them, recorded without reading them again. Returns (path, files with sha256, created)."""
+        and are renamed in, not copied. `written_sha256`, by file name: with `move`, the sha256 its writer took as
+        it wrote it; else (sha256, stamp) an earlier read took of the source, used if the file still has that stamp
+        once copied. Those files are not read again. Returns (path, files with sha256, created)."""
         final = self.path_for(digest)
         if self.has(digest) and not replace:
             return final, self.files(digest), False
@@ -189,7 +203,7 @@ class ModelStore:
             for src, name in wanted:
                 known = (written_sha256 or {}).get(src.name)
                 files.append({"path": name, **(_move_hashing(src, tmp / name, known) if move
-                                               else _hash_file(src, tmp / name))})
+                                               else _copy_hashing(src, tmp / name, known))})
                 if move:
                     crashpoint("store.moving")  # part of a merge's output moved into a temporary entry
             manifest = [{**f, "mtime_ns": (tmp / f["path"]).stat().st_mtime_ns} for f in files]

@@ -27,8 +27,9 @@ class StoredBytes:
             check_names(ckpt)  # cheap, and the rules may have grown since
             return hit.digest, hit.checksums
         checksums: dict[str, str] = {}
-        digest = scan_checkpoint(ckpt, checksums)
-        self.digests.record(ckpt, before, digest, checksums, validated=True)
+        files: dict[str, str] = {}
+        digest = scan_checkpoint(ckpt, checksums, files)
+        self.digests.record(ckpt, before, digest, checksums, validated=True, file_sha256=files)
         return digest, checksums
 
     def verify_reference(self, model: ModelInfo) -> None:

@@ -31,7 +31,7 @@ def validate_checkpoint(ckpt: Checkpoint, base: Checkpoint | None = None, *, lab
     return check_base(ckpt, base, label=label, base_label=base_label)
 
 
-def scan_checkpoint(ckpt: Checkpoint, checksums: dict[str, str]) -> str:
+def scan_checkpoint(ckpt: Checkpoint, checksums: dict[str, str], file_sha256: dict[str, str] | None = None) -> str:
     """`validate_checkpoint`'s checks of the checkpoint's own bytes and its digest (filling `checksums`), in one
     read: each block of bytes is hashed and checked for NaN/inf as it comes."""
     check_names(ckpt)
@@ -40,7 +40,7 @@ def scan_checkpoint(ckpt: Checkpoint, checksums: dict[str, str]) -> str:
         if not raw_finite(dtype, block):
             raise _not_finite(ckpt, name)
 
-    return checkpoint_digest(ckpt, checksums, inspect=finite)
+    return checkpoint_digest(ckpt, checksums, inspect=finite, file_sha256=file_sha256)
 
 
 def check_names(ckpt: Checkpoint) -> None:

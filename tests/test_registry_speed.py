@@ -355,3 +355,43 @@ def test_an_ingested_copy_is_made_by_the_kernel_or_else_plainly_and_its_sha256_i
     (recorded,) = [f for f in registry.store.files(info.digest) if f["path"] == "model.safetensors"]
     assert recorded["sha256"] == hashlib.sha256(bp.read_bytes()).hexdigest() and recorded["bytes"] == bp.stat().st_size
     assert checkpoint_digest(stored) == info.digest
+
+
+def test_an_ingest_hashes_a_file_in_its_scan_and_does_not_read_its_copy_back(registry, tmp_path, monkeypatch):
+    """A file safetensors wrote for one dtype holds its tensors in name order: the scan that takes the digest
+    reads it front to back and so hashes the whole file too. A file in another order (mixed dtypes) is hashed
+    from its copy. Either way the recorded sha256 is the file's."""
+    import hashlib
+
+    import registry.store as store_module
+
+    read_back = []
+    real = store_module._hash_file
+    monkeypatch.setattr(store_module, "_hash_file",
+                        lambda src, copy_to=None: read_back.append(Path(copy_to or src).name) or real(src, copy_to))
+    one_dtype = tmp_path / "one.safetensors"
+    save_file({"a.weight": torch.randn(64, 32), "b.weight": torch.randn(32), "c.bias": torch.randn(8)}, str(one_dtype))
+    mixed = tmp_path / "mixed.safetensors"  # safetensors writes the int64 buffer first: not in name order
+    save_file({"a.weight": torch.randn(64, 32), "b.count": torch.arange(5)}, str(mixed))
+    for path, hashed_from_copy in ((one_dtype, False), (mixed, True)):
+        read_back.clear()
+        info, _ = registry.ingest(str(path))
+        assert ("model.safetensors" in read_back) is hashed_from_copy, (path.name, read_back)
+        (recorded,) = [f for f in registry.store.files(info.digest) if f["path"] == "model.safetensors"]
+        assert recorded["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_changed_under_its_copy_is_hashed_as_copied(tmp_path):
+    """The sha256 a scan took is used only if the source kept its identity through the copy."""
+    import hashlib
+
+    from merging.digest_cache import file_stamp
+    from registry.store import _copy_hashing
+
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(16)}, str(src))
+    stale = ("0" * 64, json.dumps(file_stamp(src)))
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: another identity
+    out = _copy_hashing(src, tmp_path / "copy.safetensors", stale)
+    assert out["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() != stale[0]
