@@ -251,10 +251,11 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
                  mlflow_run_id: str | None = None, mirror: bool = True,
                  serving_heads: list[ServedHead] = (),
                  tensor_checksums: dict[str, str] | None = None, move: bool = False,
-                 written_sha256: dict[str, str] | None = None, reference: bool = False) -> tuple[ModelInfo, bool]:
+                 written_sha256: dict | None = None, reference: bool = False) -> tuple[ModelInfo, bool]:
         """Store the bytes and record the model (and whatever `in_transaction` adds) atomically. MLflow gets it as a
         pyfunc model where transformers can load it (serving each of `serving_heads`' tasks). `move`: the files are
-        the registry's own scratch output, renamed into the store rather than copied."""
+        the registry's own scratch output, renamed into the store rather than copied; `written_sha256` then holds
+        the sha256 the engine took of each file as it wrote it (`ModelStore.put`)."""
         origin = {"name": name, "kind": kind, "source_uri": source_uri, "revision": revision, "architecture": architecture}
         if reference:
             path, files, created = self.store.put_reference(ckpt, digest, origin=origin)
