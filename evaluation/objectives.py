@@ -20,23 +20,43 @@ from evaluation.suite import Suite
 
 
 class _SuiteObjective:
-    def __init__(self, suite: Suite, tasks: list[str] | None = None, samples_per_task: int = 100, device: str = "cpu"):
+    """`minibatch`: each gradient (`loss_and_grad`) reads the next `minibatch` samples of each task's budget, in
+    order and wrapping round, as a data loader's batches (FusionBench's AdaMerging: 16); `loss` reads them all."""
+
+    def __init__(self, suite: Suite, tasks: list[str] | None = None, samples_per_task: int = 100, device: str = "cpu",
+                 minibatch: int | None = None):
         self.suite = suite
         self.tasks = tasks or list(suite.tasks)
         self.device = torch.device(device)
         self.runner = suite.family.runner(self.device)
         self.names = self.runner.names
-        self.batches = {t: self._batch(suite.tasks[t], samples_per_task) for t in self.tasks}
+        self.budget = {t: min(samples_per_task, self._size(suite.tasks[t])) for t in self.tasks}
+        self.batches = {t: self._batch(suite.tasks[t], slice(0, self.budget[t])) for t in self.tasks}
+        self.minibatch, self._calls = minibatch, 0
 
-    def _batch(self, task, n: int):
+    def _size(self, task) -> int:
+        raise NotImplementedError
+
+    def _batch(self, task, rows: slice):
         raise NotImplementedError
 
     def _task_loss(self, task, out, labels) -> torch.Tensor:
         raise NotImplementedError
 
-    def _total(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _next_batches(self) -> dict:
+        """The next minibatch of every task (contiguous rows of its budget, wrapping round)."""
+        out = {}
+        for name in self.tasks:
+            n, size = self.budget[name], min(self.minibatch, self.budget[name])
+            start = (self._calls * size) % n
+            rows = slice(start, min(start + size, n))
+            out[name] = self._batch(self.suite.tasks[name], rows)
+        self._calls += 1
+        return out
+
+    def _total(self, state: Mapping[str, torch.Tensor], batches: dict | None = None) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
-        for name, (batch, labels) in self.batches.items():
+        for name, (batch, labels) in (batches or self.batches).items():
             task = self.suite.tasks[name]
             total = total + self._task_loss(task, self.runner.outputs(task, batch, state), labels)
         return total
@@ -56,7 +76,7 @@ class _SuiteObjective:
 
     def loss_and_grad(self, state: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
         params = self._on_device(state, grad=True)
-        total = self._total(params)
+        total = self._total(params, self._next_batches() if self.minibatch else None)
         wanted = [n for n in self.names if n in params]
         grads = torch.autograd.grad(total, [params[n] for n in wanted], allow_unused=True)
         found = dict(zip(wanted, grads))
@@ -67,8 +87,10 @@ class _SuiteObjective:
 class FewShotCrossEntropy(_SuiteObjective):
     """Σ over tasks of the mean loss on the first `samples_per_task` calibration samples."""
 
-    def _batch(self, task, n):
-        rows = slice(0, min(n, len(task.fewshot)))
+    def _size(self, task) -> int:
+        return len(task.fewshot)
+
+    def _batch(self, task, rows):
         return self.runner.prepare(task, task.fewshot.inputs(rows)), task.fewshot.labels[rows].to(self.device)
 
     def _task_loss(self, task, out, labels):
@@ -78,8 +100,10 @@ class FewShotCrossEntropy(_SuiteObjective):
 class PredictionEntropy(_SuiteObjective):
     """Σ over tasks of the mean prediction entropy on `samples_per_task` unlabelled evaluation inputs."""
 
-    def _batch(self, task, n):
-        rows = slice(0, min(n, len(task.test)))
+    def _size(self, task) -> int:
+        return len(task.test)
+
+    def _batch(self, task, rows):
         return self.runner.prepare(task, task.test.inputs(rows)), None
 
     def _task_loss(self, task, out, labels):

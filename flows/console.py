@@ -42,14 +42,23 @@ def _decided(details: dict | None, method: str | None = None) -> str:
     """One line of what the producing run decided, where it says more than its recipe."""
     if not details:
         return ""
+    said = [search_summary(details["search"])] if "search" in details else []
     if method is not None:
         describe = get_method(method).describe
-        if describe is not None:
-            return f" [dim]({escape(describe(details))})[/]"
+        if describe is not None and set(details) - {"search", "wrapped_inputs"}:
+            said.append(describe(details))
+    if said:
+        return f" [dim]({escape('; '.join(said))})[/]"
     if "map" in details:
         d = details["map"]
         return f" [dim](MAP front {d['front']} point {d['point']}, preference {d['preference']})[/]"
     return ""
+
+
+def search_summary(search: dict) -> str:
+    """`lambda auto → 0.3 on calibration (0.1: 71.2, 0.3: 74.0, …)`: what an `auto` search tried and chose."""
+    tried = ", ".join(f"{t['value']:g}: {100 * t['score']:.1f}" for t in search["tried"])
+    return f"{search['parameter']} auto → {search['chosen']:g} on the calibration split ({tried})"
 
 
 def _pct(value) -> str:

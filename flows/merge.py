@@ -11,6 +11,7 @@ this merge created.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,9 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
         registry.refuse_managed(out)
     pinned, base, models = pin_inputs(recipe, registry, by_reference)
     params = {"method": pinned.method, "seed": str(pinned.seed), "recipe_hash": pinned.recipe_hash,
-              "out_dtype": str(pinned.out_dtype), **{f"param.{k}": str(v) for k, v in pinned.params().model_dump(by_alias=True).items()}}
+              "out_dtype": str(pinned.out_dtype),  # parameters as the recipe holds them (`auto` too), in JSON
+              **{f"param.{k}": v if isinstance(v, str) else json.dumps(v)
+                 for k, v in pinned.canonical()["parameters"].items()}}
     run_id = registry.begin_merge_run(
         method=pinned.method, recipe_json=pinned.canonical_json(), recipe_hash=pinned.recipe_hash, seed=pinned.seed,
         mergeyard_version=__version__, environment=environment(resolve_device(device)), code_revision=code_revision(),

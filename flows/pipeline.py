@@ -212,11 +212,14 @@ def recipe_for(spec: MergeSpec, base: str, candidates: list[str], suite: str | N
                tasks: list[str] | None = None) -> str:
     """The pinned recipe; a data-informed method optimises the pipeline's suite unless it names its own."""
     from merging.methods import get_method
+    from merging.search import with_search_suite
 
     parameters = dict(spec.parameters)
     if suite is not None:  # wherever the method takes its data from, unless its parameters name a suite
         parameters = get_method(spec.method).with_suite(parameters, suite, tasks)
     data = {**spec.model_dump(exclude={"name"}), "base": base, "models": candidates, "parameters": parameters}
+    if suite is not None:  # `auto` coefficients are chosen on the pipeline's suite unless `search:` names another
+        data = with_search_suite(data, suite, tasks)
     return parse_recipe(data).canonical_json()
 
 

@@ -155,7 +155,9 @@ class Checkpoint:
         return handle
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor `name` (or rows `rows` of its first dimension), in its stored dtype."""
+        """The tensor `name` (or rows `rows` of its first dimension), in its stored dtype. It is a view of the
+        file's memory map, shared with every later read of the same tensor from this checkpoint: never modify it in
+        place (the file is safe, other reads in this process are not); `.clone()` what is to be changed."""
         if name not in self.entries:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
         handle = self._handle(name)

@@ -30,6 +30,7 @@ from merging.output import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, Layout
 from merging.recipe import Recipe
 from merging.references import parse_ref
 from merging.safetensors_format import DTYPE_NAMES, DTYPES
+from merging.search import search_scale
 from merging.settings import layer_positions
 from merging.slices import layer_count, stack as stack_layers, stacked_config as stacked_model_config
 from merging.version import __version__
@@ -131,6 +132,7 @@ def run_merge(
     started = time.perf_counter()
     phases: dict[str, float] = {}
     recipe.check()
+    requested = recipe  # its hash names the run; `auto` parameters are settled below
     spec = recipe.method_spec
     params = recipe.params()
     dev = resolve_device(device)
@@ -205,9 +207,8 @@ def run_merge(
         check_finite=not spec.propagates_non_finite and not validated_inputs, resolve=resolve,
     )
 
-    solved = None
+    solved, built, searched = None, None, {}
     if spec.data_informed:
-        built = None
         requests = spec.data(params) if spec.data is not None else None
         if requests is not None:  # None: the method has what it needs (registered statistics, learned coefficients)
             if data is None:
@@ -215,6 +216,12 @@ def run_merge(
                                      "inputs) built from its suite; run it with `mergeyard merge` or a pipeline, "
                                      "which build them")
             built = _build_each(requests, data)
+    if recipe.auto_params:
+        t0 = time.perf_counter()
+        recipe, searched["search"] = choose_auto(recipe, inputs, reference, built, data, progress)
+        params = recipe.params()
+        phases["search"] = time.perf_counter() - t0
+    if spec.data_informed:
         t0 = time.perf_counter()
         solved = spec.solve(inputs, params, built, progress)
         phases["solve"] = time.perf_counter() - t0
@@ -268,14 +275,15 @@ def run_merge(
     except BaseException:
         writer.abort()
         raise
-    resolved = None
+    resolved = recipe if recipe is not requested else None
     if solved is not None and solved.parameters:
         resolved = recipe.model_copy(update={"parameters": {**recipe.parameters, **solved.parameters}})
     return MergeResult(
-        out_dir=out_dir, digest=digest, files=files, method=spec.name, recipe_hash=recipe.recipe_hash,
+        out_dir=out_dir, digest=digest, files=files, method=spec.name, recipe_hash=requested.recipe_hash,
         input_digests=dict(input_digests), num_params=sum(e.numel for e in reference.entries.values()),
         seconds=time.perf_counter() - started, phases=phases,
-        details={**(solved.details if solved is not None else {}), **({"wrapped_inputs": wrapped} if wrapped else {})},
+        details={**(solved.details if solved is not None else {}), **searched,
+                 **({"wrapped_inputs": wrapped} if wrapped else {})},
         resolved=resolved, file_sha256=dict(writer.file_sha256),
     )
 
@@ -289,6 +297,46 @@ def _merge_tensor(spec, recipe: Recipe, inputs: MergeInputs, name: str, params, 
         if not recipe.slices:  # a stacked model is one input: the models' own values do not apply to it
             tensor.weights, tensor.overrides = weights, overrides
     return spec.merge(tensor, params, state)
+
+
+def merge_in_memory(recipe: Recipe, inputs: MergeInputs, reference: Checkpoint, built: Any = None) -> dict:
+    """The whole merged model as float32 tensors (and the reference's buffers), without writing it: what a search
+    scores. The same per-tensor path as the writer's, patches applied."""
+    spec, params = recipe.method_spec, recipe.params()
+    if spec.data_informed:
+        merged = dict(spec.solve(inputs, params, built, None).state)
+    else:
+        state = spec.prepare(inputs, params) if spec.prepare else None
+        positions = layer_positions(inputs.names) if recipe.varying else {}
+        merged = {name: torch.cat([c.reshape(-1) for c in _merge_tensor(spec, recipe, inputs, name, params, state,
+                                                                        positions)])
+                  .reshape(reference.entries[name].shape) for name in inputs.names}
+        for patch in spec.finalize(state) if spec.finalize else []:
+            merged[patch.name].view(-1)[patch.indices] = patch.values.to(torch.float32)
+    for name in reference.names:
+        if name not in merged:
+            merged[name] = reference.read(name)
+    return merged
+
+
+def choose_auto(recipe: Recipe, inputs: MergeInputs, reference: Checkpoint, built: Any, data: Callable[[Any], Any] | None,
+                progress: ProgressFn | None) -> tuple[Recipe, dict]:
+    """The recipe with its `auto` scale chosen on the calibration split of its `search:` suite, and the record of
+    the search (merging.search)."""
+    spec = recipe.method_spec
+    (key,) = recipe.auto_params  # only the method's scale may be auto (Recipe.check)
+    if data is None:
+        raise MergeyardError(f"method {spec.name!r}: {key}: auto is chosen on data: it needs its suite's calibration "
+                             "split built; run it with `mergeyard merge` or a pipeline, which build it")
+    search = recipe.search
+    scorer = data(search.request())
+    grid = tuple(search.grid or spec.scale_grid)
+    chosen, tried = search_scale(grid, lambda v: merge_in_memory(recipe.with_chosen({key: v}), inputs, reference, built),
+                                 scorer, spec.scale_affine, progress)
+    record = {"parameter": key, "split": "calibration", "suite": search.suite, "data": scorer.digest,
+              "tasks": list(search.tasks) if search.tasks else None, "budget": search.budget, "grid": list(grid),
+              "tried": tried, "chosen": chosen}
+    return recipe.with_chosen({key: chosen}), record
 
 
 def _build_each(requests: Any, build: Callable[[Any], Any]) -> Any:

@@ -20,8 +20,8 @@ from merging.atomic import atomic_directory
 from merging.checkpoint import Checkpoint
 from merging.errors import CheckpointError, MergeyardError
 from merging.lora import CONFIG_NAME, WEIGHTS_NAME
+from merging.settings import is_embedding
 
-EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Extracted:
 def _is_linear_weight(name: str, model: Checkpoint, base: Checkpoint) -> bool:
     entry = model.entries[name]
     return (name.endswith(".weight") and len(entry.shape) == 2 and entry.is_float and name in base.entries
-            and base.entries[name].shape == entry.shape and not any(h in name for h in EMBEDDING_HINTS))
+            and base.entries[name].shape == entry.shape and not is_embedding(name))
 
 
 def _low_rank(delta: torch.Tensor, rank: int, exact_up_to: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

@@ -1,65 +1,78 @@
-"""FW-Merging (Chen et al., 2025, arXiv 2503.12649): merging as Frank-Wolfe over the candidates' span.
+"""FW-Merging (Chen et al., ICCV 2025, arXiv 2503.12649): merging as Frank-Wolfe over the candidates.
 
-Each iteration takes the gradient g of the objective at the current merge θ_t,
-asks a linear minimisation oracle (LMO) which candidate best descends it, and
-steps towards that candidate:
+FW-hard, as the authors' code (`discriminative/merge.py`, `frank_wolfe_merge`) and FusionBench
+(`FrankWolfeHardAlgorithm`) run it:
 
-    γ_t = 2 / (t + 2) · step_size
-    θ_{t+1} = θ_t + γ_t · λ · inner(θ_sel − θ_t)
+    θ_0 = a merge of every candidate (task arithmetic at λ, or TIES), which joins the pool as one more
+          candidate ("initial")
+    for t = 0 … T−1:
+        g = ∇L(θ_t) on the suite's labelled calibration budget
+        a linear oracle picks, per tensor (`layer`) or for the whole model (`task`), the pool member s whose
+        cosine with g is lowest: cos(g, θ_s) (`weights`, both codes) or cos(g, θ_s − θ_t) (`direction`)
+        θ_{t+1} = θ_t + λ · γ_t · inner(θ_s − θ_t),   γ_t = 2/(t+2) · step_size
 
-`inner` is the identity (task arithmetic) or TIES's trim of the step to its
-largest-magnitude `density` fraction per tensor. With `granularity: layer`
-each tensor picks its own candidate (no move where even the best score is
-non-negative); with `task` one candidate is picked for the whole model by the
-summed per-tensor score.
+`inner` is task arithmetic (the identity) or TIES's trim of the whole step to its top `density` magnitudes (the
+authors' `second_merge_method`). Where no member descends (its best score ≥ 0) the authors' layer oracle steps
+towards zero, FusionBench's towards the best member anyway; mergeyard can also stay (`no_descent`).
 
-The oracle's score of candidate i on tensor n is a cosine:
-  `direction` (default): cos(g_n, θ_i,n − θ_t,n), the FW linear term itself,
-      whose sign says whether moving towards θ_i descends;
-  `weights`: cos(g_n, θ_i,n), what the authors' code computes.
-Both come from one streamed pass over each candidate per iteration: ⟨g, θ_i⟩
-and ⟨θ_t, θ_i⟩ are read off the memory-mapped tensor, and ‖θ_i,n‖² is cached
-after the first pass (the candidates never change). Only θ_t, g, the tensor
-being read and, per tensor, the best candidate's tensor are resident, so
-memory does not grow with the number of candidates.
+Only θ_t, its gradient, θ_0 and, per tensor, the best member's tensor are resident (with `inner: ties`, the
+whole step too, to find its global threshold): memory does not grow with the pool. Candidates are read one at a
+time from their memory-mapped files, their norms cached after the first pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.checkpoint import Checkpoint
 from merging.errors import MergeyardError
+from merging.inputs import MergeInputs
 from merging.objective import Objective
 
 Progress = Callable[[str, int, int], None] | None
+Target = Literal["candidate", "initial", "zero"]
 
 
 class FWParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    iterations: int = Field(10, ge=1, description="Frank-Wolfe iterations (paper: 10)")
-    step_size: float = Field(0.1, gt=0, description="γ_t = 2/(t+2) · step_size")
-    lam: float = Field(0.3, alias="lambda", gt=0, description="scale of each step towards the selection (λ)")
-    granularity: Literal["layer", "task"] = Field("layer", description="a selection per tensor, or one per iteration")
-    oracle: Literal["direction", "weights"] = Field("direction", description="cosine of g with θ_i − θ_t, or with θ_i")
-    inner: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description="how a step is merged in")
-    density: float = Field(0.2, gt=0, le=1, description="TIES inner merge: fraction of each step kept")
-    init: Literal["base", "task_arithmetic"] = Field("base", description="θ_0: the base, or task arithmetic of all")
-    scale: float = Field(1.0, gt=0, description="atoms θ_base + scale·(θ_i − θ_base); at N·λ the hull holds task arithmetic")
+    iterations: int = Field(10, ge=1, description="Frank-Wolfe iterations (both codes: 10)")
+    step_size: float = Field(0.1, gt=0, description="γ_t = 2/(t+2) · step_size (the authors' script and FusionBench: 0.1)")
+    lam: float = Field(0.3, alias="lambda", gt=0, description="the inner merge's scale: of θ_0's task vectors and "
+                       "of each step (the authors' 0.29, FusionBench's 0.3)")
+    granularity: Literal["layer", "task"] = Field("layer", description="a selection per tensor (the authors' code), "
+                                                  "or one for the whole model (FusionBench's default)")
+    oracle: Literal["weights", "direction"] = Field("weights", description="cosine of g with θ_s (both codes), or "
+                                                    "with θ_s − θ_t (the linear term's own direction)")
+    no_descent: Literal["zero", "best", "stay"] | None = Field(
+        None, description="where no member descends: step towards zero (the authors' layer oracle), towards the "
+        "best anyway (their task oracle, FusionBench), or not at all; default: the authors' for the granularity")
+    inner: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description="how a step (and a TIES "
+                                                      "initial merge) is merged in")
+    density: float = Field(0.3, gt=0, le=1, description="TIES: the fraction of the step's (and of each task "
+                           "vector's) magnitudes kept (the authors' mask rate 0.7)")
+    init: Literal["task_arithmetic", "ties", "base"] = Field(
+        "task_arithmetic", description="θ_0: task arithmetic of all at λ (the authors' script, FusionBench), TIES "
+        "of all (the authors' config: density 0.3, mean, at λ; they set λ 0.9), or the base")
+    initial_candidate: bool = Field(True, description="θ_0 joins the pool (\"initial\" in both codes)")
+    scale: float = Field(1.0, gt=0, description="candidates taken as θ_base + scale·(θ_i − θ_base) (mergeyard's)")
+
+    def descent_rule(self) -> str:
+        return self.no_descent or ("zero" if self.granularity == "layer" else "best")
 
 
 @dataclass(frozen=True)
 class Selection:
     iteration: int
     tensor: str
-    candidate: int
+    candidate: int | None  # a candidate's position; None for the initial model or zero
     score: float
-    step: float  # γ_t · λ actually applied
+    step: float  # λ·γ_t actually applied
+    target: Target = "candidate"
 
 
 @dataclass
@@ -73,7 +86,16 @@ class FWResult:
         """How many (iteration, tensor) selections each candidate won."""
         out = [0] * n_candidates
         for s in self.selections:
-            out[s.candidate] += 1
+            if s.candidate is not None:
+                out[s.candidate] += 1
+        return out
+
+    def other_targets(self) -> dict[str, int]:
+        """How many (iteration, tensor) steps went towards the initial model, and towards zero."""
+        out = {"initial": 0, "zero": 0}
+        for s in self.selections:
+            if s.target != "candidate":
+                out[s.target] += 1
         return out
 
 
@@ -81,28 +103,82 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.flatten().double(), b.flatten().double()))
 
 
-def _trim(update: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES's trim of one step: keep the int(density·n) largest magnitudes (at least one)."""
-    k = max(1, int(density * update.numel()))
-    if k >= update.numel():
-        return update
-    flat = update.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().topk(k).indices] = True
-    return (flat * keep).view_as(update)
+def trim_global(updates: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """TIES's trim of one step over the whole model: keep entries with |u| ≥ the k-th smallest |u|,
+    k = d − int(d·density) (ties at the threshold kept), as the authors' `topk_values_mask`."""
+    if not updates or density >= 1:
+        return updates
+    flat = torch.cat([u.reshape(-1).abs() for u in updates.values()])
+    k = flat.numel() - int(flat.numel() * density)
+    if k <= 0:
+        return updates
+    threshold = flat.kthvalue(k).values
+    return {n: u * (u.abs() >= threshold) for n, u in updates.items()}
 
 
-class _CandidateNorms:
-    """‖θ_i,n‖² per candidate and tensor, filled on the first pass and reused after."""
+def initial_merge(base: Checkpoint, candidates: Sequence[Checkpoint], p: FWParams) -> dict[str, torch.Tensor]:
+    """θ_0: every tensor of the base, its float tensors merged from all candidates as `init` says."""
+    # cloned: a read may share memory with every later read of the same tensor (merging.checkpoint), and θ moves
+    state = {n: base.read(n).to(torch.float32).clone() if base.entries[n].is_float else base.read(n)
+             for n in base.names}
+    if p.init == "base":
+        return state
+    names = [n for n in base.names if base.entries[n].is_float]
+    if p.init == "task_arithmetic":
+        for n in names:
+            theta0 = state[n].clone()
+            for c in candidates:
+                state[n] += p.lam * (c.read(n).to(torch.float32) - theta0)
+        return state
+    # imported here: merging.methods registers fw_hard from this module, so this module cannot import it first
+    from merging.methods.ties import TiesParams, finalize_ties, prepare_ties, ties
 
-    def __init__(self):
-        self.sq: dict[tuple[int, str], float] = {}
+    inputs = MergeInputs(base=base, models=list(candidates), weights=[1.0] * len(candidates), names=names,
+                         device=torch.device("cpu"), check_finite=False)
+    params = TiesParams(density=p.density, trim_scope="global", aggregate="mean", **{"lambda": p.lam})
+    prepared = prepare_ties(inputs, params)
+    for n in names:
+        state[n] = torch.cat(list(ties(inputs.tensor(n), params, prepared))).reshape(base.entries[n].shape)
+    for patch in finalize_ties(prepared):
+        state[patch.name].view(-1)[patch.indices] = patch.values.to(torch.float32)
+    return state
 
-    def get(self, i: int, name: str, tensor: torch.Tensor) -> float:
-        key = (i, name)
-        if key not in self.sq:
-            self.sq[key] = _dot(tensor, tensor)
-        return self.sq[key]
+
+class Pool:
+    """The members a linear oracle chooses from: the candidates (read when scored), and θ_0 if it joins."""
+
+    def __init__(self, base: Checkpoint, candidates: Sequence[Checkpoint], scale: float,
+                 initial: dict[str, torch.Tensor] | None):
+        self.base, self.candidates, self.scale, self.initial = base, list(candidates), scale, initial
+        self._sq: dict[tuple[int, str], float] = {}
+
+    def __len__(self) -> int:
+        return len(self.candidates) + (self.initial is not None)
+
+    def target(self, i: int) -> Target:
+        return "candidate" if i < len(self.candidates) else "initial"
+
+    def tensor(self, i: int, name: str) -> torch.Tensor:
+        """Member i's tensor: a candidate (as an atom θ_base + scale·τ), or θ_0."""
+        if i >= len(self.candidates):
+            return self.initial[name]
+        c = self.candidates[i].read(name).to(torch.float32)
+        if self.scale == 1.0:
+            return c
+        b = self.base.read(name).to(torch.float32)
+        return b + self.scale * (c - b)
+
+    def scored(self, name: str, g: torch.Tensor, theta: torch.Tensor, oracle: str,
+               skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, torch.Tensor, float]]:
+        """(member, its tensor, its cosine score) for one tensor, one member resident at a time."""
+        g_norm, g_dot_t, t_sq = _dot(g, g) ** 0.5, _dot(g, theta), _dot(theta, theta)
+        for i in range(len(self)):
+            if i in skip:
+                continue
+            c = self.tensor(i, name)
+            if (i, name) not in self._sq:
+                self._sq[(i, name)] = _dot(c, c)
+            yield i, c, _score(oracle, _dot(g, c), g_dot_t, _dot(theta, c), self._sq[(i, name)], t_sq, g_norm)
 
 
 def _score(oracle: str, g_dot_c: float, g_dot_t: float, t_dot_c: float, c_sq: float, t_sq: float, g_norm: float) -> float:
@@ -112,148 +188,211 @@ def _score(oracle: str, g_dot_c: float, g_dot_t: float, t_dot_c: float, c_sq: fl
         return g_dot_c / (g_norm * c_sq**0.5) if c_sq > 0 else 0.0
     dist_sq = max(c_sq - 2 * t_dot_c + t_sq, 0.0)
     if dist_sq <= 1e-30:
-        return 0.0  # θ_t already sits on this candidate here
+        return 0.0  # θ_t already sits on this member here
     return (g_dot_c - g_dot_t) / (g_norm * dist_sq**0.5)
 
 
-def _atom(cand: Checkpoint, name: str, base: Checkpoint, scale: float) -> torch.Tensor:
-    """A vertex of the constraint set: the candidate itself, or its task vector scaled from the base."""
-    c = cand.read(name).to(torch.float32)
-    if scale == 1.0:
-        return c
-    b = base.read(name).to(torch.float32)
-    return b + scale * (c - b)
-
-
-def _scored(name: str, g: torch.Tensor, theta: torch.Tensor, candidates: Sequence[Checkpoint], norms: "_CandidateNorms",
-            oracle: str, base: Checkpoint, scale: float):
-    """(candidate index, its atom tensor, its oracle score) for one tensor, reading one candidate at a time."""
-    g_norm, g_dot_t, t_sq = _dot(g, g) ** 0.5, _dot(g, theta), _dot(theta, theta)
-    for i, cand in enumerate(candidates):
-        c = _atom(cand, name, base, scale)
-        yield i, c, _score(oracle, _dot(g, c), g_dot_t, _dot(theta, c), norms.get(i, name, c), t_sq, g_norm)
-
-
-def fw_hard(base: Checkpoint, candidates: Sequence[Checkpoint], objective: Objective, params: FWParams | None = None,
-            progress: Progress = None) -> FWResult:
-    """Frank-Wolfe merging with hard (one-candidate) selections. Returns θ_T and every selection."""
-    params = params or FWParams()
+def _check_pool(candidates: Sequence[Checkpoint], names: Sequence[str]) -> None:
     if not candidates:
         raise MergeyardError("FW-Merging needs at least one candidate")
-    names = [n for n in objective.names]
     for c in candidates:
         missing = [n for n in names if n not in c.entries]
         if missing:
             raise MergeyardError(f"candidate {c.path} has no tensor {missing[0]!r}: not the objective's architecture")
-    state = {n: base.read(n).to(torch.float32) if base.entries[n].is_float else base.read(n) for n in base.names}
-    if params.init == "task_arithmetic":
-        for n in names:
-            theta0 = state[n].clone()
-            for c in candidates:
-                state[n] += params.lam * (c.read(n).to(torch.float32) - theta0)
-    norms = _CandidateNorms()
+
+
+class _Stepper:
+    """Applies θ ← θ + step·inner(target − θ): at once per tensor for task arithmetic, all together for TIES's
+    global trim (which needs the whole step's magnitudes)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], p: FWParams, step: float):
+        self.state, self.p, self.step, self.pending = state, p, step, {}
+
+    def towards(self, name: str, target: torch.Tensor | None) -> None:
+        update = (target if target is not None else 0.0) - self.state[name]
+        if self.p.inner == "ties":
+            self.pending[name] = update
+        else:
+            self.state[name] = self.state[name] + self.step * update
+
+    def finish(self) -> None:
+        for name, update in trim_global(self.pending, self.p.density).items():
+            self.state[name] = self.state[name] + self.step * update
+
+
+def fw_hard(base: Checkpoint, candidates: Sequence[Checkpoint], objective: Objective, params: FWParams | None = None,
+            progress: Progress = None) -> FWResult:
+    """Frank-Wolfe merging with hard (one-member) selections. Returns θ_T and every selection."""
+    p = params or FWParams()
+    names = list(objective.names)
+    _check_pool(candidates, names)
+    state = initial_merge(base, candidates, p)
+    pool = Pool(base, candidates, p.scale, {n: state[n].clone() for n in names} if p.initial_candidate else None)
+    rule = p.descent_rule()
     result = FWResult(state)
-    for t in range(params.iterations):
+    for t in range(p.iterations):
         loss, grad = objective.loss_and_grad(state)
         result.losses.append(loss)
-        step = 2.0 / (t + 2) * params.step_size * params.lam
-        scores = torch.zeros(len(candidates), len(names), dtype=torch.float64)
-        best_tensor: dict[str, torch.Tensor] = {}
+        stepper = _Stepper(state, p, 2.0 / (t + 2) * p.step_size * p.lam)
+        scores = torch.zeros(len(pool), len(names), dtype=torch.float64)
         for j, name in enumerate(names):
-            best_i, best_s = -1, float("inf")
-            for i, c, s in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms, params.oracle,
-                                   base, params.scale):
+            best_i, best_s, best_c = -1, float("inf"), None
+            for i, c, s in pool.scored(name, grad[name].to(torch.float32), state[name], p.oracle):
                 scores[i, j] = s
                 if s < best_s:
-                    best_i, best_s = i, s
-                    if params.granularity == "layer":
-                        best_tensor[name] = c  # the only candidate tensor kept beyond this loop step
-            if params.granularity == "layer" and best_s < 0:
-                _apply(state, name, best_tensor.pop(name), step, params)
-                result.selections.append(Selection(t, name, best_i, best_s, step))
-            best_tensor.pop(name, None)
+                    best_i, best_s, best_c = i, s, c  # the only member tensor kept beyond this step
+            if p.granularity == "layer":
+                _select(result, stepper, t, name, pool, best_i, best_s, best_c, rule)
             if progress:
-                progress(f"FW iteration {t + 1}/{params.iterations}", j + 1, len(names))
+                progress(f"FW iteration {t + 1}/{p.iterations}", j + 1, len(names))
         if t == 0:
-            result.initial_scores = scores.mean(dim=1).tolist()
-        if params.granularity == "task":
+            result.initial_scores = scores[:len(candidates)].mean(dim=1).tolist()
+        if p.granularity == "task":
             totals = scores.sum(dim=1)
             chosen = int(torch.argmin(totals))
-            if float(totals[chosen]) < 0:
-                for j, name in enumerate(names):
-                    _apply(state, name, _atom(candidates[chosen], name, base, params.scale), step, params)
-                    result.selections.append(Selection(t, name, chosen, float(scores[chosen, j]), step))
+            for j, name in enumerate(names):
+                _select(result, stepper, t, name, pool, chosen, float(totals[chosen]), pool.tensor(chosen, name), rule,
+                        score=float(scores[chosen, j]))
+        stepper.finish()
     result.losses.append(objective.loss(state))
     return result
 
 
-def _apply(state: dict[str, torch.Tensor], name: str, selected: torch.Tensor, step: float, params: FWParams) -> None:
-    update = selected - state[name]
-    if params.inner == "ties":
-        update = _trim(update, params.density)
-    state[name] = state[name] + step * update
+def _select(result: FWResult, stepper: _Stepper, t: int, name: str, pool: Pool, best: int, decisive: float,
+            tensor: torch.Tensor, rule: str, score: float | None = None) -> None:
+    """Step `name` towards member `best` if it descends (its decisive score < 0), else as the rule says."""
+    score = decisive if score is None else score
+    if decisive < 0 or rule == "best":
+        stepper.towards(name, tensor)
+        target = pool.target(best)
+        result.selections.append(Selection(t, name, best if target == "candidate" else None, score, stepper.step,
+                                           target))
+    elif rule == "zero":
+        stepper.towards(name, None)
+        result.selections.append(Selection(t, name, None, score, stepper.step, "zero"))
 
 
 class FWSoftParams(FWParams):
-    adam_steps: int = Field(20, ge=1, description="Adam steps on the layer-wise coefficients per iteration")
-    adam_lr: float = Field(1e-2, gt=0, description="Adam's learning rate on the coefficients")
+    init: Literal["task_arithmetic", "ties", "base"] = Field("base", description="θ_0 (FusionBench's FW-soft: "
+                                                             "the base)")
+    granularity: Literal["layer", "task"] = Field("task", description="one selection per task for the whole "
+                                                  "model (FusionBench), or per tensor")
+    initial_candidate: bool = Field(False, description="θ_0 joins the pool (FusionBench's FW-soft: no)")
+    merge: Literal["adamerging", "task_arithmetic"] = Field(
+        "adamerging", description="how the selections merge in: layer-wise AdaMerging relative to θ_t "
+        "(FusionBench), or task arithmetic at λ·γ_t (γ_0 = 1: one iteration is the authors' per-task "
+        "selection, each task picking one model, then task arithmetic of the picks)")
+    adam_steps: int = Field(500, ge=1, description="AdaMerging's Adam steps per iteration (FusionBench: 500)")
+    adam_lr: float = Field(1e-3, gt=0, description="AdaMerging's learning rate (FusionBench: 1e-3)")
+    adam_init: float = Field(0.3, description="the coefficients' start in the first iteration (FusionBench: 0.3)")
+    adam_init_later: float = Field(1e-8, description="their start in later iterations (FusionBench's ada_coeff)")
 
 
 @dataclass
 class FWSoftResult(FWResult):
-    coefficients: list[dict[int, list[float]]] = field(default_factory=list)  # per iteration: candidate → per tensor α
+    coefficients: list[list[list[float]]] = field(default_factory=list)  # per iteration: selection × tensor α
 
 
 def fw_soft(base: Checkpoint, candidates: Sequence[Checkpoint], task_objectives: dict[str, Objective],
             merge_objective: Objective, params: FWSoftParams | None = None, progress: Progress = None) -> FWSoftResult:
-    """FW-Soft: each iteration, one selection per task (the LMO on that task's loss), merged with layer-wise
-    AdaMerging coefficients α[s, n] learned by Adam on `merge_objective` (prediction entropy, unlabelled):
+    """FW-Soft, as FusionBench's `FrankWolfeSoftAlgorithm`: each iteration, every task's own linear oracle picks
+    a member (a task skips what an earlier task took and takes the next best), and the picks d_k = θ_k − θ_t merge
+    in with layer-wise coefficients learned by Adam on `merge_objective` (prediction entropy, unlabelled):
 
-        θ' = θ_t + Σ_s α[s, n] (θ_s,n − θ_t,n),   θ_{t+1} = θ_t + γ_t (θ' − θ_t)
+        θ_{t+1} = θ_t + Σ_k α[k, n] d_k,n,   ∂L/∂α[k, n] = ⟨∇_n L(θ'), d_k,n⟩
 
-    ∂L/∂α[s, n] = ⟨∇_n L(θ'), θ_s,n − θ_t,n⟩, so the coefficients train on the objective's tensor gradients.
-    Resident: θ_t and the selected directions (at most one per task, not one per candidate).
+    (or, `merge: task_arithmetic`, θ_{t+1} = θ_t + λ·γ_t Σ_k d_k). Resident: θ_t and one direction per task.
     """
-    params = params or FWSoftParams()
+    p = params or FWSoftParams()
     names = list(merge_objective.names)
-    state = {n: base.read(n).to(torch.float32) if base.entries[n].is_float else base.read(n) for n in base.names}
+    _check_pool(candidates, names)
+    state = initial_merge(base, candidates, p)
+    pool = Pool(base, candidates, p.scale, {n: state[n].clone() for n in names} if p.initial_candidate else None)
     result = FWSoftResult(state)
-    norms = _CandidateNorms()
-    for t in range(params.iterations):
+    for t in range(p.iterations):
         result.losses.append(merge_objective.loss(state))
-        chosen: list[int] = []
-        for task, objective in task_objectives.items():
-            _, grad = objective.loss_and_grad(state)
-            totals = torch.zeros(len(candidates), dtype=torch.float64)
-            for name in names:
-                for i, _, score in _scored(name, grad[name].to(torch.float32), state[name], candidates, norms,
-                                           params.oracle, base, params.scale):
-                    totals[i] += score
-            best = int(torch.argmin(totals))
-            if float(totals[best]) < 0 and best not in chosen:
-                chosen.append(best)
-        if not chosen:
-            continue
-        directions = {i: {n: _atom(candidates[i], n, base, params.scale) - state[n] for n in names} for i in chosen}
-        alpha = torch.full((len(chosen), len(names)), params.lam, dtype=torch.float32, requires_grad=True)
-        optimiser = torch.optim.Adam([alpha], lr=params.adam_lr)
-        for step in range(params.adam_steps):
-            with torch.no_grad():
-                merged = dict(state)
-                for j, n in enumerate(names):
-                    merged[n] = state[n] + sum(alpha[k, j] * directions[i][n] for k, i in enumerate(chosen))
-            _, grad = merge_objective.loss_and_grad(merged)
-            alpha.grad = torch.tensor([[_dot(grad[n], directions[i][n]) for n in names] for i in chosen],
-                                      dtype=torch.float32)
-            optimiser.step()
-            if progress:
-                progress(f"FW-Soft iteration {t + 1}/{params.iterations}", step + 1, params.adam_steps)
-        gamma = 2.0 / (t + 2) * params.step_size
-        coeffs = alpha.detach()
+        picks = _soft_picks(result, t, pool, task_objectives, state, names, p)
+        directions = [{n: pick[n] - state[n] for n in names} for pick in picks]
+        if p.inner == "ties":
+            directions = [trim_global(d, p.density) for d in directions]
+        if p.merge == "task_arithmetic":
+            step = p.lam * (2.0 / (t + 2) * p.step_size if t > 0 else 1.0)
+            alpha = torch.full((len(picks), len(names)), step)
+        else:
+            alpha = _learn_coefficients(state, directions, names, merge_objective, p,
+                                        p.adam_init if t == 0 else p.adam_init_later, progress, t)
+            result.coefficients.append(alpha.tolist())
         for j, n in enumerate(names):
-            state[n] = state[n] + gamma * sum(coeffs[k, j] * directions[i][n] for k, i in enumerate(chosen))
-        for k, i in enumerate(chosen):
-            result.selections.append(Selection(t, "*", i, float(coeffs[k].mean()), gamma))
-        result.coefficients.append({i: coeffs[k].tolist() for k, i in enumerate(chosen)})
+            state[n] = state[n] + sum(alpha[k, j] * d[n] for k, d in enumerate(directions))
+        _record_steps(result, t, alpha, p.granularity)
     result.losses.append(merge_objective.loss(state))
     return result
+
+
+def _soft_picks(result: FWSoftResult, t: int, pool: Pool, task_objectives: dict[str, Objective],
+                state: dict[str, torch.Tensor], names: list[str], p: FWSoftParams) -> list[dict[str, torch.Tensor]]:
+    """One pick per task (a whole member, or per tensor), each task skipping the members earlier tasks took."""
+    picks: list[dict[str, torch.Tensor]] = []
+    taken: dict[str, set[int]] = {n: set() for n in names}  # per tensor; for `task` every tensor holds the same
+    for task, objective in task_objectives.items():
+        _, grad = objective.loss_and_grad(state)
+        chosen: dict[str, torch.Tensor] = {}
+        if p.granularity == "task":
+            totals: dict[int, float] = {}
+            for name in names:
+                for i, _, s in pool.scored(name, grad[name].to(torch.float32), state[name], p.oracle,
+                                           frozenset(taken[name])):
+                    totals[i] = totals.get(i, 0.0) + s
+            best = min(totals, key=lambda i: (totals[i], i))
+            for name in names:
+                chosen[name] = pool.tensor(best, name)
+                taken[name].add(best)
+            _note(result, t, "*", pool, best, totals[best], 0.0)
+        else:
+            for name in names:
+                best, best_s, best_c = -1, float("inf"), None
+                for i, c, s in pool.scored(name, grad[name].to(torch.float32), state[name], p.oracle,
+                                           frozenset(taken[name])):
+                    if s < best_s:
+                        best, best_s, best_c = i, s, c
+                chosen[name] = best_c
+                taken[name].add(best)
+                _note(result, t, name, pool, best, best_s, 0.0)
+        picks.append(chosen)
+        if len(picks) >= len(pool):
+            break
+    return picks
+
+
+def _record_steps(result: FWSoftResult, t: int, alpha: torch.Tensor, granularity: str) -> None:
+    """Each of iteration t's selections gets the coefficient its pick merged in with (its mean for a whole model)."""
+    first = next(i for i, s in enumerate(result.selections) if s.iteration == t)
+    for offset, sel in enumerate(result.selections[first:]):
+        k, j = (offset, None) if granularity == "task" else divmod(offset, alpha.shape[1])
+        value = float(alpha[k].mean()) if j is None else float(alpha[k, j])
+        result.selections[first + offset] = replace(sel, step=value)
+
+
+def _note(result: FWResult, t: int, name: str, pool: Pool, member: int, score: float, step: float) -> None:
+    target = pool.target(member)
+    result.selections.append(Selection(t, name, member if target == "candidate" else None, score, step, target))
+
+
+def _learn_coefficients(state: dict[str, torch.Tensor], directions: list[dict[str, torch.Tensor]], names: list[str],
+                        objective: Objective, p: FWSoftParams, start: float, progress: Progress,
+                        t: int) -> torch.Tensor:
+    """Layer-wise AdaMerging relative to θ_t: α (picks × tensors) from `start`, Adam on the objective's gradient
+    pulled back through θ' = θ_t + Σ_k α_k d_k (unclamped, as FusionBench)."""
+    alpha = torch.full((len(directions), len(names)), start, dtype=torch.float32, requires_grad=True)
+    optimiser = torch.optim.Adam([alpha], lr=p.adam_lr)
+    for step in range(p.adam_steps):
+        with torch.no_grad():
+            merged = dict(state)
+            for j, n in enumerate(names):
+                merged[n] = state[n] + sum(alpha[k, j] * d[n] for k, d in enumerate(directions))
+        _, grad = objective.loss_and_grad(merged)
+        alpha.grad = torch.tensor([[_dot(grad[n], d[n]) for n in names] for d in directions], dtype=torch.float32)
+        optimiser.step()
+        if progress:
+            progress(f"FW-Soft iteration {t + 1}/{p.iterations}: AdaMerging", step + 1, p.adam_steps)
+    return alpha.detach()

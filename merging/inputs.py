@@ -96,6 +96,15 @@ class TensorInputs:
             check_input_finite(ckpt, self.name, t)
         return t
 
+    def base_whole(self) -> torch.Tensor:
+        """The base's whole tensor in its shape (float32, on the device): for methods that decompose a matrix."""
+        assert self.base is not None
+        return self._load(self.base, slice(None)).reshape(self.shape)
+
+    def model_whole(self, i: int) -> torch.Tensor:
+        """Model i's whole tensor in its shape; read one model at a time, a method holds one of them, not N."""
+        return self._load(self.models[i], slice(None)).reshape(self.shape)
+
     def chunks(self) -> Iterator[Chunk]:
         """Chunks in order. A tensor that fits one chunk is read once and reused on later passes."""
         if self._cached is not None:

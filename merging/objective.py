@@ -57,6 +57,7 @@ class ObjectiveRequest:
     budget: int
     loss: Literal["cross_entropy", "entropy"] = "cross_entropy"
     per_task: bool = False
+    minibatch: int | None = None  # each gradient on the next this-many samples per task (None: the whole budget)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,32 @@ class CalibrationRequest:
     samples: int
 
 
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """The suite's metric on its calibration split (never its evaluation split), built into a `Scorer`: what an
+    `auto` coefficient is chosen by (merging.search)."""
+
+    suite: str
+    tasks: tuple[str, ...] | None
+    budget: int
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float  # the mean over tasks of each task's metric, higher is better (a lower-is-better one negated)
+    loss: float  # the mean over tasks of each task's loss: breaks ties between equal values
+    tasks: dict[str, float]  # each task's metric as measured
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores a model state on labelled calibration data."""
+
+    #: identifies the data exactly (suite digest, tasks, budget, split): recorded with the choice it made
+    digest: str
+
+    def score(self, state: Mapping[str, torch.Tensor]) -> Score: ...
 
 
 @dataclass(frozen=True)

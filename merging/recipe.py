@@ -27,6 +27,7 @@ from merging.errors import RecipeError
 from merging.methods import MergeMethod, MethodParams, get_method
 from merging.mergekit_config import is_mergekit, translate
 from merging.references import parse_ref
+from merging.search import AUTO, SearchSpec
 from merging.settings import canonical_setting, check_setting, evaluate, first_defined, is_plain, leaves
 from merging.yaml_input import YamlDoc, read_yaml, validation_problems
 
@@ -62,6 +63,8 @@ class MergeStep(BaseModel):
     # where the output's tokenizer files come from, as mergekit's key: `base` (the default: the base's, or the
     # first model's without one) or a model; the config always comes from the base
     tokenizer_source: str | None = None
+    # the data and grid an `auto` parameter is chosen on (merging.search)
+    search: SearchSpec | None = None
 
     @field_validator("method")
     @classmethod
@@ -141,11 +144,23 @@ class Recipe(MergeStep):
         scalar = scalar_fields(self.method_spec.params)
         return [k for k, v in self.parameters.items() if k in scalar and not is_plain(v)]
 
+    @property
+    def auto_params(self) -> list[str]:
+        """Parameters the recipe leaves to a search on data (`lambda: auto`)."""
+        return [k for k, v in self.parameters.items() if v == AUTO]
+
+    def with_chosen(self, values: dict[str, float]) -> "Recipe":
+        """The recipe with its `auto` parameters set to the values a search chose, and no search left to run."""
+        return self.model_copy(update={"parameters": {**self.parameters, **values}, "search": None})
+
     def _evaluated(self, tensor: str, t: float) -> dict[str, Any]:
-        # only a parameter holding one value per tensor can be a setting; a list-typed one (`tasks`) is a value
+        # only a parameter holding one value per tensor can be a setting; a list-typed one (`tasks`) is a value;
+        # an `auto` one has its default until a search chose it
         scalar = scalar_fields(self.method_spec.params)
         out = {}
         for key, setting in self.parameters.items():
+            if setting == AUTO:
+                continue
             value = evaluate(setting, tensor, t) if key in scalar and _is_setting(setting) else setting
             if value is not None:
                 out[key] = value
@@ -178,6 +193,7 @@ class Recipe(MergeStep):
             except ValueError as exc:
                 raise RecipeError(f"method {self.method!r}: {exc}") from None
         params = self.params()
+        self._check_auto()
         if spec.requires_base and not self.base:
             raise RecipeError(f"method {self.method!r} needs a `base:` model (the one the others were fine-tuned from)")
         self._check_settings(params)
@@ -195,10 +211,26 @@ class Recipe(MergeStep):
                               f"{len(self.models)}")
         return self
 
+    def _check_auto(self) -> None:
+        spec, auto = self.method_spec, self.auto_params
+        for key in auto:
+            if spec.scale_param is None:
+                raise RecipeError(f"method {self.method!r}: {key}: auto — this method has no scale to choose on "
+                                  f"data; give {key} a value")
+            if _field(spec.params, key) != _field(spec.params, spec.scale_param):
+                raise RecipeError(f"method {self.method!r}: {key}: auto — only its scale, {spec.scale_param}, can "
+                                  "be chosen on data")
+        if auto and (self.search is None or self.search.suite is None):
+            raise RecipeError(f"method {self.method!r}: {auto[0]}: auto is chosen on a suite's calibration split: "
+                              "name the suite in `search: {suite: ...}`")
+        if self.search is not None and not auto:
+            raise RecipeError(f"`search:` chooses `auto` parameters, and method {self.method!r} has none here"
+                              + (f": set {spec.scale_param}: auto, or drop `search:`" if spec.scale_param else ""))
+
     def _check_settings(self, params: MethodParams) -> None:
         spec = self.method_spec
         varying = self._varying_keys()
-        plain = {k: v for k, v in self.parameters.items() if k not in varying}
+        plain = {k: v for k, v in self.parameters.items() if k not in varying and v != AUTO}
         for key in varying:
             for value in leaves(self.parameters[key]):
                     spec.parse_params({**plain, key: value})
@@ -223,6 +255,8 @@ class Recipe(MergeStep):
         params = self.params().model_dump(by_alias=True, mode="json")
         for key in self._varying_keys():  # a varying parameter is recorded as written, normalised
             params[key] = _canonical_numbers(canonical_setting(self.parameters[key]))
+        for key in self.auto_params:
+            params[_alias(self.method_spec.params, key)] = AUTO
         data = {
             "method": self.method,
             "base": self.base,
@@ -233,6 +267,9 @@ class Recipe(MergeStep):
         }
         if self.tokenizer_source is not None:  # only when set: recipes without one keep their hash
             data["tokenizer_source"] = self.tokenizer_source
+        if self.search is not None:  # the grid as it will be tried: the method's default written out
+            data["search"] = {**self.search.model_dump(mode="json"),
+                              "grid": list(self.search.grid or self.method_spec.scale_grid)}
         if self.slices:  # by position: pinning inputs to digests leaves them right
             data["slices"] = [{"model": self.slice_model(s), "layer_range": list(s.layer_range)} for s in self.slices]
         return data
@@ -259,6 +296,12 @@ class Recipe(MergeStep):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.canonical(), sort_keys=False)
+
+
+def _alias(model: type[MethodParams], key: str) -> str:
+    """The spelling `model_dump(by_alias=True)` gives the parameter `key` (`lambda` for `lambda_`)."""
+    info = model.model_fields.get(_field(model, key))
+    return (info.alias or _field(model, key)) if info is not None else key
 
 
 def _field(model: type[MethodParams], key: str) -> str:
@@ -302,6 +345,14 @@ def _resolve_local(ref: str, root: Path) -> str:
     return str(parse_ref(ref, root))
 
 
+def _rebase_search(search: SearchSpec | None, root: Path) -> SearchSpec | None:
+    """A suite file named by a relative path in `search:` is taken from the recipe's folder."""
+    if search is None or search.suite is None or "://" in search.suite or Path(search.suite).is_absolute():
+        return search
+    candidate = root / search.suite
+    return search.model_copy(update={"suite": str(candidate.resolve())}) if candidate.is_file() else search
+
+
 def parse_recipe(data: Any, root: Path | None = None, doc: YamlDoc | None = None) -> Recipe:
     """A checked Recipe from parsed YAML/JSON; relative paths resolve against `root`; `doc` gives errors lines."""
     if not isinstance(data, dict):
@@ -318,6 +369,7 @@ def parse_recipe(data: Any, root: Path | None = None, doc: YamlDoc | None = None
                 "base": _resolve_local(recipe.base, root) if recipe.base else None,
                 "models": [m.model_copy(update={"model": _resolve_local(m.model, root)}) for m in recipe.models],
                 "parameters": recipe.method_spec.rebase_paths(recipe.parameters, root),
+                "search": _rebase_search(recipe.search, root),
                 "tokenizer_source": _resolve_local(recipe.tokenizer_source, root) if recipe.tokenizer_source else None,
                 "slices": [s.model_copy(update={"model": _resolve_local(s.model, root)}) if isinstance(s.model, str)
                            else s for s in recipe.slices] if recipe.slices else None,

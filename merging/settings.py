@@ -28,6 +28,15 @@ Scalar = (bool, int, float, str)
 # Groups: the prefix up to the index, the index, the dot after it (merging.slices renumbers with them).
 LAYER_NAME = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|resblocks)\.)(\d+)(\.)")
 
+# Lookup tables, not linear maps: token, position and type embeddings (`word_embeddings`, `embed_tokens`,
+# GPT-2's `wte`/`wpe`, open_clip's `positional_embedding`). A LoRA cannot adapt them and the SVD methods
+# average them instead of decomposing them.
+EMBEDDING_HINTS = ("embed", "wte", "wpe")
+
+
+def is_embedding(name: str) -> bool:
+    return any(h in name for h in EMBEDDING_HINTS)
+
 
 def is_scalar(value: Any) -> bool:
     return isinstance(value, Scalar) or value is None

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from merging.checkpoint import Checkpoint
 from merging.errors import CheckpointError, RecipeError
-from merging.settings import LAYER_NAME, layer_index
+from merging.settings import LAYER_NAME, is_embedding, layer_index
 
-_BEFORE_LAYERS = ("embed", "wte", "wpe")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -48,10 +47,10 @@ def stack(sources: list[tuple[Checkpoint, tuple[int, int], str]]) -> Checkpoint:
             out_layer += 1
     first, last = sources[0][0], sources[-1][0]
     for name in first.names:
-        if layer_index(name) is None and any(k in name for k in _BEFORE_LAYERS):
+        if layer_index(name) is None and is_embedding(name):
             mapping[name] = (first, name)
     for name in last.names:
-        if layer_index(name) is None and not any(k in name for k in _BEFORE_LAYERS):
+        if layer_index(name) is None and not is_embedding(name):
             mapping[name] = (last, name)
     return Checkpoint.joined(mapping)
 

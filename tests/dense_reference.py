@@ -133,3 +133,108 @@ def dare(base, models, weights, drop_rate, keys, lam=1.0, ties=False, aggregate=
         mixed = mergekit_consensus(weighted, weights, aggregate) if ties else loop_sum(weighted)
         out[n] = (b + lam * mixed).reshape(base[n].shape)
     return out
+
+
+# ---- the SVD family (TSV-M, Iso-C, Iso-CTS, CART), in float64, from the papers' formulas ----------------------
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def is_linear_weight(name, shape):
+    """What the papers decompose: a layer's 2-D weight matrix; embedding tables are lookups, not layers."""
+    return len(shape) == 2 and not any(h in name for h in ("embed", "wte", "wpe"))
+
+
+def in_range(s, shape):
+    """The directions that carry the matrix: σ above numpy's matrix_rank tolerance at float32."""
+    return s > s.max() * max(shape) * EPS32
+
+
+def polar_on_range(a):
+    """Nearest matrix with orthonormal columns (rows), over the range of `a`: Σ_{σ_j > tol} u_j v_jᵀ."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    out = torch.zeros_like(a)
+    for j in range(s.numel()):
+        if in_range(s, a.shape)[j]:
+            out += torch.outer(u[:, j], vh[j])
+    return out
+
+
+def _task_vectors(base, models, weights, name):
+    return [w * (m[name].double() - base[name].double()) for m, w in zip(models, weights)]
+
+
+def _spectral(base, models, weights, scale, matrix_rule, other_rule):
+    out = {}
+    for name in float_names(base):
+        taus = _task_vectors(base, models, weights, name)
+        b = base[name].double()
+        if is_linear_weight(name, b.shape):
+            out[name] = b + scale * matrix_rule(taus)
+        else:
+            out[name] = other_rule(b, taus)
+    return out
+
+
+def tsv(base, models, weights, alpha, fraction=None):
+    """TSV-M: per task the top k = ⌊r·fraction⌋ (≥ 1; fraction 1/T by default) singular triplets, the stacked
+    U and V replaced by their polar factors, Σ kept."""
+    def matrix(taus):
+        r = min(taus[0].shape)
+        k = max(1, int(r * (fraction if fraction is not None else 1 / len(taus))))
+        us, ss, vs = [], [], []
+        for tau in taus:
+            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+            us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k])
+        u_cat, v_cat = torch.cat(us, 1), torch.cat(vs, 0)
+        return polar_on_range(u_cat) @ torch.diag(torch.cat(ss)) @ polar_on_range(v_cat)
+    return _spectral(base, models, weights, alpha, matrix, lambda b, taus: b + alpha * loop_sum(taus) / len(taus))
+
+
+def iso_c(base, models, weights, alpha):
+    """Iso-C: Σ τ_i = U S Vᵀ → mean(S) · U Vᵀ."""
+    def matrix(taus):
+        u, s, vh = torch.linalg.svd(loop_sum(taus), full_matrices=False)
+        keep = in_range(s, u.shape[:1] + vh.shape[1:])
+        return s.mean() * (u[:, keep] @ vh[keep])
+    return _spectral(base, models, weights, alpha, matrix, lambda b, taus: b + alpha * loop_sum(taus) / len(taus))
+
+
+def iso_cts(base, models, weights, alpha, common_fraction=0.8):
+    """Iso-CTS: the sum's top directions (common) plus each task's top directions after removing them."""
+    def matrix(taus):
+        total = loop_sum(taus)
+        r, n_tasks = min(total.shape), len(taus)
+        common = int(r * common_fraction)
+        per_task = min(round((r - common) / n_tasks), r // n_tasks)
+        common = r - per_task * n_tasks
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        us, ss, vs = [], [], []
+        for tau in taus:
+            projected = tau - u[:, :common] @ u[:, :common].T @ tau
+            ui, si, vhi = torch.linalg.svd(projected, full_matrices=False)
+            us.append(ui[:, :per_task]), ss.append(si[:per_task]), vs.append(vhi[:per_task])
+        u_all = torch.cat(us + [u[:, :common]], 1)
+        v_all = torch.cat(vs + [vh[:common]], 0)
+        sigma = torch.cat(ss + [s[:common]]).mean()
+        return sigma * polar_on_range(u_all) @ polar_on_range(v_all)
+    return _spectral(base, models, weights, alpha, matrix, lambda b, taus: b + alpha * loop_sum(taus) / len(taus))
+
+
+def cart(base, models, weights, lam, rank_ratio):
+    """CART: θ̄ = θ_base + mean τ; θ = θ̄ + λ Σ_i LowRank_k(τ_i − mean τ) on weight matrices, θ̄ elsewhere."""
+    out = {}
+    for name in float_names(base):
+        taus = _task_vectors(base, models, weights, name)
+        centre = loop_sum(taus) / len(taus)
+        b = base[name].double()
+        if not is_linear_weight(name, b.shape):
+            out[name] = b + centre
+            continue
+        k = max(1, int(rank_ratio * min(b.shape)))
+        total = torch.zeros_like(b)
+        for tau in taus:
+            u, s, vh = torch.linalg.svd(tau - centre, full_matrices=False)
+            total = total + u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+        out[name] = b + centre + lam * total
+    return out

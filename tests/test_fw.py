@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from merging.checkpoint import Checkpoint
 from merging.errors import MergeyardError
+import dense_reference as ref
 from merging.fw import FWParams, fw_hard
 
 SHAPES = {"w1": (6, 5), "w2": (7,), "w3": (3, 2, 2)}
@@ -41,51 +42,73 @@ def family(tmp_path, n, seed=0):
     return base, cands, paths[0], paths[1:]
 
 
-def dense_fw(base, cands, objective, p: FWParams):
-    """Frank-Wolfe as the formulas read, on whole tensors, without streaming or caching."""
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _trim_whole_step(updates, density):
+    """TIES's trim of the step over the whole model (the authors' topk_values_mask): sort, keep |u| ≥ the k-th."""
+    flat = torch.cat([u.flatten().abs() for u in updates.values()])
+    k = flat.numel() - int(flat.numel() * density)
+    if k <= 0:
+        return updates
+    cut = torch.sort(flat).values[k - 1]
+    return {n: u * (u.abs() >= cut) for n, u in updates.items()}
+
+
+def _initial(base, cands, p):
     theta = {k: v.clone().float() if v.is_floating_point() else v.clone() for k, v in base.items()}
+    floats = [n for n in base if base[n].is_floating_point()]
     if p.init == "task_arithmetic":
-        for n in objective.names:
-            theta[n] = theta[n] + p.lam * sum(c[n] - base[n] for c in cands)
+        for n in floats:
+            theta[n] = base[n] + p.lam * sum(c[n] - base[n] for c in cands)
+    elif p.init == "ties":
+        theta.update(ref.ties_global(base, cands, [1.0] * len(cands), p.density, "mean", p.lam))
+    return theta
+
+
+def dense_fw(base, cands, objective, p: FWParams):
+    """FW-hard as the authors' code reads: θ_0 a merge of all (and a member of the pool), a cosine oracle per
+    tensor or for the model, a step towards the pick (or towards zero), whole tensors, no streaming or caching."""
+    names = objective.names
+    theta = _initial(base, cands, p)
+    pool = [{n: base[n] + p.scale * (c[n] - base[n]) for n in names} for c in cands]
+    labels = list(range(len(cands)))
+    if p.initial_candidate:
+        pool.append({n: theta[n].clone() for n in names})
+        labels.append("initial")
+    rule = p.no_descent or ("zero" if p.granularity == "layer" else "best")
     picks = []
-    cands = [{n: base[n] + p.scale * (c[n] - base[n]) if base[n].is_floating_point() else c[n] for n in base} for c in cands]
     for t in range(p.iterations):
         _, grad = objective.loss_and_grad(theta)
-        gamma = 2 / (t + 2) * p.step_size * p.lam
-        table = torch.zeros(len(cands), len(objective.names), dtype=torch.float64)
-        for j, n in enumerate(objective.names):
-            for i, c in enumerate(cands):
-                other = c[n] - theta[n] if p.oracle == "direction" else c[n]
-                table[i, j] = torch.nn.functional.cosine_similarity(grad[n].flatten().double(), other.flatten().double(), dim=0)
-        if p.granularity == "layer":
-            new = dict(theta)
-            for j, n in enumerate(objective.names):
-                i = int(table[:, j].argmin())
-                if table[i, j] < 0:
-                    step = cands[i][n] - theta[n]
-                    if p.inner == "ties":
-                        k = max(1, int(p.density * step.numel()))
-                        cut = step.abs().flatten().topk(k).values[-1]
-                        step = step * (step.abs() >= cut)
-                    new[n] = theta[n] + gamma * step
-                    picks.append((t, n, i))
-            theta = new
-        else:
-            i = int(table.sum(1).argmin())
-            if table[i].sum() < 0:
-                for n in objective.names:
-                    theta[n] = theta[n] + gamma * (cands[i][n] - theta[n])
-                    picks.append((t, n, i))
+        step = 2 / (t + 2) * p.step_size * p.lam
+        table = torch.tensor([[_cos(grad[n], m[n] - theta[n] if p.oracle == "direction" else m[n]) for n in names]
+                              for m in pool], dtype=torch.float64)
+        updates = {}
+        for j, n in enumerate(names):
+            i = int(table[:, j].argmin()) if p.granularity == "layer" else int(table.sum(1).argmin())
+            decisive = table[i, j] if p.granularity == "layer" else table[i].sum()
+            if decisive < 0 or rule == "best":
+                updates[n] = pool[i][n] - theta[n]
+                picks.append((t, n, labels[i]))
+            elif rule == "zero":
+                updates[n] = -theta[n]
+                picks.append((t, n, "zero"))
+        if p.inner == "ties":
+            updates = _trim_whole_step(updates, p.density)
+        theta = {**theta, **{n: theta[n] + step * u for n, u in updates.items()}}
     return theta, picks
 
 
 @pytest.mark.parametrize("params", [
     FWParams(),
     FWParams(granularity="task", iterations=6, step_size=0.5, lam=1.0),
-    FWParams(oracle="weights", iterations=4, step_size=1.0),
-    FWParams(inner="ties", density=0.3, init="task_arithmetic", iterations=5, step_size=1.0, lam=0.5),
-    FWParams(scale=2.5, iterations=5, step_size=1.0),
-], ids=["defaults", "task", "weights-oracle", "ties-inner-ta-init", "scaled-atoms"])
+    FWParams(oracle="direction", iterations=4, step_size=1.0, no_descent="stay", init="base"),
+    FWParams(inner="ties", density=0.3, init="ties", iterations=5, step_size=1.0, lam=0.9),
+    FWParams(scale=2.5, iterations=5, step_size=1.0, initial_candidate=False, no_descent="best"),
+    FWParams(granularity="task", no_descent="zero", iterations=3, step_size=1.0, lam=0.5, init="base"),
+], ids=["authors-defaults", "task", "direction-stay-from-base", "ties-init-and-inner", "scaled-atoms-best",
+        "task-zero"])
 def test_streamed_fw_hard_matches_the_dense_reference(tmp_path, params):
     base, cands, base_ckpt, cand_ckpts = family(tmp_path, 5)
     g = torch.Generator().manual_seed(7)
@@ -96,14 +119,27 @@ def test_streamed_fw_hard_matches_the_dense_reference(tmp_path, params):
     want, picks = dense_fw(base, cands, objective, params)
     for n in base:
         torch.testing.assert_close(got.state[n], want[n], rtol=1e-5, atol=1e-6)
-    assert [(s.iteration, s.tensor, s.candidate) for s in got.selections] == picks
+    assert [(s.iteration, s.tensor, s.candidate if s.target == "candidate" else s.target)
+            for s in got.selections] == picks
     assert got.state["ids"].dtype == torch.int64 and torch.equal(got.state["ids"], base["ids"])
+
+
+def test_the_ties_initial_merge_is_ties_of_all_candidates(tmp_path):
+    from merging.fw import initial_merge
+
+    base, cands, base_ckpt, cand_ckpts = family(tmp_path, 4, seed=5)
+    got = initial_merge(base_ckpt, cand_ckpts, FWParams(init="ties", density=0.3, lam=0.9))
+    want = ref.ties_global(base, cands, [1.0] * 4, 0.3, "mean", 0.9)
+    for n in SHAPES:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
 
 
 def test_fw_descends_and_prefers_the_candidate_the_loss_points_to(tmp_path):
     base, cands, base_ckpt, cand_ckpts = family(tmp_path, 6, seed=3)
     objective = Quadratic({n: cands[4][n] for n in SHAPES})
-    result = fw_hard(base_ckpt, cand_ckpts, objective, FWParams(iterations=8, step_size=1.0, lam=1.0))
+    params = FWParams(iterations=8, step_size=1.0, lam=1.0, oracle="direction", init="base", no_descent="stay",
+                      initial_candidate=False)
+    result = fw_hard(base_ckpt, cand_ckpts, objective, params)
     assert result.losses[-1] < 0.2 * result.losses[0]
     assert all(b <= a + 1e-9 for a, b in zip(result.losses, result.losses[1:]))
     counts = result.counts(6)
@@ -119,50 +155,59 @@ def test_a_candidate_of_another_architecture_is_refused(tmp_path):
 
 
 def dense_fw_soft(base, cands, task_objectives, merge_objective, p):
-    """FW-Soft as written, with autograd through the merged tensors for the coefficients."""
+    """FusionBench's FW-Soft as written: each task picks the member its gradient's cosine scores lowest, skipping
+    what earlier tasks took; the picks merge in with coefficients learned by autograd (or by task arithmetic)."""
     names = merge_objective.names
-    theta = {k: v.clone().float() if v.is_floating_point() else v.clone() for k, v in base.items()}
+    theta = _initial(base, cands, p)
+    pool = [{n: base[n] + p.scale * (c[n] - base[n]) for n in names} for c in cands]
     for t in range(p.iterations):
-        chosen = []
+        taken, picks = set(), []
         for obj in task_objectives.values():
             _, grad = obj.loss_and_grad(theta)
-            totals = [sum(float(torch.nn.functional.cosine_similarity(grad[n].flatten().double(),
-                                                                        (c[n] - theta[n]).flatten().double(), dim=0))
-                          for n in names) for c in cands]
-            best = min(range(len(cands)), key=lambda i: totals[i])
-            if totals[best] < 0 and best not in chosen:
-                chosen.append(best)
-        if not chosen:
+            totals = {i: sum(_cos(grad[n], m[n] if p.oracle == "weights" else m[n] - theta[n]) for n in names)
+                      for i, m in enumerate(pool) if i not in taken}
+            best = min(totals, key=lambda i: (totals[i], i))
+            taken.add(best)
+            picks.append(pool[best])
+            if len(picks) >= len(pool):
+                break
+        directions = [{n: m[n] - theta[n] for n in names} for m in picks]
+        if p.merge == "task_arithmetic":
+            step = p.lam * (2 / (t + 2) * p.step_size if t > 0 else 1.0)
+            theta = {**theta, **{n: theta[n] + step * sum(d[n] for d in directions) for n in names}}
             continue
-        alpha = torch.full((len(chosen), len(names)), p.lam, requires_grad=True)
+        alpha = torch.full((len(picks), len(names)), p.adam_init if t == 0 else p.adam_init_later, requires_grad=True)
         opt = torch.optim.Adam([alpha], lr=p.adam_lr)
         for _ in range(p.adam_steps):
-            merged = dict(theta)
-            for j, n in enumerate(names):
-                merged[n] = theta[n] + sum(alpha[k, j] * (cands[i][n] - theta[n]) for k, i in enumerate(chosen))
+            merged = {n: theta[n] + sum(alpha[k, j] * d[n] for k, d in enumerate(directions)) for j, n in enumerate(names)}
             loss = sum(0.5 * ((merged[n] - merge_objective.target[n]) ** 2).sum() for n in names)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        gamma = 2 / (t + 2) * p.step_size
-        theta = {**theta, **{n: theta[n] + gamma * sum(alpha.detach()[k, j] * (cands[i][n] - theta[n])
-                                                        for k, i in enumerate(chosen)) for j, n in enumerate(names)}}
+        theta = {**theta, **{n: theta[n] + sum(alpha.detach()[k, j] * d[n] for k, d in enumerate(directions))
+                              for j, n in enumerate(names)}}
     return theta
 
 
-def test_fw_soft_matches_the_dense_reference_and_selects_per_task(tmp_path):
+@pytest.mark.parametrize("params", [
+    dict(iterations=3, adam_steps=15, adam_lr=0.05),
+    dict(iterations=2, merge="task_arithmetic", step_size=0.5),
+    dict(iterations=1, merge="task_arithmetic", lam=0.3),  # the authors' per-task selection: TA of each task's pick
+], ids=["adamerging", "task-arithmetic", "per-task-selection"])
+def test_fw_soft_matches_the_dense_reference_and_selects_per_task(tmp_path, params):
     from merging.fw import FWSoftParams, fw_soft
 
     base, cands, base_ckpt, cand_ckpts = family(tmp_path, 5, seed=11)
     tasks = {"a": Quadratic({n: cands[1][n] for n in SHAPES}), "b": Quadratic({n: cands[3][n] for n in SHAPES})}
     joint = Quadratic({n: 0.5 * (cands[1][n] + cands[3][n]) for n in SHAPES})
-    params = FWSoftParams(iterations=3, step_size=1.0, lam=0.3, adam_steps=15, adam_lr=0.05)
-    got = fw_soft(base_ckpt, cand_ckpts, tasks, joint, params)
-    want = dense_fw_soft(base, cands, tasks, joint, params)
+    p = FWSoftParams(**params)
+    got = fw_soft(base_ckpt, cand_ckpts, tasks, joint, p)
+    want = dense_fw_soft(base, cands, tasks, joint, p)
     for n in SHAPES:
         torch.testing.assert_close(got.state[n], want[n], rtol=1e-4, atol=1e-5)
-    assert {s.candidate for s in got.selections if s.iteration == 0} == {1, 3}
-    assert got.losses[-1] < 0.5 * got.losses[0]
+    assert len({s.candidate for s in got.selections if s.iteration == 0}) == 2  # two tasks, two different picks
+    if p.merge == "adamerging":
+        assert got.losses[-1] < 0.5 * got.losses[0]
 
 
 def test_fw_hard_recipe_is_merged_recorded_with_its_selections_and_reproduced(small_zoo, tmp_path):

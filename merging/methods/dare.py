@@ -17,7 +17,7 @@ from pydantic import Field
 
 from merging.inputs import TensorInputs
 from merging.methods.consensus import merge_agreeing
-from merging.methods.registry import MethodParams, merge_method
+from merging.methods.registry import CONSENSUS_GRID, LAMBDA_GRID, MethodParams, merge_method
 from merging.random_mask import stream_key, uniform
 
 
@@ -47,7 +47,7 @@ def dare_task_vectors(tensor: TensorInputs, chunk, params: DareParams) -> list[t
 
 
 @merge_method("dare_linear", params=DareParams, paper="https://arxiv.org/abs/2311.03099", propagates_non_finite=True,
-              example={"drop_rate": 0.5, "lambda": 0.3})
+              example={"drop_rate": 0.5, "lambda": 0.3}, scale_param="lambda", scale_grid=LAMBDA_GRID)
 def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i DARE(τ_i)."""
     for chunk in tensor.chunks():
@@ -58,7 +58,7 @@ def dare_linear(tensor: TensorInputs, params: DareParams, state: None) -> Iterat
 
 
 @merge_method("dare_ties", params=DareTiesParams, paper="https://arxiv.org/abs/2311.03099",
-              example={"drop_rate": 0.5, "lambda": 0.5})
+              example={"drop_rate": 0.5, "lambda": 0.5}, scale_param="lambda", scale_grid=CONSENSUS_GRID)
 def dare_ties(tensor: TensorInputs, params: DareTiesParams, state: None) -> Iterator[torch.Tensor]:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
     for chunk in tensor.chunks():

@@ -11,19 +11,21 @@ from typing import Literal
 
 from pydantic import Field
 
-from merging.fw import FWParams, FWSoftParams, fw_hard, fw_soft
 from merging.determinism import SingleThread
+from merging.fw import FWParams, FWSoftParams, fw_hard, fw_soft
 from merging.methods.hooks import EdgeSpec, MethodLineage
 from merging.methods.registry import MethodParams, Solved, merge_method, path_field
 from merging.objective import ObjectiveRequest
 
 PAPER = "https://arxiv.org/abs/2503.12649"
+LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
 
 
 class _ObjectiveFields(MethodParams):
     suite: str = path_field("ta8-mini", description="the task suite whose loss is optimised (a name or a suite file)")
     tasks: tuple[str, ...] | None = Field(None, description="a subset of the suite's tasks")
-    budget: int = Field(100, gt=0, description="samples per task (labelled for cross_entropy, unlabelled for entropy)")
+    budget: int = Field(100, gt=0, description="samples per task (labelled for cross_entropy, unlabelled for entropy; "
+                        "FusionBench: 100)")
     loss: Literal["cross_entropy", "entropy"] = Field("cross_entropy", description="the objective")
 
 
@@ -33,14 +35,17 @@ class FWHardRecipeParams(_ObjectiveFields, FWParams):
 
 class FWSoftRecipeParams(_ObjectiveFields, FWSoftParams):
     loss: Literal["cross_entropy", "entropy"] = Field("entropy", description="coefficients learn on unlabelled entropy")
+    minibatch: int | None = Field(16, gt=0, description="samples per task in each AdaMerging step (FusionBench: 16)")
 
 
 def _lineage(details: dict) -> MethodLineage:
     """FW-Merging's choices as lineage: one `selected` edge per (iteration, candidate), naming the tensors it
-    built, their oracle scores and the step taken, so `mergeyard lineage` shows who built which layers."""
+    built, their oracle scores and the step taken, so `mergeyard lineage` shows who built which layers. Steps
+    towards the initial merge or towards zero are counted in the run's details (`other_targets`)."""
     grouped: dict[tuple[int, int], list[dict]] = {}
     for s in details.get("selections", []):
-        grouped.setdefault((s["iteration"], s["candidate"]), []).append(s)
+        if s.get("candidate") is not None:
+            grouped.setdefault((s["iteration"], s["candidate"]), []).append(s)
     edges = [EdgeSpec(cand, "selected", step=it, weight=rows[0]["step"],
                       details={"position": cand, "tensors": [r["tensor"] for r in rows],
                                "scores": [round(r["score"], 6) for r in rows]})
@@ -50,9 +55,11 @@ def _lineage(details: dict) -> MethodLineage:
 
 def _describe(details: dict) -> str:
     losses = details.get("losses") or []
-    chosen = sorted({s["candidate"] for s in details.get("selections", [])})
+    chosen = sorted({s["candidate"] for s in details.get("selections", []) if s.get("candidate") is not None})
+    other = details.get("other_targets") or {}
+    also = "".join(f", {n} steps towards {k}" for k, n in other.items() if n)
     shown = f", loss {losses[0]:.4g} → {losses[-1]:.4g}" if len(losses) > 1 else ""
-    return f"selected candidates {chosen}{shown}"
+    return f"selected candidates {chosen}{also}{shown}"
 
 
 def _objective(params) -> ObjectiveRequest:
@@ -60,44 +67,48 @@ def _objective(params) -> ObjectiveRequest:
 
 
 def _soft_objectives(params) -> tuple[ObjectiveRequest, ObjectiveRequest]:
-    """One objective per task for the selections, and the one the coefficients learn on."""
+    """One labelled objective per task for its oracle, and the one the coefficients learn on (in minibatches)."""
     return (ObjectiveRequest(params.suite, params.tasks, params.budget, "cross_entropy", per_task=True),
-            _objective(params))
+            ObjectiveRequest(params.suite, params.tasks, params.budget, params.loss, minibatch=params.minibatch))
 
 
 WIRING = dict(data=_objective, suite_param="suite", tasks_param="tasks", lineage=_lineage, describe=_describe,
-              example={"iterations": 10, "step_size": 1.0, "lambda": 0.3})
+              example={"iterations": 4, "step_size": 1.0, "lambda": 0.3})
 
 
-def _selections(result) -> dict:
+def _decisions(result) -> dict:
     return {"selections": [vars(s) for s in result.selections], "losses": result.losses,
-            "initial_scores": result.initial_scores}
+            "initial_scores": result.initial_scores, "other_targets": result.other_targets()}
+
+
+def _core(params, model):
+    return model(**{k: getattr(params, k) for k in model.model_fields})
 
 
 def _solve_hard(inputs, params, objective, progress) -> Solved:
-    with SingleThread():
-        result = fw_hard(inputs.base, inputs.models, objective, FWParams(**{k: getattr(params, k) for k in FWParams.model_fields}),
-                         progress)
-    return Solved(result.state, _selections(result))
+    with SingleThread():  # its choices, and so the bytes, must not depend on the thread count
+        result = fw_hard(inputs.base, inputs.models, objective, _core(params, FWParams), progress)
+    return Solved(result.state, _decisions(result))
 
 
 def _solve_soft(inputs, params, objective, progress) -> Solved:
     task_objectives, merge_objective = objective
     with SingleThread():
-        result = fw_soft(inputs.base, inputs.models, task_objectives, merge_objective,
-                         FWSoftParams(**{k: getattr(params, k) for k in FWSoftParams.model_fields}), progress)
-    return Solved(result.state, {**_selections(result), "coefficients": result.coefficients})
+        result = fw_soft(inputs.base, inputs.models, task_objectives, merge_objective, _core(params, FWSoftParams),
+                         progress)
+    return Solved(result.state, {**_decisions(result), "coefficients": result.coefficients})
 
 
-@merge_method("fw_hard", params=FWHardRecipeParams, paper=PAPER, solve=_solve_hard, **WIRING)
+@merge_method("fw_hard", params=FWHardRecipeParams, paper=PAPER, solve=_solve_hard, scale_param="lambda",
+              scale_grid=LAMBDA_GRID, scale_affine=False, **WIRING)
 def fw_hard_method(inputs, params, state):  # pragma: no cover  (the engine calls solve instead)
-    """FW-Merging, hard: each iteration steps towards the candidate a linear oracle picks on the target loss."""
+    """FW-Merging, hard: from a merge of all, each step moves towards the member a linear oracle picks."""
     raise NotImplementedError("FW-Merging solves the whole model at once")
 
 
 @merge_method("fw_soft", params=FWSoftRecipeParams, paper=PAPER, solve=_solve_soft,
               **{**WIRING, "data": _soft_objectives,
-                 "example": {"iterations": 3, "step_size": 1.0, "lambda": 0.3, "adam_steps": 10, "adam_lr": 0.05}})
+                 "example": {"iterations": 2, "adam_steps": 10, "adam_lr": 0.05, "budget": 16}})
 def fw_soft_method(inputs, params, state):  # pragma: no cover
-    """FW-Merging, soft: one selection per task, merged with layer-wise coefficients learned on entropy."""
+    """FW-Merging, soft: every task picks a member, merged in with layer-wise coefficients learned on entropy."""
     raise NotImplementedError("FW-Merging solves the whole model at once")

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from merging.errors import RecipeError
 from merging.inputs import TensorInputs
-from merging.methods.registry import MethodParams, merge_method
+from merging.methods.registry import LAMBDA_GRID, MethodParams, merge_method
 
 
 class AverageParams(MethodParams):
@@ -36,7 +36,7 @@ class TaskArithmeticParams(MethodParams):
 
 
 @merge_method("task_arithmetic", params=TaskArithmeticParams, paper="https://arxiv.org/abs/2212.04089",
-              propagates_non_finite=True, example={"lambda": 0.3})
+              propagates_non_finite=True, example={"lambda": 0.3}, scale_param="lambda", scale_grid=LAMBDA_GRID)
 def task_arithmetic(tensor: TensorInputs, params: TaskArithmeticParams, state: None) -> Iterator[torch.Tensor]:
     """θ = θ_base + λ·Σ w_i (θ_i − θ_base)."""
     lam = params.lambda_

@@ -21,6 +21,12 @@ from merging.methods.hooks import MethodLineage
 from merging.yaml_input import validation_problems
 
 
+# What `auto` tries by default (merging.search): task arithmetic sums its task vectors, so its λ lives below 1;
+# the consensus and sparse methods' merged vector is a mean or a sparse sum, whose λ runs around 1.
+LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+CONSENSUS_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
+
+
 class MethodParams(BaseModel):
     """Base of every parameter model: unknown keys are an error, not ignored.
 
@@ -97,6 +103,12 @@ class MergeMethod:
     per_tensor: Callable[[Any], bool] | None = None
     # takes the one model stacked from the recipe's layer `slices:` (passthrough) instead of the models
     stacks_slices: bool = False
+    # the parameter scaling what the method adds to its base (λ, α): a recipe may set it to `auto`, searched on a
+    # suite's calibration split (merging.search) over `scale_grid` unless the recipe's `search:` names a grid;
+    # `scale_affine`: the output is A + s·B in it, so the search merges twice, not once per value
+    scale_param: str | None = None
+    scale_grid: tuple[float, ...] = ()
+    scale_affine: bool = True
 
     def varies_per_tensor(self, params: Any) -> bool:
         if self.solve is not None:

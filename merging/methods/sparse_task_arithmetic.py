@@ -26,7 +26,7 @@ from pydantic import Field
 from merging.errors import RecipeError
 from merging.inputs import TensorInputs
 from merging.methods.consensus import merge_agreeing
-from merging.methods.registry import MethodParams, merge_method
+from merging.methods.registry import CONSENSUS_GRID, MethodParams, merge_method
 from merging.random_mask import stream_key, uniform
 
 
@@ -130,25 +130,29 @@ def _della(tensor: TensorInputs, params: DellaParams, consensus: bool) -> Iterat
     yield combine(whole.base, taus, tensor.weights, consensus, params.normalize, params.lambda_)
 
 
-@merge_method("breadcrumbs", params=BreadcrumbsParams, paper="https://arxiv.org/abs/2312.06795")
+@merge_method("breadcrumbs", params=BreadcrumbsParams, paper="https://arxiv.org/abs/2312.06795",
+              scale_param="lambda", scale_grid=CONSENSUS_GRID)
 def breadcrumbs(tensor: TensorInputs, params: BreadcrumbsParams, state: None) -> Iterator[torch.Tensor]:
     """Task arithmetic over task vectors without their outliers and their smallest entries."""
     return _breadcrumbs(tensor, params, consensus=False)
 
 
-@merge_method("breadcrumbs_ties", params=BreadcrumbsTiesParams, paper="https://arxiv.org/abs/2312.06795")
+@merge_method("breadcrumbs_ties", params=BreadcrumbsTiesParams, paper="https://arxiv.org/abs/2312.06795",
+              scale_param="lambda", scale_grid=CONSENSUS_GRID)
 def breadcrumbs_ties(tensor: TensorInputs, params: BreadcrumbsTiesParams, state: None) -> Iterator[torch.Tensor]:
     """Breadcrumbs' sparsification, then TIES's sign consensus."""
     return _breadcrumbs(tensor, params, consensus=True)
 
 
-@merge_method("della", params=DellaParams, paper="https://arxiv.org/abs/2406.11617")
+@merge_method("della", params=DellaParams, paper="https://arxiv.org/abs/2406.11617", scale_param="lambda",
+              scale_grid=CONSENSUS_GRID)
 def della(tensor: TensorInputs, params: DellaParams, state: None) -> Iterator[torch.Tensor]:
     """Magnitude-ranked random pruning (MagPrune), L1 rescaling, TIES's sign consensus."""
     return _della(tensor, params, consensus=True)
 
 
-@merge_method("della_linear", params=DellaLinearParams, paper="https://arxiv.org/abs/2406.11617")
+@merge_method("della_linear", params=DellaLinearParams, paper="https://arxiv.org/abs/2406.11617",
+              scale_param="lambda", scale_grid=CONSENSUS_GRID)
 def della_linear(tensor: TensorInputs, params: DellaLinearParams, state: None) -> Iterator[torch.Tensor]:
     """MagPrune and L1 rescaling, then a weighted sum of the task vectors."""
     return _della(tensor, params, consensus=False)

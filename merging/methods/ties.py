@@ -31,7 +31,7 @@ from pydantic import Field
 
 from merging.inputs import MergeInputs, TensorInputs
 from merging.methods.consensus import disjoint_merge_weighted, merge_agreeing
-from merging.methods.registry import MethodParams, Patch, merge_method
+from merging.methods.registry import CONSENSUS_GRID, MethodParams, Patch, merge_method
 from merging.selection import RankSelector
 
 
@@ -205,6 +205,8 @@ def _combine(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[flo
     finalize=finalize_ties,
     per_tensor=lambda p: p.trim_scope == "per_tensor",
     example={"density": 0.5, "lambda": 0.8},
+    scale_param="lambda",
+    scale_grid=CONSENSUS_GRID,
 )
 def ties(tensor: TensorInputs, params: TiesParams, state: GlobalTiesState | None) -> Iterator[torch.Tensor]:
     """Trim each task vector to its top entries, elect a sign per parameter, average the agreeing ones."""
