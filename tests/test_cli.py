@@ -92,7 +92,8 @@ def test_methods_lists_every_method_with_paper():
     listing = {m["name"]: m for m in json.loads(proc.stdout)}
     assert set(listing) == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fw_hard", "fw_soft", "mudsc",
                             "fisher", "regmean", "adamerging", "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
-                            "nearswap", "sce", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "passthrough"}
+                            "nearswap", "sce", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "passthrough",
+                            "tsv", "iso_c", "iso_cts", "cart"}
     assert all(m["paper"].startswith("https://") for m in listing.values())
     assert listing["regmean"]["paper"].startswith("https://arxiv.org/abs/2212.09849")
     assert listing["mudsc"]["paper"].startswith("https://arxiv.org/abs/2403.01753") and not listing["mudsc"]["requires_base"]
@@ -120,7 +121,8 @@ def test_demo_writes_only_under_mergeyard_home(tmp_path, small_zoo):
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     # every method with a demo example, the data-informed ones included
     assert {m["method"] for m in report["merges"]} == {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                                        "fw_hard", "fw_soft", "mudsc", "fisher", "regmean", "adamerging"}
+                                                        "fw_hard", "fw_soft", "mudsc", "fisher", "regmean", "adamerging",
+                                                        "tsv", "iso_c", "iso_cts", "cart"}
     assert report["promotion"]["decision"] == "promoted"
     for m in report["merges"]:
         assert m["merged"] and m["average"] > 0
