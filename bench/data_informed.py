@@ -31,7 +31,7 @@ def _merge_child(recipe: dict, out: str, model_dirs: list[str], queue) -> None:
     """One merge in its own process: (seconds, peak RSS in MB) back through the queue."""
     from flows.objectives import build_request
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     started = time.perf_counter()
     run_merge(parse_recipe(recipe), Path(out), overwrite=True,

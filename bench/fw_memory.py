@@ -53,8 +53,8 @@ class Pull:
 
 
 def child(n: int, mode: str) -> None:
-    from merging.checkpoint import Checkpoint
-    from merging.fw import FWParams, fw_hard
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.algorithms.fw import FWParams, fw_hard
 
     peak, stop = {"anon": 0}, threading.Event()
 

@@ -31,7 +31,7 @@ def main() -> None:
     from evaluation.zoo.tasks import TA8_MINI, TASKS
     from flows.merge import data_builder
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the 8-relevant pool")

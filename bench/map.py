@@ -49,7 +49,7 @@ def main() -> None:
     from evaluation.zoo.build import build_zoo
     from evaluation.zoo.tasks import TA8_MINI
     from flows.map_steps import evaluate_sample
-    from merging.map import MapParams, run_bayesian, run_map, run_nested
+    from merging.algorithms.map import MapParams, run_bayesian, run_map, run_nested
     from registry.registry import Registry, RegistryConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

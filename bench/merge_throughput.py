@@ -95,7 +95,7 @@ def read_floor(paths: list[Path]) -> float:
 
 def child_mergeyard(args) -> None:
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     spec = json.loads(Path(args.child).read_text())
     recipe = parse_recipe(spec["recipe"])
@@ -123,7 +123,7 @@ def compare_with_mergekit(ours: Path, theirs: Path, base: Path, models: list[Pat
     """
     import torch
 
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     ca, cb = Checkpoint(ours), Checkpoint(theirs)
     cbase, cms = Checkpoint(base), [Checkpoint(m) for m in models]
@@ -175,7 +175,7 @@ def main() -> None:
 
     import torch
 
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.digest import checkpoint_digest
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     if args.device == "cuda" and gpu is None:
@@ -197,7 +197,7 @@ def main() -> None:
     mergekit_exe = None if args.no_mergekit else ensure_mergekit(args.mergekit_venv or args.work / "mergekit-venv")
     # mergekit's own start-up (imports), subtracted from its wall time to compare merge work with merge work
     mk_start = startup_seconds([str(mergekit_exe), "--help"]) if mergekit_exe else 0.0
-    our_start = startup_seconds([sys.executable, "-c", "import merging.engine, merging.recipe"])
+    our_start = startup_seconds([sys.executable, "-c", "import merging.engine, merging.recipes.recipe"])
     for label, method, params, mk_method, mk_params in cases:
         out = args.work / f"out-mergeyard-{label.replace(' ', '-')}"
         spec = {

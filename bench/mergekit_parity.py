@@ -194,7 +194,7 @@ def outside_ties(ours: Path, theirs: Path, base: Path, models: list[Path], cuts)
     argsort order, mergeyard's flat index). Cuts come from torch.sort here, independently of both tools."""
     import torch
 
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     a, b, c = Checkpoint(ours), Checkpoint(theirs), Checkpoint(base)
     ms = [Checkpoint(m) for m in models]
@@ -220,7 +220,7 @@ def outside_ties(ours: Path, theirs: Path, base: Path, models: list[Path], cuts)
 
 
 def compare(ours: Path, theirs: Path, base: Path) -> dict:
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     a, b, c = Checkpoint(ours), Checkpoint(theirs), Checkpoint(base)
     names = [n for n in a.names if n in b.entries]

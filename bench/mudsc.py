@@ -47,8 +47,8 @@ def trained(arch: str, classes: list[int], seed: int, steps: int, width: int | N
 def main() -> None:
     from evaluation.zoo.clip_model import to_input
     from evaluation.zoo.scratch import ARCHITECTURES, disjoint_subsets, glyph_split, joint_accuracy
-    from merging.mudsc import MuDSCParams, Matching, merge_states, mudsc, permutation_spec, reset_batchnorm
-    from merging.mudsc.matching import concat_target, identity_target
+    from merging.algorithms.mudsc import MuDSCParams, Matching, merge_states, mudsc, permutation_spec, reset_batchnorm
+    from merging.algorithms.mudsc.matching import concat_target, identity_target
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="cnn", choices=["cnn", "mlp", "vit"])

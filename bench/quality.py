@@ -130,7 +130,7 @@ def run_row(bench: Bench, suite, models: list[Path], method: str, params: dict, 
     from flows.objectives import build_request
     from merging.engine import run_merge
     from merging.methods import get_method
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     recipe = {"method": method, "base": str(bench.base), "models": [str(m) for m in models], "parameters": params}
     if auto:

@@ -37,7 +37,7 @@ def _writer(index: int, home: str, db_url: str, ops: int, base: str, ready, go, 
     from safetensors.torch import save_file
 
     from flows.merge import merge_and_record
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
     from registry.lineage import lineage
     from registry.registry import Registry
 

@@ -34,7 +34,7 @@ from evaluation.suites import load_suite  # noqa: E402
 from evaluation.zoo.build import build_zoo  # noqa: E402
 from evaluation.zoo.tasks import TA8_MINI  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
-from merging.recipe import parse_recipe  # noqa: E402
+from merging.recipes.recipe import parse_recipe  # noqa: E402
 
 
 def pct(x: float) -> str:

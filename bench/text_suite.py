@@ -24,7 +24,7 @@ from evaluation.evaluator import evaluate_checkpoint  # noqa: E402
 from evaluation.suites import load_suite  # noqa: E402
 from flows.objectives import build_request  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
-from merging.recipe import parse_recipe  # noqa: E402
+from merging.recipes.recipe import parse_recipe  # noqa: E402
 from text_fixture import build_text_suite  # noqa: E402
 
 METHODS = [

@@ -110,7 +110,7 @@ def quick_commands(work: Path, sample: Path) -> list[tuple[str, float, str]]:
 def llama_7b_row(work: Path, n: int = 3) -> dict:
     """TIES (per tensor) on three 7B-shaped bf16 candidates + base, built sparsely (holes read as zeros, so the
     bytes cost no disk until the output is written), Llama tensor names and shapes. Peak RSS is the point."""
-    from merging.safetensors_format import _header_bytes
+    from merging.checkpoints.safetensors_format import _header_bytes
 
     layout = [("model.embed_tokens.weight", "BF16", (32000, 4096)), ("lm_head.weight", "BF16", (32000, 4096)),
               ("model.norm.weight", "BF16", (4096,))]

@@ -47,7 +47,7 @@ from evaluation.suite import Suite  # noqa: E402
 from evaluation.suites import load_suite, suite_tasks  # noqa: E402
 from evaluation.zoo.data import make_split  # noqa: E402
 from merging.engine import run_merge  # noqa: E402
-from merging.recipe import parse_recipe  # noqa: E402
+from merging.recipes.recipe import parse_recipe  # noqa: E402
 
 
 def main() -> None:

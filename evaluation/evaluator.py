@@ -16,7 +16,7 @@ import torch
 
 from evaluation.metrics import accumulator
 from evaluation.suite import HIGHER_IS_BETTER, Suite
-from merging.checkpoint import Checkpoint
+from merging.checkpoints.checkpoint import Checkpoint
 from merging.errors import MergeyardError
 from merging.objective import Score
 

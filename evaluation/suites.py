@@ -22,7 +22,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
-from evaluation.suite import Suite, TaskData
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the CLI reads this module's names before it needs torch
+    from evaluation.suite import Suite
 from merging.errors import MergeyardError
 
 TEST_IMAGES = 480  # per zoo task, spread over its classes
@@ -36,6 +39,7 @@ def is_suite_file(ref: str) -> bool:
 
 def _zoo_suite(name: str, tasks: tuple[str, ...], zoo_manifest: str | None, seed: int) -> Suite:
     from evaluation.families.zero_shot import ZeroShotImageFamily
+    from evaluation.suite import Suite, TaskData
     from evaluation.zoo.asset import load_asset
     from evaluation.zoo.clip_model import create_vision_tower, logit_scale, to_input, zero_shot_head
     from evaluation.zoo.data import GENERATOR_VERSION, make_split
@@ -95,6 +99,11 @@ BUILT_IN: dict[str, BuiltIn] = {
 }
 
 
+def built_in_names() -> str:
+    """The built-in suites' names as a user types them (`zoo:TASK` for the one-task family)."""
+    return ", ".join(f"{n}TASK" if n.endswith(":") else n for n in BUILT_IN)
+
+
 def _built_in(name: str) -> BuiltIn | None:
     if name in BUILT_IN and not name.endswith(":"):
         return BUILT_IN[name]
@@ -113,8 +122,8 @@ def _unknown(name: str) -> MergeyardError:
     from evaluation.zoo.tasks import TASKS
 
     plugins = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    return MergeyardError(f"unknown suite {name!r}: not a suite file (.yaml) nor a known name; known: ta8-mini, zoo-all, "
-                          f"zoo:TASK (TASK one of {', '.join(TASKS)}), ta8"
+    return MergeyardError(f"unknown suite {name!r}: not a suite file (.yaml) nor a known name; known: "
+                          f"{built_in_names()} (TASK one of {', '.join(TASKS)})"
                           + (f", {', '.join(plugins)}" if plugins else ""))
 
 
@@ -146,6 +155,8 @@ def _load_plugin(name: str) -> Suite:
         raise
     except Exception as exc:  # a broken plugin must not look like a mergeyard bug
         raise MergeyardError(f"the plugin suite {name!r} ({factory.value}) failed to load: {exc}") from None
+    from evaluation.suite import Suite
+
     if not isinstance(suite, Suite):
         raise MergeyardError(f"the plugin suite {name!r} ({factory.value}) returned {type(suite).__name__}, not a Suite")
     return suite

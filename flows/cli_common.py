@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from evaluation.suites import built_in_names
 from merging.errors import DeviceError, MergeyardError, OutputExistsError, PreferenceError
 from flows.progress import stderr
 
@@ -90,6 +91,7 @@ def user_errors(fn: Callable) -> Callable:
 
 JSON = typer.Option(False, "--json", help="print the result as JSON on stdout")
 WIDE = typer.Option(False, "--wide", help="print full digests")
+SUITE_HELP = f"a suite file (.yaml) or a built-in suite: {built_in_names()}"
 TASKS = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable, or comma-separated)")
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: MERGEYARD_DEVICE or cpu)")
 DASK_HELP = "run mapped tasks on Dask: an ADDRESS (tcp://host:8786), or no value for a local cluster"

@@ -9,11 +9,10 @@ import typer
 
 from merging.errors import MergeyardError
 from flows.cli_app import app
-from flows.cli_common import (DEVICE, JSON, TASKS, WIDE, digest_text, print_json, show_progress, split_tasks, stdout,
+from flows.cli_common import (SUITE_HELP, DEVICE, JSON, TASKS, WIDE, digest_text, print_json, show_progress, split_tasks, stdout,
                               table, user_errors)
 from flows.progress import progress_bars
 
-SUITE_HELP = "a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"
 
 
 def _pct(value) -> str:

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from merging.errors import MergeyardError
-from flows.cli_common import DEVICE, JSON, TASKS, make_app, preflight, print_json, show_progress, split_tasks, stdout, \
+from flows.cli_common import SUITE_HELP, DEVICE, JSON, TASKS, make_app, preflight, print_json, show_progress, split_tasks, stdout, \
     user_errors
 from flows.progress import progress_bars
 
@@ -30,7 +30,7 @@ def _split(values: list[str] | None) -> list[str]:
 @user_errors
 def map_sweep(
     ctx: typer.Context,
-    suite: Optional[str] = typer.Option(None, "--suite", help="a suite file (.yaml) or a built-in suite: ta8-mini, zoo-all, zoo:TASK, ta8"),
+    suite: Optional[str] = typer.Option(None, "--suite", help=SUITE_HELP),
     base: Optional[str] = typer.Option(None, "--base", help="the base the candidates were fine-tuned from"),
     candidates: Optional[list[str]] = typer.Option(None, "--candidates", help="candidate models (repeat, or a,b,c)"),
     tasks: Optional[list[str]] = TASKS,
@@ -52,7 +52,7 @@ def map_sweep(
         raise MergeyardError("mergeyard map needs --suite, --base and --candidates (or a subcommand: pick, list, show)")
     if bayesian and nested:
         raise MergeyardError("choose one of --bayesian and --nested")
-    from merging.map import MapParams, parse_preference
+    from merging.algorithms.map import MapParams, parse_preference
 
     from flows.settings import get_settings
 
@@ -103,7 +103,7 @@ def map_pick(
     as_json: bool = JSON,
 ) -> None:
     """Pick the front point the preference favours, merge it for real, evaluate it: predicted versus measured."""
-    from merging.map import parse_preference
+    from merging.algorithms.map import parse_preference
     from flows.map_steps import pick_and_merge
     from flows.registry_access import open_registry
     from flows.suites import suite_for

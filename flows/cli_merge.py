@@ -31,7 +31,7 @@ def merge(
     from flows.merge import merge_and_record
     from flows.registry_access import open_registry
     from flows.settings import get_settings
-    from merging.recipe import load_recipe
+    from merging.recipes.recipe import load_recipe
 
     settings = get_settings()
     outside_home(out, settings)
@@ -63,8 +63,8 @@ def digest(
     unchanged since, are not read again (the home's digest cache, where a home exists)."""
     import os
 
-    from merging.checkpoint import Checkpoint
-    from merging.digest_cache import CACHE_FILE, DigestCache
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.checkpoints.digest_cache import CACHE_FILE, DigestCache
 
     home = Path(os.environ.get("MERGEYARD_HOME", ".mergeyard"))  # not flows.settings: pydantic-settings is slow to import
     ckpt = Checkpoint(path)
@@ -147,7 +147,7 @@ def extract_lora(
     """Write MODEL's difference from BASE as a PEFT LoRA adapter of rank R (a truncated SVD of each linear weight's
     change), loadable with peft.PeftModel.from_pretrained(base, OUT); prints each weight's approximation error."""
     from flows.export import open_model
-    from merging.extract_lora import extract_lora as extract
+    from merging.algorithms.extract_lora import extract_lora as extract
 
     with progress_bars(enabled=show_progress(as_json)) as progress:
         (model_ckpt, model_label), (base_ckpt, base_label) = open_model(model), open_model(base)

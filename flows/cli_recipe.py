@@ -19,7 +19,7 @@ def convert(
 ) -> None:
     """Print the mergeyard recipe equivalent to the mergekit config FILE (its canonical form: what lineage records,
     the same whichever format described the merge)."""
-    from merging.recipe import load_recipe
+    from merging.recipes.recipe import load_recipe
 
     recipe = load_recipe(path)
     if as_json:

@@ -169,6 +169,8 @@ def audit(
 def reproduce(
     model: str = typer.Argument(..., help="digest, name, or NAME@ALIAS"),
     device: Optional[str] = DEVICE,
+    plan: bool = typer.Option(False, "--plan", help="show the merge plan its run executed (per tensor: shard, "
+                              "inputs and bytes read, parameters) instead of rebuilding"),
     as_json: bool = JSON,
 ) -> None:
     """Rebuild a model from its lineage record and compare digests; exit 4 naming the differing tensors on a
@@ -177,6 +179,9 @@ def reproduce(
     from flows.reproduce import reproduce as run_reproduce
     from flows.settings import get_settings
 
+    if plan:
+        _show_plan(model, as_json)
+        return
     with progress_bars(enabled=show_progress(as_json)) as progress:
         outcome = run_reproduce(open_registry(), model, device=device or get_settings().device, progress=progress)
     if as_json:
@@ -195,6 +200,29 @@ def reproduce(
         stderr.print(f"[bold red]error:[/] rebuilt {outcome.rebuilt_digest} but recorded {outcome.model.digest}; "
                      f"{shown}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_MISMATCH)
+
+
+def _show_plan(model: str, as_json: bool) -> None:
+    from flows.registry_access import open_registry
+    from flows.reproduce import recorded_plan
+
+    found = recorded_plan(open_registry(), model)
+    if found is None:
+        raise MergeyardError(f"{model} has no recorded merge plan (an ingested model, or merged before plans were "
+                             "recorded)")
+    if as_json:
+        print_json({"digest": found.digest, **found.model_dump(mode="json")})
+        return
+    stdout.print(f"plan {found.digest} of a [bold]{found.method}[/] merge (recipe {found.recipe_hash[:19]}): "
+                 f"{len(found.units)} tensors into {len(found.shards)} shard(s), {len(found.inputs)} inputs"
+                 + "".join(f"; {step.step} ({step.passes} passes)" for step in found.preparation)
+                 + ("; solved on data first" if found.solve else ""), highlight=False)
+    shown = table("tensor", "shard", "action", "reads (input: bytes)", "parameters", title="units, in order")
+    for unit in found.units:
+        reads = ", ".join(f"{r.input}: {r.length}" for r in unit.reads)
+        shown.add_row(unit.name, found.shards[unit.shard], unit.action, reads,
+                      "" if unit.params is None else ", ".join(f"{k}={v}" for k, v in unit.params.items()))
+    stdout.print(shown)
 
 
 db_app = make_app(help="The lineage database.")

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from merging.errors import MergeyardError
 from merging.methods import get_method
-from merging.recipe import MergeStep
+from merging.recipes.recipe import MergeStep
 from merging.references import parse_ref
 from merging.yaml_input import YamlDoc, read_yaml, validation_problems
 from registry.promotion import Gate, load_gate

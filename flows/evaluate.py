@@ -12,6 +12,15 @@ from registry.promotion import IMPORTED_SUITE
 from registry.registry import ModelInfo, Registry
 
 
+def evaluation_metrics(result: SuiteResult) -> dict[str, float]:
+    """An evaluation as MLflow metrics: `TASK/METRIC` for each row, and the average accuracy where the suite has
+    accuracies (a suite of perplexity tasks has none)."""
+    metrics = {f"{task}/{metric}": value for task, metric, value in result.rows()}
+    if result.average_accuracy is not None:
+        metrics["average/accuracy"] = result.average_accuracy
+    return metrics
+
+
 def evaluate_model(registry: Registry, ref: str, suite_ref: str, *, tasks: list[str] | None = None,
                    zoo_manifest: Path | None = None, device: str = "cpu", record: bool = True,
                    progress=None) -> tuple[ModelInfo, SuiteResult]:
@@ -25,9 +34,7 @@ def evaluate_model(registry: Registry, ref: str, suite_ref: str, *, tasks: list[
     if record:
         run_id = None
         if registry.mirror is not None:
-            metrics = {f"{task}/{metric}": value for task, metric, value in result.rows()}
-            if result.average_accuracy is not None:
-                metrics["average/accuracy"] = result.average_accuracy
+            metrics = evaluation_metrics(result)
             run_id = registry.mirror.log_evaluation(model.mlflow_model_id, model.digest, suite.name, suite.digest, metrics)
             producing = registry.producing_run(model)
             if producing is not None and producing.mlflow_run_id:  # the merge run shows what it produced scores

@@ -11,8 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from merging.atomic import atomic_directory
-from merging.checkpoint import Checkpoint
+from merging.runtime.atomic import atomic_directory
+from merging.checkpoints.checkpoint import Checkpoint
 from merging.errors import MergeyardError, OutputExistsError
 from registry.registry import ModelInfo, Registry
 from registry.serving import write_task_model

@@ -20,7 +20,9 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from merging.map import MapParams
+from evaluation.suite import CLASSIFICATION_METRICS
+from merging.algorithms.map import MapParams
+from merging.errors import MergeyardError
 from flows.pipeline import IO_RETRIES, ingest_task, pinned_settings, registry_for, suite_of
 from flows.settings import Settings
 
@@ -47,14 +49,24 @@ def sample_task(env: Settings, base: str, candidates: list[str], coefficients: l
     return {"metrics": metrics, "reused": reused}
 
 
+def refuse_unscorable(suite):
+    """The suite, if every task is scored by accuracy: MAP's surrogates model accuracy in [0, 1], so a perplexity
+    task has no front to chart (one line, before any sample is merged)."""
+    unscorable = [n for n, t in suite.tasks.items() if t.metric not in CLASSIFICATION_METRICS]
+    if unscorable:
+        raise MergeyardError(f"MAP charts accuracy fronts; task {unscorable[0]!r} of suite {suite.name!r} is scored by "
+                             f"{suite.tasks[unscorable[0]].metric}; give --tasks with classification tasks only")
+    return suite
+
+
 @flow(name="mergeyard-map", log_prints=True)
 def map_flow(config: MapConfig, env: Settings | None = None) -> dict:
-    from merging.map import run_bayesian, run_map, run_nested
+    from merging.algorithms.map import run_bayesian, run_map, run_nested
 
     from flows.map_steps import store_front
 
     env = env or pinned_settings()
-    suite = suite_of(env, config.suite, config.tasks)
+    suite = refuse_unscorable(suite_of(env, config.suite, config.tasks))
     tasks = list(suite.tasks)
     base = ingest_task(env, config.base)
     candidates = ingest_task.map(unmapped(env), config.candidates, base=unmapped(base)).result()

@@ -18,8 +18,8 @@ import numpy as np
 from evaluation.evaluator import evaluate_checkpoint
 from evaluation.suite import Suite
 from merging.engine import run_merge
-from merging.map import Front, MapRun, pick
-from merging.recipe import parse_recipe
+from merging.algorithms.map import Front, MapRun, pick
+from merging.recipes.recipe import parse_recipe
 from flows.merge import merge_and_record
 from flows.resolve import store_resolver
 from flows.suites import bound_to
@@ -27,7 +27,7 @@ from registry import map_records
 from registry.errors import RegistryError
 from registry.map_records import FrontRecord
 from registry.registry import Registry
-from merging.processes import owner_token
+from merging.runtime.processes import owner_token
 
 
 def ta_recipe(base: str, candidates: list[str], coefficients: list[float]):

@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 
 from evaluation.evaluator import load_state
 from evaluation.statistics import SuiteStatistics
-from merging.checkpoint import Checkpoint
-from merging.determinism import SingleThread
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.runtime.determinism import SingleThread
 from merging.errors import MergeyardError
 from flows.resolve import resolve_input
 from flows.suites import bound_to, suite_for
 from registry.registry import ModelInfo, Registry
 from registry.statistics import METADATA_KIND
-from merging.processes import owner_token
+from merging.runtime.processes import owner_token
 
 STATS = ("fisher", "gram")
 

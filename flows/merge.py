@@ -16,13 +16,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from merging.alignment import Alignment
-from merging.crashpoints import crashpoint
+from merging.checkpoints.alignment import Alignment
+from merging.runtime.crashpoints import crashpoint
 from merging.methods import get_method
 from merging.methods.hooks import MethodLineage
 from merging.engine import MergeResult, environment, resolve_device, run_merge
-from merging.inputs import ProgressFn
-from merging.recipe import Recipe, parse_recipe
+from merging.checkpoints.inputs import ProgressFn
+from merging.recipes.recipe import Recipe
 from merging.version import __version__
 from flows.provenance import code_revision
 from flows.resolve import check_adapter_bases, local_source, resolve_input, store_resolver
@@ -36,20 +36,6 @@ class RecordedMerge:
     result: MergeResult
     run_id: int
     out_dir: Path | None
-
-
-def pin_recipe(recipe: Recipe, base: ModelInfo | None, models: list[ModelInfo],
-               tokenizer: ModelInfo | None = None, params: dict | None = None) -> Recipe:
-    """The same recipe with every input (and the tokenizer's source, and what its parameters name) by digest."""
-    data = recipe.canonical()
-    data["base"] = base.digest if base else None
-    # each entry keeps its weight and own parameters; slices name models by position, so they stay right
-    data["models"] = [{**entry, "model": m.digest} for m, entry in zip(models, data["models"])]
-    if tokenizer is not None:
-        data["tokenizer_source"] = tokenizer.digest
-    if params:
-        data["parameters"] = {**data["parameters"], **params}
-    return parse_recipe(data)
 
 
 @dataclass
@@ -109,8 +95,8 @@ def prefetch_scans(registry: Registry, refs: list[str], workers: int = 2) -> Non
     costs a stat. What fails here is left for the ingest itself to report, in the recipe's order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from merging.checkpoint import Checkpoint
-    from merging.lora import is_peft_adapter
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.checkpoints.lora import is_peft_adapter
 
     paths = [path for path in map(local_source, dict.fromkeys(refs))
              if path is not None and path.exists() and not is_peft_adapter(path)]
@@ -141,7 +127,9 @@ def pin_inputs(recipe: Recipe, registry: Registry,
     for key in get_method(recipe.method).model_params:
         if params.get(key):
             named[key] = [resolve_input(registry, ref).digest for ref in params[key]]
-    return pin_recipe(recipe, base, models, tokenizer, named), base, models
+    pinned = recipe.pinned(base.digest if base else None, [m.digest for m in models],
+                           tokenizer.digest if tokenizer is not None else None, named)
+    return pinned, base, models
 
 
 def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, device: str = "cpu",
@@ -192,13 +180,18 @@ def commit_merge(registry: Registry, staged: StagedMerge, name: str, *, evaluati
                                             staged.result.seconds, evaluations=evaluations,
                                             details={**(staged.run_details() or {}), **(details or {})} or None,
                                             heads=heads, recipe_json=staged.recipe.canonical_json(),
-                                            move=not keep_output, written_sha256=staged.result.file_sha256)
+                                            move=not keep_output, written_sha256=staged.result.file_sha256,
+                                            plan=_plan_record(staged.result))
     except BaseException as exc:
         abort_merge(registry, staged, exc)
         raise
     if not keep_output:
         shutil.rmtree(staged.path, ignore_errors=True)  # the store holds the registered copy
     return model
+
+
+def _plan_record(result: MergeResult) -> tuple[str, str] | None:
+    return (result.plan.digest, result.plan.to_json()) if result.plan is not None else None
 
 
 def abort_merge(registry: Registry, staged: StagedMerge, error: BaseException) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from merging.recipe import parse_recipe
+from merging.recipes.recipe import canonical_hash, parse_recipe
 from merging.version import __version__
 from flows.config import MergeSpec, PipelineConfig
 from registry.promotion import Gate
@@ -105,8 +105,9 @@ def _evaluate_key(context, p: dict) -> str:
 
 
 def _merge_key(context, p: dict) -> str:
-    recipe = parse_recipe(json.loads(p["recipe_json"]))
-    return _key("merge", __version__, p["env"].database_url, recipe.recipe_hash, p["name"], p["suite_digest"])
+    # recipe_json is a recipe's canonical JSON (`recipe_for`): its hash needs no parse
+    return _key("merge", __version__, p["env"].database_url, canonical_hash(p["recipe_json"]), p["name"],
+                p["suite_digest"])
 
 
 def _score_key(context, p: dict) -> str:
@@ -212,7 +213,7 @@ def recipe_for(spec: MergeSpec, base: str, candidates: list[str], suite: str | N
                tasks: list[str] | None = None) -> str:
     """The pinned recipe; a data-informed method optimises the pipeline's suite unless it names its own."""
     from merging.methods import get_method
-    from merging.search import with_search_suite
+    from merging.recipes.search import with_search_suite
 
     parameters = dict(spec.parameters)
     if suite is not None:  # wherever the method takes its data from, unless its parameters name a suite
@@ -274,7 +275,7 @@ def promote_flow(model: str, alias: str, gate: Gate | None = None, actor: str = 
 @flow(name="mergeyard-pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig, env: Settings | None = None) -> dict:
     """Ingest the base and candidates, score, merge with each method, evaluate, promote the best, publish."""
-    from flows.steps import select_candidates
+    from flows.steps import best_merge, select_candidates, summary
 
     env = env or pinned_settings()
     score, evaluate, merge = _with_results(env, score_task, evaluate_task, merge_task)
@@ -314,10 +315,10 @@ def pipeline_flow(config: PipelineConfig, env: Settings | None = None) -> dict:
                         "selected": d in selected} for d in candidates],
         "parents": {p["digest"]: p for p in parents},
         "merges": [{"label": label, "method": spec.method, "parameters": spec.parameters, **m,
-                    "name": spec.name or config.name, "average": _average(m["scores"])}
+                    "name": spec.name or config.name, **dict(zip(("metric", "average"), summary(m["scores"])))}
                    for label, spec, m in zip(labels, config.merges, merges)],
     }
-    best = max(report["merges"], key=lambda m: m["average"])
+    best = best_merge(report["merges"])
     report["best"] = best["digest"]
     if config.promotion is not None:
         gate = config.gate()
@@ -328,10 +329,7 @@ def pipeline_flow(config: PipelineConfig, env: Settings | None = None) -> dict:
     else:
         report["promotion"] = None
     report["artifacts"] = publish_task(env, report)
-    print(f"best merge {best['label']} → {best['digest'][:19]} (average accuracy {100 * best['average']:.1f})")
+    shown = f"average accuracy {100 * best['average']:.1f}" if best["metric"] == "accuracy" else \
+        f"mean perplexity {best['average']:.4g}"
+    print(f"best merge {best['label']} → {best['digest'][:19]} ({shown})")
     return report
-
-
-def _average(scores: dict) -> float:
-    values = list(scores["accuracy"].values())
-    return sum(values) / len(values)

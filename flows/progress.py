@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-ProgressFn = Callable[[str, int, int], None]  # merging.inputs' (stage, done, total); not imported: it imports torch
+ProgressFn = Callable[[str, int, int], None]  # merging.checkpoints.inputs' (stage, done, total); not imported: it imports torch
 
 stderr = Console(stderr=True)
 

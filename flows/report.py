@@ -23,14 +23,20 @@ def _name(report: dict, digest: str) -> str:
     return digest[:19]
 
 
+def _average(merge: dict) -> str:
+    """A merge's summary as ranked: mean accuracy (%), or mean perplexity for a suite of language-modelling tasks."""
+    if merge.get("metric", "accuracy") == "accuracy":
+        return f"{_pct(merge['average'])}% accuracy"
+    return f"perplexity {merge['average']:.4g}"
+
+
 def _decision_line(report: dict, merge: dict) -> str:
     promotion = report.get("promotion")
     if promotion is None:
         return "No promotion configured for this pipeline."
     if merge["digest"] != report["best"]:
         best = next(m for m in report["merges"] if m["digest"] == report["best"])
-        return (f"Not put to the gate: average {_pct(merge['average'])} < {_pct(best['average'])} "
-                f"of the best merge ({best['label']}).")
+        return (f"Not put to the gate: {_average(merge)}, the best merge ({best['label']}) {_average(best)}.")
     target = f"`{promotion['name']}@{promotion['alias']}`"
     if promotion["decision"] == "unchanged":
         return f"Already holds {target}; no new event."
@@ -65,20 +71,21 @@ def merge_markdown(report: dict, merge: dict) -> str:
     lines += ["", "## Accuracy (%) next to each parent's", "",
               "| model | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     acc = merge["scores"]["accuracy"]
-    lines.append("| **merged** | " + " | ".join(_pct(acc.get(t)) for t in tasks) + f" | **{_pct(merge['average'])}** |")
+    lines.append("| **merged** | " + " | ".join(_pct(acc.get(t)) for t in tasks) + f" | **{_average(merge)}** |")
     for d in parents:
         p = report["parents"][d]["accuracy"]
         lines.append(f"| {_name(report, d)} | " + " | ".join(_pct(p.get(t)) for t in tasks) +
-                     f" | {_pct(sum(p.values()) / len(p))} |")
+                     f" | {_pct(sum(p.values()) / len(p)) if p else ''} |")
     lines += ["", "## Gate", _decision_line(report, merge)]
     return "\n".join(lines) + "\n"
 
 
 def pipeline_markdown(report: dict) -> str:
     lines = [f"# Pipeline `{report['name']}` on `{report['suite']}`", "",
-             "| merge | digest | average accuracy (%) | |", "|---|---|---|---|"]
-    for m in sorted(report["merges"], key=lambda m: -m["average"]):
-        lines.append(f"| {m['label']} | `{m['digest'][:19]}` | {_pct(m['average'])} | {'best' if m['digest'] == report['best'] else ''} |")
+             "| merge | digest | average | |", "|---|---|---|---|"]
+    for m in sorted(report["merges"], key=lambda m: -m["average"] if m.get("metric", "accuracy") == "accuracy"
+                    else m["average"]):
+        lines.append(f"| {m['label']} | `{m['digest'][:19]}` | {_average(m)} | {'best' if m['digest'] == report['best'] else ''} |")
     lines += ["", "## Candidates", "| candidate | digest | relevance | merged |", "|---|---|---|---|"]
     for c in report["candidates"]:
         rel = "–" if c["relevance"] is None else f"{c['relevance']:+.4f}"

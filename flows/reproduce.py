@@ -15,18 +15,20 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
 from merging.engine import run_merge
+from merging.engine.plan import MergePlan
+from merging.engine.writer import DEFAULT_MAX_SHARD_BYTES
 from merging.methods import get_method
-from merging.inputs import ProgressFn
-from merging.recipe import parse_recipe
+from merging.checkpoints.inputs import ProgressFn
+from merging.recipes.recipe import parse_recipe
 from merging.version import __version__
 from flows.merge import data_builder
 from flows.resolve import store_resolver
 from registry.errors import StoreDamagedError
 from registry.registry import ModelInfo, Registry
-from merging.processes import owner_token
+from merging.runtime.processes import owner_token
 
 
 @dataclass
@@ -38,11 +40,12 @@ class Reproduction:
     run_id: int | None = None
     data: dict | None = None  # a data-informed method's data digests, recorded vs rebuilt, when they differ
     restored: bool = False  # the stored copy was damaged and was put back from the verified rebuild
+    plan: dict | None = None  # the merge plan recorded with the run, and the rebuild's: {recorded, rebuilt, same}
 
     def as_dict(self) -> dict:
         return {"model": self.model.digest, "name": self.model.name, "ok": self.ok, "rebuilt_digest": self.rebuilt_digest,
                 "differing_tensors": self.differing, "merge_run": self.run_id, "store_restored": self.restored,
-                **({"data_digests": self.data} if self.data else {})}
+                **({"data_digests": self.data} if self.data else {}), **({"plan": self.plan} if self.plan else {})}
 
 
 def _tensor_sha256(ckpt: Checkpoint, name: str) -> str:
@@ -79,7 +82,10 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         work = Path(tempfile.mkdtemp(prefix=f"reproduce-{owner_token()}-", dir=registry.config.scratch))
         try:
             base = registry.find_digest(recipe.base) if recipe.base else None
+            recorded_plan = MergePlan.from_json(run.plan_json) if run.plan_json else None
+            shard_bytes = recorded_plan.max_shard_bytes if recorded_plan else DEFAULT_MAX_SHARD_BYTES
             result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
+                               max_shard_bytes=shard_bytes,
                                validated_inputs=True,
                                data=data_builder(device, registry, base),
                                progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
@@ -89,6 +95,9 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
             if ok:  # the rebuild is the recorded model: a stored copy that is not gets put back from it
                 outcome.restored = registry.restore_if_damaged(model, Checkpoint(work / "rebuilt"))
             outcome.data = _data_change(recipe.method, run.details, result.details)
+            if run.plan_digest:  # what was planned then, and now: the same plan unless the engine's planning changed
+                outcome.plan = {"recorded": run.plan_digest, "rebuilt": result.plan.digest,
+                                "same": run.plan_digest == result.plan.digest}
         finally:
             shutil.rmtree(work, ignore_errors=True)
     registry.record_reproduction(model, outcome.ok, outcome.rebuilt_digest, {
@@ -97,6 +106,12 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
         **({"data_digests": outcome.data} if outcome.data else {}),
     })
     return outcome
+
+
+def recorded_plan(registry: Registry, ref: str) -> MergePlan | None:
+    """The merge plan the run that made `ref` executed (None for an ingested model, or a run recorded before plans)."""
+    run = registry.producing_run(registry.resolve(ref))
+    return MergePlan.from_json(run.plan_json) if run is not None and run.plan_json else None
 
 
 def _verify_stored(registry: Registry, model: ModelInfo) -> Reproduction:

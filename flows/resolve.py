@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from merging.lora import ADAPTER_ARCHITECTURE, is_peft_adapter
+from merging.checkpoints.lora import ADAPTER_ARCHITECTURE, is_peft_adapter
 from merging.references import parse_ref
 from registry.errors import ModelNotFoundError, StoreDamagedError, RegistryError
 from registry.registry import ModelInfo, Registry

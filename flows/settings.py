@@ -51,8 +51,8 @@ class Settings(BaseSettings):
 
     @property
     def digest_cache(self) -> Path:
-        """Digests of files already hashed, by file identity (merging/digest_cache.py)."""
-        from merging.digest_cache import CACHE_FILE
+        """Digests of files already hashed, by file identity (merging/checkpoints/digest_cache.py)."""
+        from merging.checkpoints.digest_cache import CACHE_FILE
 
         return self.home / CACHE_FILE
 

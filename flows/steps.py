@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from evaluation.evaluator import SuiteResult, evaluate_checkpoint, load_state
 from evaluation.objectives import FewShotCrossEntropy
 from evaluation.suite import Suite
-from merging.alignment import aligned_inputs
-from merging.checkpoint import Checkpoint
-from merging.recipe import Recipe, parse_recipe
-from merging.relevance import gradient_alignment
+from merging.checkpoints.alignment import aligned_inputs
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.recipes.recipe import Recipe
+from merging.algorithms.relevance import gradient_alignment
 from merging.version import __version__
+from flows.evaluate import evaluation_metrics
 from flows.merge import abort_merge, commit_merge, stage_merge
 from flows.resolve import refuse_adapter
 from flows.suites import bound_to, suite_for  # noqa: F401  (suite_for: what the steps' callers open suites with)
@@ -34,24 +35,35 @@ class Scores:
     accuracy: dict[str, float]
     normalized: dict[str, float] = field(default_factory=dict)
     reused: bool = False
-
-    @property
-    def average(self) -> float:
-        return sum(self.accuracy.values()) / len(self.accuracy)
+    perplexity: dict[str, float] = field(default_factory=dict)  # language-modelling tasks (lower is better)
 
     @classmethod
     def from_rows(cls, digest: str, suite_digest: str, rows, reused: bool) -> "Scores":
         acc = {t: v for t, m, v in rows if m == "accuracy"}
         norm = {t: v for t, m, v in rows if m == "normalized_accuracy"}
-        return cls(digest, suite_digest, acc, norm, reused)
+        ppl = {t: v for t, m, v in rows if m == "perplexity"}
+        return cls(digest, suite_digest, acc, norm, reused, ppl)
+
+
+def summary(scores: dict) -> tuple[str, float]:
+    """What ranks merges on a suite, from a `Scores`' fields: ("accuracy", the mean) where it has accuracies, else
+    ("perplexity", the mean): a suite of language-modelling tasks ranks by perplexity, lower first."""
+    if scores["accuracy"]:
+        return "accuracy", sum(scores["accuracy"].values()) / len(scores["accuracy"])
+    values = list((scores.get("perplexity") or {}).values())
+    return "perplexity", sum(values) / len(values) if values else float("inf")
+
+
+def best_merge(merges: list[dict]) -> dict:
+    """The best of a pipeline's merges by `summary`: the highest mean accuracy, or the lowest mean perplexity."""
+    return max(merges, key=lambda m: m["average"] if m["metric"] == "accuracy" else -m["average"])
 
 
 def _log_to_mlflow(registry: Registry, model: ModelInfo, suite: Suite, result: SuiteResult) -> str | None:
     if registry.mirror is None:
         return None
-    metrics = {f"{task}/{metric}": value for task, metric, value in result.rows()}
-    metrics["average/accuracy"] = result.average_accuracy
-    return registry.mirror.log_evaluation(model.mlflow_model_id, model.digest, suite.name, suite.digest, metrics)
+    return registry.mirror.log_evaluation(model.mlflow_model_id, model.digest, suite.name, suite.digest,
+                                          evaluation_metrics(result))
 
 
 def evaluate_or_reuse(registry: Registry, model: ModelInfo, suite: Suite, device: str = "cpu",
@@ -83,7 +95,7 @@ def score_candidates(registry: Registry, suite: Suite, base: ModelInfo, candidat
 def score_data_free(registry: Registry, suite_name: str, base: ModelInfo, reference: ModelInfo,
                     candidates: list[ModelInfo]) -> dict[str, float]:
     """For suites without data: cosine of each task vector with a reference model's (e.g. one tuned on the target)."""
-    from merging.relevance import task_vector_cosine
+    from merging.algorithms.relevance import task_vector_cosine
 
     base_ckpt = Checkpoint(base.store_path)
     reference_view, *views = aligned_inputs(base_ckpt, [Checkpoint(reference.store_path)]
@@ -116,11 +128,10 @@ def merge_evaluate_commit(registry: Registry, recipe: Recipe, name: str, suite: 
     If evaluating or registering fails, the run is marked failed and nothing
     claims the model exists: no model row, no lineage edge, no MLflow version.
     """
-    pinned = parse_recipe(recipe.canonical())
-    previous = registry.reusable_merge(pinned.recipe_hash, __version__)
+    previous = registry.reusable_merge(recipe.recipe_hash, __version__)
     if previous is not None:
         return MergeOutcome(previous, evaluate_or_reuse(registry, previous, suite, device), merged=False)
-    staged = stage_merge(pinned, registry, device=device, progress=progress)
+    staged = stage_merge(recipe, registry, device=device, progress=progress)
     try:
         result = evaluate_checkpoint(staged.path, bound_to(suite, registry, staged.base), device=device,
                                      progress=progress, label=name)

@@ -73,7 +73,7 @@ class CalibrationRequest:
 @dataclass(frozen=True)
 class ScoreRequest:
     """The suite's metric on its calibration split (never its evaluation split), built into a `Scorer`: what an
-    `auto` coefficient is chosen by (merging.search)."""
+    `auto` coefficient is chosen by (merging.algorithms.search)."""
 
     suite: str
     tasks: tuple[str, ...] | None

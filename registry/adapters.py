@@ -1,10 +1,10 @@
 """LoRA adapters in the registry: a PEFT adapter directory ingested on its base, in mergeyard's stored form
-(merging/lora.py: A, B and scaling per adapted weight), so the digest covers every number that decides it."""
+(merging/checkpoints/lora.py: A, B and scaling per adapted weight), so the digest covers every number that decides it."""
 
 from __future__ import annotations
 
-from merging.checkpoint import Checkpoint
-from merging.lora import ADAPTER_ARCHITECTURE, check_against_base, read_peft
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.lora import ADAPTER_ARCHITECTURE, check_against_base, read_peft
 from registry.errors import RegistryError
 from registry.model_info import ModelInfo
 

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
-from merging.digest_cache import use_wal
+from merging.checkpoints.digest_cache import use_wal
 from registry.errors import RegistryError, SchemaOutOfDateError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

@@ -4,7 +4,7 @@ The lineage database is the source of truth. Against it the doctor checks the st
 processes, entries no row names, rows whose stored copy is missing or whose bytes differ from their recorded
 sha256) and the MLflow mirror (logged models a killed process left PENDING, versions no row records, rows whose
 version MLflow lost, aliases MLflow shows elsewhere than the audit log, runs left RUNNING, a pending audit
-witness). Nothing a live process owns is touched: owners are told by host and pid (merging.processes).
+witness). Nothing a live process owns is touched: owners are told by host and pid (merging.runtime.processes).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from merging.atomic import OLD_MARK, TEMP_MARK
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
+from merging.runtime.atomic import OLD_MARK, TEMP_MARK
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
 from merging.errors import MergeyardError
-from merging.processes import orphaned_processes, pid_alive
+from merging.runtime.processes import orphaned_processes, pid_alive
 from registry.findings import Finding, owner_gone
 from registry.schema import MergeRun, Model
 

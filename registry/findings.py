@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from merging.processes import host_tag, pid_alive, token_owner
+from merging.runtime.processes import host_tag, pid_alive, token_owner
 
 UNOWNED_AGE_SECONDS = 24 * 3600  # a temporary directory whose owner cannot be told is left this long
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from typing import Callable
 
-from merging.crashpoints import crashpoint
+from merging.runtime.crashpoints import crashpoint
 from registry.errors import MirrorLostError, RegistryError
-from merging.processes import owner_token
+from merging.runtime.processes import owner_token
 
 OWNER_TAG = "mergeyard.owner"  # <host tag>-<pid> of the process that created a logged model or run
 REFERENCE_TAG = "mergeyard.reference"  # the path of a model registered by reference (its version holds no artifacts)

@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from merging.yaml_input import read_yaml, validation_problems
 
-from merging.crashpoints import crashpoint
+from merging.runtime.crashpoints import crashpoint
 from registry.audit_chain import ChainReport, Problem, log_name, seal, verify
 from registry.errors import RegistryError
 from registry.lineage import lineage

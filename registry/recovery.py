@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select, update
 
-from merging.processes import hostname, owner_alive
+from merging.runtime.processes import hostname, owner_alive
 from registry.schema import MergeRun, utcnow
 
 HEARTBEAT_SECONDS = 30.0

@@ -22,15 +22,15 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import registry.audit  # noqa: F401  (installs the append-only guard)
-from merging.alignment import Alignment
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
-from merging.digest_cache import DigestCache
-from merging.lora import is_peft_adapter
+from merging.checkpoints.alignment import Alignment
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
+from merging.checkpoints.digest_cache import DigestCache
+from merging.checkpoints.lora import is_peft_adapter
 from merging.references import parse_ref
 from registry.adapters import LoraAdapters
 from registry.audit_chain import intact
-from merging.crashpoints import crashpoint
+from merging.runtime.crashpoints import crashpoint
 from registry.db import ensure_schema, make_engine, retry_when_locked
 from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
 from registry.recovery import Heartbeat, owner_columns, reap_interrupted
@@ -44,7 +44,7 @@ from registry.statistics import StatisticsArtifacts, is_statistics
 from registry.store import ModelStore
 from registry.stored_bytes import StoredBytes
 from registry.validation import check_base, validate_checkpoint
-from merging.processes import owner_token
+from merging.runtime.processes import owner_token
 
 _HEX_PREFIX = re.compile(r"^(sha256:)?([0-9a-f]{8,64})$")
 
@@ -360,10 +360,12 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
                            seconds: float, evaluations: list[SuiteEvaluation] = (),
                            details: dict | None = None, heads: list[ServedHead] = (),
                            recipe_json: str | None = None, move: bool = False,
-                           written_sha256: dict[str, str] | None = None) -> ModelInfo:
+                           written_sha256: dict[str, str] | None = None,
+                           plan: tuple[str, str] | None = None) -> ModelInfo:
         """Record the merged model, its lineage edges, its evaluations and the run's success in one transaction.
         `move`: `out_dir` is scratch the registry owns; its files are renamed into the store, not copied (and those
-        in `written_sha256`, hashed as the engine wrote them, are not read again)."""
+        in `written_sha256`, hashed as the engine wrote them, are not read again). `plan`: the (digest, JSON) of
+        the merge plan the run executed."""
         self._stop_heartbeat(run_id)
         with self.Session() as s:
             mlflow_run_id = s.get(MergeRun, run_id).mlflow_run_id
@@ -374,6 +376,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             run.finished_at, run.seconds, run.details = utcnow(), seconds, details
             if recipe_json is not None:  # what the method settled (its hash stays the request's: reuse finds it)
                 run.recipe_json = recipe_json
+            if plan is not None:
+                run.plan_digest, run.plan_json = plan
             for e in evaluations:
                 s.add_all(e.rows_for(row.id, mlflow_run_id))
 
@@ -391,6 +395,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
                 run.finished_at, run.seconds, run.details = utcnow(), seconds, details
                 if recipe_json is not None:
                     run.recipe_json = recipe_json
+                if plan is not None:
+                    run.plan_digest, run.plan_json = plan
                 for e in evaluations:
                     if not self._has_evaluation(s, info.id, e.suite_digest):
                         s.add_all(e.rows_for(info.id, mlflow_run_id))

@@ -79,6 +79,9 @@ class MergeRun(Base):
     # what the method decided beyond the weights (MuDSC's matchings and calibration digest, FW's losses,
     # the MAP front and preference a picked point came from)
     details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    # the merge plan the run executed (merging.engine.plan) and its digest: `reproduce` compares a rebuild's
+    plan_digest: Mapped[str | None] = mapped_column(String(80))
+    plan_json: Mapped[str | None] = mapped_column(Text)
 
 
 class LineageEdge(Base):

@@ -249,8 +249,8 @@ def write_task_model(encoder_dir: Path, head_dir: Path, prefix: str, out: Path) 
     tensors, the head's config (its task class and labels), the encoder's tokenizer and preprocessing files."""
     from safetensors.torch import save_file
 
-    from merging.checkpoint import Checkpoint
-    from merging.companions import PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.checkpoints.companions import PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 
     encoder, head = Checkpoint(encoder_dir), Checkpoint(head_dir)
     state = {f"{prefix}.{n}": encoder.read(n).contiguous() for n in encoder.names}

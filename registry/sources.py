@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
-from merging.companions import MODEL_FILES
+from merging.checkpoints.companions import MODEL_FILES
 from merging.references import parse_ref
 from registry.errors import SourceError
 from registry.serving import checkpoint_dir
-from merging.processes import owner_token
+from merging.runtime.processes import owner_token
 
 _HF_REVISION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")
 _OPEN_CLIP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")

@@ -7,8 +7,8 @@ the budget; `ingest` does the same for a file a model's author published.
 
 from __future__ import annotations
 
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
 from registry.model_info import ModelInfo, Parent
 
 METADATA_KIND = "mergeyard.statistics"  # what marks a safetensors file as statistics (and of which model)

@@ -16,12 +16,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from merging.digest_cache import file_stamp
-from merging.atomic import OLD_MARK, move_into_place, temp_beside
-from merging.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from merging.companions import MODEL_FILES
-from merging.crashpoints import crashpoint
-from merging.processes import owner_token
+from merging.checkpoints.digest_cache import file_stamp
+from merging.runtime.atomic import OLD_MARK, move_into_place, temp_beside
+from merging.checkpoints.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from merging.checkpoints.companions import MODEL_FILES
+from merging.runtime.crashpoints import crashpoint
+from merging.runtime.processes import owner_token
 
 MANIFEST = "mergeyard-files.json"
 # who stored an entry, as what: lets `mergeyard doctor` adopt an ingested copy whose registration was killed

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from merging.checkpoint import Checkpoint
-from merging.digest_cache import checkpoint_stamp
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest_cache import checkpoint_stamp
 from merging.errors import MergeyardError
 from registry.errors import StoreDamagedError
 from registry.model_info import ModelInfo
@@ -20,7 +20,7 @@ from registry.validation import check_names, scan_checkpoint
 class StoredBytes:
     def scan(self, ckpt: Checkpoint) -> tuple[str, dict[str, str]]:
         """Validated bytes' digest and tensor checksums: remembered from an earlier read of the very same files
-        (merging/digest_cache.py), or validated and hashed in one read now."""
+        (merging/checkpoints/digest_cache.py), or validated and hashed in one read now."""
         before = checkpoint_stamp(ckpt)
         hit = self.digests.lookup(ckpt, stamp=before)
         if hit is not None and hit.validated and hit.checksums:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from merging.checkpoint import Checkpoint
-from merging.alignment import Alignment, align_all, check_buffers_equal
-from merging.digest import checkpoint_digest
-from merging.finite import all_finite, raw_finite
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.alignment import Alignment, align_all, check_buffers_equal
+from merging.checkpoints.digest import checkpoint_digest
+from merging.checkpoints.finite import all_finite, raw_finite
 from registry.errors import ValidationFailed
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -13,7 +13,7 @@ from evaluation.evaluator import evaluate_checkpoint
 from evaluation.suites import load_suite
 from flows.objectives import build_request
 from merging.engine import run_merge
-from merging.recipe import parse_recipe
+from merging.recipes.recipe import parse_recipe
 from tiny_suite import tiny_text  # noqa: F401  (a fixture)
 
 CASES = [("task_arithmetic", "lambda", [0.2, 0.7, 1.3]), ("tsv", "alpha", [0.5, 1.5]),

@@ -112,7 +112,7 @@ def test_llm_merges_evaluate_on_the_suite_and_fw_optimises_it(tiny_lm, cli, tmp_
         recipe.write_text(yaml.safe_dump({"method": method, "base": str(tiny_lm["base"]),
                                           "models": [str(p) for p in tiny_lm["finetuned"]], "parameters": params}))
         merged = json.loads(cli("merge", recipe, "--name", f"lm-{method}", "--json").stdout)
-        from merging.checkpoint import Checkpoint
+        from merging.checkpoints.checkpoint import Checkpoint
 
         assert "lm_head.weight" not in Checkpoint(merged["store_path"]).entries  # tied weights stay tied
         report = json.loads(cli("evaluate", f"lm-{method}", "--suite", tiny_lm["suite"], "--json").stdout)

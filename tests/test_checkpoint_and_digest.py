@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import random_family, save_checkpoint
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
 from merging.errors import CheckpointError, PickleCheckpointError
 
 

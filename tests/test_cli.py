@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import random_family
-from merging.digest import checkpoint_digest
+from merging.checkpoints.digest import checkpoint_digest
 
 MERGEYARD = [sys.executable, "-m", "flows.cli"]
 

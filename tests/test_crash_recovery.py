@@ -2,7 +2,7 @@
 `doctor --fix` leaves a healthy home, and a rerun gives the same digest with nothing lost or duplicated.
 
 The crashing command is a real process (`python -m flows.cli`) killed by the test-only hook
-(merging/crashpoints.py: MERGEYARD_TEST_CRASH_AT); everything else runs in-process on the same home.
+(merging/runtime/crashpoints.py: MERGEYARD_TEST_CRASH_AT); everything else runs in-process on the same home.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import random_family, save_checkpoint
-from merging.atomic import OLD_MARK, TEMP_MARK
+from merging.runtime.atomic import OLD_MARK, TEMP_MARK
 from tiny_suite import tiny_text  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def plain_family(tmp_path, cli):
     recipe.write_text(yaml.safe_dump({"method": "ties", "base": "base", "models": ["a", "b"],
                                       "parameters": {"density": 0.5, "lambda": 1.0}}))
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     expected = run_merge(parse_recipe({"method": "ties", "base": str(paths[0]), "models": [str(p) for p in paths[1:]],
                                        "parameters": {"density": 0.5, "lambda": 1.0}}), tmp_path / "reference").digest
@@ -112,7 +112,7 @@ INGEST_CASES = {
 
 @pytest.mark.parametrize("point", list(INGEST_CASES))
 def test_ingest_killed(point, cli, plain_family, isolated_home):
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.digest import checkpoint_digest
 
     new = plain_family["new"]
     killed("ingest", new, "--name", "late", at=point)

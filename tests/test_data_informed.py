@@ -57,9 +57,9 @@ def test_fisher_merging_with_equal_fishers_is_weighted_averaging():
 def test_adamerging_coefficient_gradient_matches_a_finite_difference(tiny_text):
     from evaluation.objectives import PredictionEntropy
     from evaluation.suites import load_suite
-    from merging.adamerging import coefficient_gradient, merged, task_vectors
-    from merging.alignment import aligned_inputs
-    from merging.checkpoint import Checkpoint
+    from merging.algorithms.adamerging import coefficient_gradient, merged, task_vectors
+    from merging.checkpoints.alignment import aligned_inputs
+    from merging.checkpoints.checkpoint import Checkpoint
 
     base = Checkpoint(tiny_text["base"])
     models = aligned_inputs(base, [Checkpoint(p) for p in tiny_text["finetuned"].values()])

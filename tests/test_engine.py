@@ -9,12 +9,12 @@ import torch
 import yaml
 
 from conftest import load_all, random_family
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
 from merging.engine import run_merge
 from merging.errors import IncompatibleModelsError, MergeyardError, NonFiniteError, OutputExistsError, RecipeError
-from merging.recipe import load_recipe, parse_recipe
-from merging.safetensors_format import read_header
+from merging.recipes.recipe import load_recipe, parse_recipe
+from merging.checkpoints.safetensors_format import read_header
 
 
 def ta_recipe(base, models, **extra):

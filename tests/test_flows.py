@@ -97,10 +97,10 @@ def test_pipeline_scores_merges_evaluates_promotes_and_a_rerun_does_nothing_agai
     from flows.pipeline import pinned_settings, pipeline_flow, registry_for
     from flows.report import artifact_key
     from flows.steps import suite_for
-    from merging.checkpoint import Checkpoint
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.checkpoints.digest import checkpoint_digest
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     zoo, manifest, _ = small_zoo
     config = pipeline_config(zoo)
@@ -229,7 +229,7 @@ def test_dask_local_cluster_makes_the_same_models(prefect_api, small_zoo, tmp_pa
     from flows.pipeline import pipeline_flow
     from flows.runtime import with_runner
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     zoo, _, _ = small_zoo
     config = pipeline_config(zoo, name="on-dask", merges=[{"method": "task_arithmetic", "parameters": {"lambda": 0.3}},

@@ -54,7 +54,7 @@ def _safetensors(header, payload: bytes, length_delta: int) -> bytes:
 
 
 def _parse_everything(path: Path) -> None:
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     ckpt = Checkpoint(path)
     for name in ckpt.names:  # every tensor readable, or our error
@@ -100,7 +100,7 @@ def recipes(draw):
 
 
 def _recipe_property(data):
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     try:
         parse_recipe(data)
@@ -206,7 +206,7 @@ def test_a_sharded_index_cannot_lead_outside_its_directory(tmp_path):
     from safetensors.torch import save_file
     import torch
 
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
     from merging.errors import CheckpointError
 
     outside = tmp_path / "secret.safetensors"

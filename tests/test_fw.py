@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merging.checkpoint import Checkpoint
+from merging.checkpoints.checkpoint import Checkpoint
 from merging.errors import MergeyardError
 import dense_reference as ref
-from merging.fw import FWParams, fw_hard
+from merging.algorithms.fw import FWParams, fw_hard
+from merging.methods.fw import initial_state
 
 SHAPES = {"w1": (6, 5), "w2": (7,), "w3": (3, 2, 2)}
 
@@ -115,7 +116,7 @@ def test_streamed_fw_hard_matches_the_dense_reference(tmp_path, params):
     # the target lies between candidates 1 and 3, so different tensors prefer different candidates
     target = {n: 0.6 * cands[1][n] + 0.4 * cands[3][n] + 0.05 * torch.randn(cands[1][n].shape, generator=g) for n in SHAPES}
     objective = Quadratic(target)
-    got = fw_hard(base_ckpt, cand_ckpts, objective, params)
+    got = fw_hard(base_ckpt, cand_ckpts, objective, params, initial=initial_state(base_ckpt, cand_ckpts, params))
     want, picks = dense_fw(base, cands, objective, params)
     for n in base:
         torch.testing.assert_close(got.state[n], want[n], rtol=1e-5, atol=1e-6)
@@ -125,10 +126,8 @@ def test_streamed_fw_hard_matches_the_dense_reference(tmp_path, params):
 
 
 def test_the_ties_initial_merge_is_ties_of_all_candidates(tmp_path):
-    from merging.fw import initial_merge
-
     base, cands, base_ckpt, cand_ckpts = family(tmp_path, 4, seed=5)
-    got = initial_merge(base_ckpt, cand_ckpts, FWParams(init="ties", density=0.3, lam=0.9))
+    got = initial_state(base_ckpt, cand_ckpts, FWParams(init="ties", density=0.3, lam=0.9))
     want = ref.ties_global(base, cands, [1.0] * 4, 0.3, "mean", 0.9)
     for n in SHAPES:
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
@@ -195,7 +194,7 @@ def dense_fw_soft(base, cands, task_objectives, merge_objective, p):
     dict(iterations=1, merge="task_arithmetic", lam=0.3),  # the authors' per-task selection: TA of each task's pick
 ], ids=["adamerging", "task-arithmetic", "per-task-selection"])
 def test_fw_soft_matches_the_dense_reference_and_selects_per_task(tmp_path, params):
-    from merging.fw import FWSoftParams, fw_soft
+    from merging.algorithms.fw import FWSoftParams, fw_soft
 
     base, cands, base_ckpt, cand_ckpts = family(tmp_path, 5, seed=11)
     tasks = {"a": Quadratic({n: cands[1][n] for n in SHAPES}), "b": Quadratic({n: cands[3][n] for n in SHAPES})}
@@ -218,7 +217,7 @@ def test_fw_hard_recipe_is_merged_recorded_with_its_selections_and_reproduced(sm
 
     from flows.cli import app
     from merging.engine import run_merge
-    from merging.recipe import load_recipe
+    from merging.recipes.recipe import load_recipe
 
     zoo, manifest, _ = small_zoo
     recipe = tmp_path / "fw.yaml"

@@ -21,17 +21,16 @@ FORBIDDEN = {
     "evaluation": {"prefect", "mlflow", "sqlalchemy", "alembic", "registry", "flows"},
     "registry": {"prefect", "evaluation", "flows"},
 }
-# what each lower layer may take from merging/ (a module and anything below it)
-SHARED = {"merging.errors", "merging.checkpoint", "merging.digest", "merging.digest_cache", "merging.safetensors_format",
-          "merging.alignment",
-          "merging.companions", "merging.yaml_input"}
+# what each lower layer may take from merging/: whole folders (and a few shared top-level modules)
+SHARED = {"merging.errors", "merging.yaml_input", "merging.checkpoints"}
 ALLOWED_FROM_MERGING = {
-    "evaluation": SHARED | {"merging.objective", "merging.mudsc"},  # the objective protocol; MuDSC's spec types
-    # validation, refs, the store; whose process owns a run or a directory, and the fault-injection hook
-    # and a LoRA adapter's stored form (a checkpoint format: read and checked at ingest, like a checkpoint's)
-    "registry": SHARED | {"merging.finite", "merging.references", "merging.atomic", "merging.processes",
-                          "merging.crashpoints", "merging.lora"},
+    "evaluation": SHARED | {"merging.objective", "merging.algorithms.mudsc"},  # the objective protocol; MuDSC's spec types
+    # refs, the store's runtime (atomic writes, whose process owns a run or a directory, the fault-injection hook)
+    "registry": SHARED | {"merging.references", "merging.runtime"},
 }
+# merging/'s own folders, lowest first: each may use the folders before it (and merging's top-level modules:
+# errors, version, objective, yaml_input, references), never one after it
+MERGING_FOLDERS = ("runtime", "checkpoints", "algorithms", "methods", "recipes", "engine")
 
 
 def _imports(path: Path) -> set[str]:
@@ -121,6 +120,23 @@ def test_lower_layers_use_only_the_parts_of_merging_the_design_names(layer):
         for target in module_imports(name, path, known)
         if target.split(".")[0] == "merging" and not any(target == a or target.startswith(a + ".") for a in allowed))
     assert not offending, f"{layer}/ reaches into merging/ beyond its types, checkpoints, digests and validation: {offending}"
+
+
+def _folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "merging" and parts[1] in MERGING_FOLDERS else None
+
+
+def test_merging_folders_use_only_the_folders_below_them():
+    known = modules()
+    offending = sorted(
+        f"{name} → {target}" for name, path in known.items() if name.startswith("merging.") and _folder(name)
+        for target in module_imports(name, path, known)
+        if _folder(target) and MERGING_FOLDERS.index(_folder(target)) > MERGING_FOLDERS.index(_folder(name)))
+    assert not offending, f"a merging/ folder reaches up ({' < '.join(MERGING_FOLDERS)}): {offending}"
+    top = sorted(f"{name} → {target}" for name, path in known.items() if name.startswith("merging.")
+                 and not _folder(name) for target in module_imports(name, path, known) if _folder(target))
+    assert not top, f"merging/'s shared top-level modules import its folders: {top}"
 
 
 def test_no_module_imports_itself_round_a_circle():

@@ -141,7 +141,7 @@ def test_adapters_mergeyard_cannot_merge_are_refused_in_one_line(cli, isolated_h
 def test_the_engine_refuses_a_raw_adapter_directory_with_what_to_do(family, tmp_path):
     from merging.engine import run_merge
     from merging.errors import CheckpointError
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     r = parse_recipe({"method": "task_arithmetic", "base": str(family / "base"), "models": [str(family / "adapter")]})
     with pytest.raises(CheckpointError, match="mergeyard ingest"):
@@ -203,8 +203,8 @@ def test_extract_lora_of_a_low_rank_change_is_exact(cli, family, tmp_path):
 def test_an_adapter_from_the_hub_cache_is_ingested_offline(registry, family):
     from test_registry import write_hub_cache
 
-    from merging.checkpoint import Checkpoint
-    from merging.lora import is_adapter, targets
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.checkpoints.lora import is_adapter, targets
 
     base, _ = registry.ingest(str(family / "base"), name="base")
     files = {p.name: p.read_bytes() for p in (family / "adapter").iterdir() if p.is_file()}
@@ -251,8 +251,8 @@ def test_the_randomized_svd_for_large_weights_is_near_the_best_rank_r_and_report
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from merging.checkpoint import Checkpoint
-    from merging.extract_lora import extract_lora
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.algorithms.extract_lora import extract_lora
 
     rank = 3
     report = extract_lora(Checkpoint(family / "full"), Checkpoint(family / "base"), rank, tmp_path / "r", exact_up_to=0)

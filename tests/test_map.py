@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from merging.errors import MergeyardError
-from merging.map import (Front, MapParams, Surrogate, _non_dominated, cross_validate, design, features, fit,
+from merging.algorithms.map import (Front, MapParams, Surrogate, _non_dominated, cross_validate, design, features, fit,
                          parse_preference, pareto_front, pick, quadratic_size, run_bayesian, run_map, run_nested)
 
 

@@ -19,7 +19,7 @@ TASKS = ["digits", "letters"]
 
 def _config(zoo, **extra):
     from flows.map_flow import MapConfig
-    from merging.map import MapParams
+    from merging.algorithms.map import MapParams
 
     return MapConfig(suite="ta8-mini", tasks=TASKS, base=str(zoo / "base"),
                      candidates=[str(zoo / "finetuned" / t) for t in TASKS],
@@ -36,7 +36,7 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
     from flows.pipeline import pinned_settings, registry_for
     from flows.steps import suite_for
     from merging.engine import run_merge
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
     from registry import map_records
     from registry.schema import MapSample
 
@@ -81,7 +81,7 @@ def test_map_sweeps_caches_every_sample_stores_the_front_and_a_pick_is_merged_fo
     # a second sweep over the same design evaluates nothing; a larger one reuses what it shares
     again = map_flow(_config(zoo))
     assert again["newly_evaluated"] == 0 and again["reused_samples"] == 12
-    from merging.map import MapParams
+    from merging.algorithms.map import MapParams
 
     bigger = map_flow(_config(zoo).model_copy(update={"params": MapParams(samples=16, population=24, generations=25)}))
     assert bigger["reused_samples"] >= 1 and bigger["newly_evaluated"] + bigger["reused_samples"] == 16

@@ -14,7 +14,7 @@ import yaml
 from conftest import load_all
 from merging.engine import run_merge
 from merging.errors import RecipeError
-from merging.recipe import load_recipe, parse_recipe
+from merging.recipes.recipe import load_recipe, parse_recipe
 
 EXAMPLES = Path(__file__).parent / "data" / "mergekit_examples"
 STAND_INS = ["orca-mini", "platypus", "wizardlm", "wizardmath", "llama-2", "mistral-base", "mistral-instruct",

@@ -13,8 +13,8 @@ import mergekit_reference as ref
 from conftest import load_all, random_family, save_checkpoint
 from merging.engine import run_merge
 from merging.errors import RecipeError
-from merging.random_mask import stream_key
-from merging.recipe import parse_recipe
+from merging.algorithms.random_mask import stream_key
+from merging.recipes.recipe import parse_recipe
 
 CHUNKS = [1 << 22, 40]  # whole tensors, and row chunks of ≤ 40 elements
 

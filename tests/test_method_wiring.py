@@ -71,7 +71,7 @@ def test_a_toy_data_informed_method_runs_through_merge_run_lineage_and_reproduce
     objective = FewShotCrossEntropy(load_suite(str(tiny_text["suite"])).for_model(tiny_text["base"]), samples_per_task=8)
     losses = [objective.loss({k.removeprefix("bert."): v for k, v in load_state(p).items()}) for p in fts]
     chosen = min(range(len(losses)), key=losses.__getitem__)
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     name = "encoder.layer.0.output.dense.weight"
     assert torch.equal(Checkpoint(merged["store_path"]).read(name), Checkpoint(fts[chosen]).read("bert." + name))

@@ -8,8 +8,8 @@ import torch
 import dense_reference as ref
 from conftest import load_all, random_family
 from merging.engine import run_merge
-from merging.random_mask import stream_key
-from merging.recipe import parse_recipe
+from merging.algorithms.random_mask import stream_key
+from merging.recipes.recipe import parse_recipe
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -124,7 +124,7 @@ def test_ties_global_negative_majority_patches_zero_sum_parameters(tmp_path, wri
     expected = ref.ties_global(base, [m1, m2], [1.0, 1.0], 1.0)
     assert torch.equal(expected["v"][:4], torch.tensor([-0.5, -0.5, -0.25, -1.0]))
     assert_matches(got, expected, torch.float32, exact=True)
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.digest import checkpoint_digest
 
     assert result.digest == checkpoint_digest(result.out_dir)  # recomputed after the patch
 
@@ -161,7 +161,7 @@ def test_dare_seed_changes_the_mask_and_is_reproducible(tmp_path, write_family):
 @pytest.mark.parametrize("numel,block", [(5, 2), (1000 * 1001, 4096), (3 * 4096, 4096)])
 def test_the_agreeing_merge_gives_the_same_bits_in_cache_sized_blocks(aggregate, numel, block):
     """Blocking is an optimisation only: each element is the whole-tensor formula's, bit for bit."""
-    from merging.methods.consensus import disjoint_merge_weighted, elect_sign_weighted, merge_agreeing
+    from merging.algorithms.consensus import disjoint_merge_weighted, elect_sign_weighted, merge_agreeing
 
     g = torch.Generator().manual_seed(numel)
     base = torch.randn(numel, generator=g)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from merging.errors import MergeyardError
-from merging.mudsc import MuDSCParams, mudsc, permutation_spec
-from merging.mudsc import matching as M
+from merging.algorithms.mudsc import MuDSCParams, mudsc, permutation_spec
+from merging.algorithms.mudsc import matching as M
 
 
 # ---- matchings ----------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_a_vit_tower_is_recovered_exactly_with_heads_and_dimensions_inside_heads
 
 
 def test_batchnorm_statistics_are_re_estimated_on_the_calibration_data():
-    from merging.mudsc import reset_batchnorm
+    from merging.algorithms.mudsc import reset_batchnorm
 
     torch.manual_seed(4)
     net = _mlp()
@@ -323,7 +323,7 @@ def test_a_mudsc_recipe_is_merged_recorded_with_its_matchings_and_reproduced(tmp
     assert merged.exit_code == 0, merged.output
     digest = json.loads(merged.stdout)["digest"]
     from flows.registry_access import open_registry
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     registry = open_registry()
     out = Checkpoint(registry.resolve(digest).store_path)

@@ -23,7 +23,7 @@ from torch.func import functional_call
 from evaluation.families.base import Family, Outputs, Runner
 from evaluation.suite import Suite, TaskData
 from evaluation.suite_file import RowExamples
-from merging.alignment import state_entries
+from merging.checkpoints.alignment import state_entries
 
 VOCAB = 64
 

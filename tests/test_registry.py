@@ -15,9 +15,9 @@ import torch
 from sqlalchemy import text
 
 from conftest import random_family, save_checkpoint
-from merging.digest import checkpoint_digest
+from merging.checkpoints.digest import checkpoint_digest
 from merging.errors import CheckpointError, IncompatibleModelsError
-from merging.recipe import parse_recipe
+from merging.recipes.recipe import parse_recipe
 from flows.merge import merge_and_record
 from flows.reproduce import reproduce
 from registry.errors import AmbiguousModelError, AppendOnlyError, ModelNotFoundError, SourceError, ValidationFailed

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from conftest import random_family, save_checkpoint
-from merging.digest import checkpoint_digest
+from merging.checkpoints.digest import checkpoint_digest
 from registry.schema import Model
 
 WORKER = r"""
@@ -59,7 +59,7 @@ def test_concurrent_ingest_of_the_same_bytes(registry, tmp_path):
     assert registry.count(Model) == 1
     assert len(registry.mirror.client.search_model_versions(f"tags.`mergeyard.digest` = '{digest}'")) == before + 1
     assert [p.name for p in registry.store.root.iterdir() if not p.name.startswith(".")] == [digest.replace(":", "-")]
-    assert not [p for p in registry.store.root.iterdir() if ".tmp-" in p.name]  # merging.atomic.TEMP_MARK
+    assert not [p for p in registry.store.root.iterdir() if ".tmp-" in p.name]  # merging.runtime.atomic.TEMP_MARK
 
 
 def test_a_write_that_outwaits_the_busy_timeout_is_retried(tmp_path, monkeypatch):

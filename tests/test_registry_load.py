@@ -55,7 +55,7 @@ def jobs_at_once(n: int, database_url: str, tmp_path: Path) -> None:
     failed = [r.stderr[-1500:] for r in results if r.returncode]
     assert not failed, failed
 
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.digest import checkpoint_digest
     from registry.registry import Registry, RegistryConfig
     from registry.schema import MergeRun, Model
 

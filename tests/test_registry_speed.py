@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merging.checkpoint import Checkpoint
-from merging.digest import checkpoint_digest
-from merging.digest_cache import DigestCache, checkpoint_stamp
-from merging.recipe import parse_recipe
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.digest import checkpoint_digest
+from merging.checkpoints.digest_cache import DigestCache, checkpoint_stamp
+from merging.recipes.recipe import parse_recipe
 from flows.merge import merge_and_record
 from tests.conftest import random_family, save_checkpoint
 
@@ -185,7 +185,7 @@ def test_a_patched_output_is_not_taken_for_what_its_writer_hashed(tmp_path):
     """Global TIES patches written bytes at the end: the streamed sha256 no longer holds and none is offered."""
     import hashlib
 
-    from merging.output import CheckpointWriter
+    from merging.engine.writer import CheckpointWriter
 
     writer = CheckpointWriter(tmp_path / "out", [("a", "F32", (4,)), ("b", "F32", (4,))], max_shard_bytes=1 << 20)
     for name in ("a", "b"):
@@ -319,7 +319,7 @@ def test_an_interrupted_output_never_appears_in_the_store(tmp_path, isolated_hom
 def test_registered_inputs_are_not_checked_finite_again_but_a_direct_merge_checks_them(registry, tmp_path, monkeypatch):
     """Ingest validated every element; a merge from the registry only checks its output (TIES drops NaN checks
     otherwise done per input chunk). A merge of files outside a registry still checks its inputs."""
-    import merging.inputs as inputs_module
+    import merging.checkpoints.inputs as inputs_module
     from merging.engine import run_merge
 
     checked = []
@@ -385,7 +385,7 @@ def test_a_file_changed_under_its_copy_is_hashed_as_copied(tmp_path):
     """The sha256 a scan took is used only if the source kept its identity through the copy."""
     import hashlib
 
-    from merging.digest_cache import file_stamp
+    from merging.checkpoints.digest_cache import file_stamp
     from registry.store import _copy_hashing
 
     src = tmp_path / "m.safetensors"

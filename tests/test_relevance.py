@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from merging.checkpoint import Checkpoint
+from merging.checkpoints.checkpoint import Checkpoint
 from merging.errors import MergeyardError
-from merging.relevance import gradient_alignment, task_vector_cosine
+from merging.algorithms.relevance import gradient_alignment, task_vector_cosine
 
 
 def write(tmp_path, name, sd):

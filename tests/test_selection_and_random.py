@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dense_reference as ref
-from merging.random_mask import stream_key, uniform
-from merging.selection import RankSelector
+from merging.algorithms.random_mask import stream_key, uniform
+from merging.algorithms.selection import RankSelector
 
 
 def select(values: torch.Tensor, rank: int, pieces: int) -> RankSelector:
@@ -73,7 +73,7 @@ def test_uniform_is_chunking_invariant_and_uniform():
 
 
 def test_all_finite_fast_path_and_overflow_fallback():
-    from merging.finite import all_finite
+    from merging.checkpoints.finite import all_finite
 
     assert all_finite(torch.randn(1000))
     big = torch.full((1000,), 3e38)  # finite, but the sum overflows: must fall back to the exact check

@@ -45,7 +45,7 @@ def transformers_labels(model_dir: Path) -> list[str]:
 def test_a_merge_loads_in_transformers_and_exports_as_a_task_model(merged_text, cli, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     for directory in (merged_text["out"], Path(merged_text["merged"]["store_path"])):
         encoder = AutoModel.from_pretrained(directory)

@@ -14,7 +14,7 @@ import torch
 import dense_reference as ref
 from conftest import load_all, random_family
 from merging.engine import run_merge
-from merging.recipe import parse_recipe
+from merging.recipes.recipe import parse_recipe
 
 # odd shapes: tall, wide and square weight matrices, a bias, an embedding table (averaged, not decomposed), a conv
 SHAPES = {"blk.0.attn.w": (7, 5), "blk.0.mlp.w": (5, 11), "blk.0.mlp.b": (5,), "blk.1.w": (6, 6),
@@ -111,7 +111,7 @@ SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[3]))
 from merging.engine import run_merge
-from merging.recipe import parse_recipe
+from merging.recipes.recipe import parse_recipe
 print(json.dumps(run_merge(parse_recipe(json.loads(sys.argv[1])), sys.argv[2]).digest))
 """
 

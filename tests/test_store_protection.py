@@ -50,7 +50,7 @@ def test_out_inside_the_home_is_refused(cli, registered, isolated_home):
 
 
 def test_reproduce_names_the_damaged_tensor_of_an_ingested_model(cli, registered, isolated_home):
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     stored = store_entry(isolated_home, registered["digests"]["a"]) / "model.safetensors"
     ckpt = Checkpoint(stored)
@@ -70,7 +70,7 @@ def test_reproduce_names_the_damaged_tensor_of_an_ingested_model(cli, registered
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_ingesting_the_bytes_again_restores_a_lost_or_damaged_copy(damage, cli, registered, isolated_home):
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.digest import checkpoint_digest
 
     digest = registered["digests"]["b"]
     entry = store_entry(isolated_home, digest)
@@ -94,7 +94,7 @@ def test_ingesting_the_bytes_again_restores_a_lost_or_damaged_copy(damage, cli, 
 
 
 def test_doctor_restores_a_damaged_copy_from_its_source_and_reproduce_from_a_rebuild(cli, registered, isolated_home):
-    from merging.digest import checkpoint_digest
+    from merging.checkpoints.digest import checkpoint_digest
 
     merged = json.loads(cli("merge", registered["recipe"], "--name", "product", "--json").stdout)["digest"]
     for digest in (registered["digests"]["a"], merged):

@@ -124,7 +124,7 @@ def test_task_models_merge_as_the_user_has_them_and_each_head_is_registered(tiny
                                       "models": [str(p) for p in tiny_text["finetuned"].values()],
                                       "parameters": {"lambda": 0.5}}))
     merged = json.loads(cli("merge", recipe, "--name", "tickets-ta", "--json").stdout)
-    from merging.checkpoint import Checkpoint
+    from merging.checkpoints.checkpoint import Checkpoint
 
     out = Checkpoint(merged["store_path"])
     base = Checkpoint(tiny_text["base"])
@@ -195,7 +195,7 @@ def test_a_pipeline_and_a_map_sweep_run_on_a_suite_file(tiny_text, prefect_api, 
     from flows.config import load_pipeline
     from flows.map_flow import MapConfig, map_flow
     from flows.pipeline import pinned_settings, pipeline_flow
-    from merging.map import MapParams
+    from merging.algorithms.map import MapParams
 
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({

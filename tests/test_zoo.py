@@ -14,7 +14,7 @@ from evaluation.objectives import FewShotCrossEntropy
 from evaluation.suites import load_suite
 from evaluation.zoo.asset import asset_paths, load_asset
 from evaluation.zoo.build import SMALL_TASKS, build_zoo
-from merging.digest import checkpoint_digest
+from merging.checkpoints.digest import checkpoint_digest
 
 
 def test_committed_asset_is_small_versioned_and_regenerable():
@@ -161,7 +161,7 @@ def test_evaluating_a_merged_model_annotates_its_merge_run(small_zoo, registry):
     out, manifest, _ = small_zoo
     from flows.evaluate import evaluate_model
     from flows.merge import merge_and_record
-    from merging.recipe import parse_recipe
+    from merging.recipes.recipe import parse_recipe
 
     recipe = parse_recipe({"method": "task_arithmetic", "base": str(out / "base"), "parameters": {"lambda": 0.3},
                            "models": [str(out / manifest["finetuned"][t]["path"]) for t in SMALL_TASKS[:2]]})

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from merging.alignment import align_entries, state_entries
+from merging.checkpoints.alignment import align_entries, state_entries
 from merging.errors import MergeyardError
 
 

@@ -20,8 +20,8 @@ from torch.func import functional_call
 from evaluation.families.base import Family, Outputs, Runner, as_dirs, first_with
 from evaluation.families.hf_names import checkpoint_names
 from evaluation.families.task_heads import files_digest
-from merging.alignment import state_entries
-from merging.companions import TOKENIZER_FILES
+from merging.checkpoints.alignment import state_entries
+from merging.checkpoints.companions import TOKENIZER_FILES
 from merging.errors import MergeyardError
 
 

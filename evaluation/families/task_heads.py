@@ -27,12 +27,12 @@ from torch.func import functional_call
 
 from evaluation.families.base import Family, Outputs, Runner, as_dirs, first_with
 from evaluation.families.hf_names import checkpoint_names
-from merging.alignment import state_entries
-from merging.checkpoint import Checkpoint
-from merging.companions import companion_files
-from merging.digest import DigestBuilder
+from merging.checkpoints.alignment import state_entries
+from merging.checkpoints.checkpoint import Checkpoint
+from merging.checkpoints.companions import companion_files
+from merging.checkpoints.digest import DigestBuilder
 from merging.errors import MergeyardError
-from merging.safetensors_format import DTYPE_NAMES
+from merging.checkpoints.safetensors_format import DTYPE_NAMES
 
 def files_digest(directory: Path) -> str:
     """sha256 over the config, tokenizer and preprocessing files a model directory holds (names and bytes): what

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from evaluation.families.task_heads import TaskHeadsFamily
-from merging.companions import TOKENIZER_FILES
+from merging.checkpoints.companions import TOKENIZER_FILES
 
 
 class TextClassificationFamily(TaskHeadsFamily):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from evaluation.families.task_heads import TaskHeadsFamily
-from merging.companions import PREPROCESSOR_FILES
+from merging.checkpoints.companions import PREPROCESSOR_FILES
 
 
 def open_image(item):

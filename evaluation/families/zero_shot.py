@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call
 
 from evaluation.families.base import Family, Outputs, Runner
-from merging.alignment import state_entries
+from merging.checkpoints.alignment import state_entries
 
 
 class ZeroShotRunner(Runner):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evaluation.zoo.clip_model import create_clip, vocab_digest
-from merging.digest import checkpoint_digest
+from merging.checkpoints.digest import checkpoint_digest
 from merging.errors import MergeyardError
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"

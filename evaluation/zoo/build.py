@@ -27,7 +27,7 @@ from evaluation.zoo.clip_model import logit_scale
 from evaluation.zoo.data import GENERATOR_VERSION
 from evaluation.zoo.tasks import TA8_MINI, TASKS
 from evaluation.zoo.train import FinetuneSettings, finetune
-from merging.digest import checkpoint_digest
+from merging.checkpoints.digest import checkpoint_digest
 
 Progress = Callable[[str, int, int], None] | None
 

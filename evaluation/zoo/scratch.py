@@ -108,8 +108,8 @@ class ViTClassifier(nn.Module):
     def permutation_spec(self, outputs: str = "shared"):
         """The tower's groups with its embedding aligned too; the head reads the embedding and its outputs
         stay in place (`shared`) or are stacked per model (`concat`)."""
-        from merging.mudsc import Group, Member
-        from merging.mudsc.vit import vit_spec
+        from merging.algorithms.mudsc import Group, Member
+        from merging.algorithms.mudsc.vit import vit_spec
 
         spec = vit_spec(self.tower, prefix="tower.", outputs="aligned")
         embedding = spec.group("embedding")

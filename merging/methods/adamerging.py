@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from merging.adamerging import AdaMergingParams, adamerging
-from merging.determinism import SingleThread
+from merging.algorithms.adamerging import AdaMergingParams, adamerging
+from merging.runtime.determinism import SingleThread
 from merging.methods.hooks import MethodLineage
 from merging.methods.registry import MethodParams, Solved, merge_method, path_field
 from merging.objective import ObjectiveRequest

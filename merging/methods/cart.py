@@ -19,9 +19,9 @@ from typing import Iterator
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import MethodParams, merge_method
-from merging.spectral import decomposes, low_rank, mean_task_vector, summed, weighted_tasks
+from merging.algorithms.spectral import decomposes, low_rank, mean_task_vector, summed, weighted_tasks
 
 
 class CartParams(MethodParams):

@@ -2,7 +2,7 @@
 
 Each entry of each task vector is dropped with probability `drop_rate` and the
 survivors are scaled by 1/(1 − drop_rate), which keeps the task vector's
-expectation. The masks come from `merging.random_mask`, keyed by (seed, model
+expectation. The masks come from `merging.algorithms.random_mask`, keyed by (seed, model
 position in the recipe, tensor name), so a recipe rebuilds bit for bit.
 `dare_linear` then adds the weighted task vectors; `dare_ties` elects signs as
 mergekit's `dare_ties` does (weighted sum, zero counts positive).
@@ -15,10 +15,10 @@ from typing import Iterator, Literal
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
-from merging.methods.consensus import merge_agreeing
+from merging.checkpoints.inputs import TensorInputs
+from merging.algorithms.consensus import merge_agreeing
 from merging.methods.registry import CONSENSUS_GRID, LAMBDA_GRID, MethodParams, merge_method
-from merging.random_mask import stream_key, uniform
+from merging.algorithms.random_mask import stream_key, uniform
 
 
 class DareParams(MethodParams):

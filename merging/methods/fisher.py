@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merging.determinism import SingleThread
+from merging.runtime.determinism import SingleThread
 from merging.methods.hooks import MethodLineage
 from merging.methods.registry import Solved, merge_method
 from merging.methods.statistics_params import (StatisticsParams, lineage_details, model_state, registered, request,

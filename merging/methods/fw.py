@@ -11,10 +11,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from merging.determinism import SingleThread
-from merging.fw import FWParams, FWSoftParams, fw_hard, fw_soft
+from merging.runtime.determinism import SingleThread
+import torch
+
+from merging.algorithms.fw import FWParams, FWSoftParams, fw_hard, fw_soft, initial_merge
+from merging.checkpoints.inputs import MergeInputs
 from merging.methods.hooks import EdgeSpec, MethodLineage
 from merging.methods.registry import MethodParams, Solved, merge_method, path_field
+from merging.methods.ties import TiesParams, finalize_ties, prepare_ties, ties
 from merging.objective import ObjectiveRequest
 
 PAPER = "https://arxiv.org/abs/2503.12649"
@@ -81,21 +85,42 @@ def _decisions(result) -> dict:
             "initial_scores": result.initial_scores, "other_targets": result.other_targets()}
 
 
+def initial_state(base, candidates, p: FWParams) -> dict[str, torch.Tensor]:
+    """θ_0: `initial_merge`'s, or TIES of all candidates (the authors' `second_merge_method: ties_merge`: the whole
+    model trimmed to `density` per candidate, elected signs, the mean of agreeing entries, at λ)."""
+    if p.init != "ties":
+        return initial_merge(base, candidates, p)
+    state = initial_merge(base, candidates, p.model_copy(update={"init": "base"}))
+    names = [n for n in base.names if base.entries[n].is_float]
+    inputs = MergeInputs(base=base, models=list(candidates), weights=[1.0] * len(candidates), names=names,
+                         device=torch.device("cpu"), check_finite=False)
+    params = TiesParams(density=p.density, trim_scope="global", aggregate="mean", **{"lambda": p.lam})
+    prepared = prepare_ties(inputs, params)
+    for n in names:
+        state[n] = torch.cat(list(ties(inputs.tensor(n), params, prepared))).reshape(base.entries[n].shape)
+    for patch in finalize_ties(prepared):
+        state[patch.name].view(-1)[patch.indices] = patch.values.to(torch.float32)
+    return state
+
+
 def _core(params, model):
     return model(**{k: getattr(params, k) for k in model.model_fields})
 
 
 def _solve_hard(inputs, params, objective, progress) -> Solved:
     with SingleThread():  # its choices, and so the bytes, must not depend on the thread count
-        result = fw_hard(inputs.base, inputs.models, objective, _core(params, FWParams), progress)
+        core = _core(params, FWParams)
+        result = fw_hard(inputs.base, inputs.models, objective, core, progress,
+                         initial_state(inputs.base, inputs.models, core))
     return Solved(result.state, _decisions(result))
 
 
 def _solve_soft(inputs, params, objective, progress) -> Solved:
     task_objectives, merge_objective = objective
     with SingleThread():
-        result = fw_soft(inputs.base, inputs.models, task_objectives, merge_objective, _core(params, FWSoftParams),
-                         progress)
+        core = _core(params, FWSoftParams)
+        result = fw_soft(inputs.base, inputs.models, task_objectives, merge_objective, core, progress,
+                         initial_state(inputs.base, inputs.models, core))
     return Solved(result.state, {**_decisions(result), "coefficients": result.coefficients})
 
 

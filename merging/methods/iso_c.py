@@ -15,9 +15,9 @@ from typing import Iterator
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import MethodParams, merge_method
-from merging.spectral import decomposes, isotropic, mean_task_vector, summed, weighted_tasks
+from merging.algorithms.spectral import decomposes, isotropic, mean_task_vector, summed, weighted_tasks
 
 PAPER = "https://arxiv.org/abs/2502.04959"
 ALPHA_GRID = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)

@@ -17,10 +17,10 @@ from typing import Iterator
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.iso_c import ALPHA_GRID, PAPER
 from merging.methods.registry import MethodParams, merge_method
-from merging.spectral import decomposes, isotropic_common_and_task, mean_task_vector, summed, weighted_tasks
+from merging.algorithms.spectral import decomposes, isotropic_common_and_task, mean_task_vector, summed, weighted_tasks
 
 
 class IsoCtsParams(MethodParams):

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import MethodParams, merge_method
 
 

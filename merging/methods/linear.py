@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from merging.errors import RecipeError
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import LAMBDA_GRID, MethodParams, merge_method
 
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from merging.errors import RecipeError
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import MethodParams, merge_method
 
 

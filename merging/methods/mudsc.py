@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from merging.determinism import SingleThread
+from merging.runtime.determinism import SingleThread
 from merging.methods.hooks import MethodLineage
 from merging.methods.registry import MethodParams, Solved, merge_method, path_field
 from merging.objective import CalibrationRequest
-from merging.mudsc import MuDSCParams, mudsc, permutation_spec
+from merging.algorithms.mudsc import MuDSCParams, mudsc, permutation_spec
 
 PAPER = "https://arxiv.org/abs/2403.01753"
 

@@ -1,7 +1,7 @@
 """Passthrough: one model's tensors as they are (optionally scaled), or a model stacked from layer slices.
 
 With `slices:` in the recipe the one input is the stacked model of
-`merging.slices` (a frankenmerge that changes the layer count); `scale`
+`merging.recipes.slices` (a frankenmerge that changes the layer count); `scale`
 (a value, a gradient over the output's layers, or filters) multiplies tensors,
 as mergekit's per-input `scale` does.
 """
@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import MethodParams, merge_method
 
 

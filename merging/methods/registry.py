@@ -1,27 +1,28 @@
-"""Merge methods, registered by name with a parameter model and a paper.
+"""Merge methods, registered by name with a parameter model, a paper and the hooks it needs (merging.methods.hooks).
 
 A method is a pure function of (inputs of one tensor, parameters, state) that
 yields the merged tensor chunk by chunk. A method that needs to look at the
 whole model first (global TIES thresholds) supplies `prepare`; one that must
-correct output after seeing every tensor supplies `finalize`.
+correct output after seeing every tensor supplies `finalize`; a data-informed
+one supplies `solve` and the data it asks for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merging.errors import RecipeError
-from merging.inputs import MergeInputs, TensorInputs
-from merging.methods.hooks import MethodLineage
+from merging.methods.hooks import (  # noqa: F401  (Patch and Solved: what methods return, importable from here)
+    HOOKS, DataDigests, Finalize, Lineage, Merge, Patch, PerTensor, Prepare, Requests, Solve, Solved, Summary,
+)
 from merging.yaml_input import validation_problems
 
 
-# What `auto` tries by default (merging.search): task arithmetic sums its task vectors, so its λ lives below 1;
+# What `auto` tries by default (merging.algorithms.search): task arithmetic sums its task vectors, so its λ lives below 1;
 # the consensus and sparse methods' merged vector is a mean or a sparse sum, whose λ runs around 1.
 LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 CONSENSUS_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
@@ -38,61 +39,29 @@ class MethodParams(BaseModel):
 
 
 @dataclass(frozen=True)
-class Patch:
-    """Output values to overwrite after the merge pass (flat indices into one tensor)."""
-
-    name: str
-    indices: torch.Tensor
-    values: torch.Tensor
-
-
-MergeFn = Callable[[TensorInputs, Any, Any], Iterator["torch.Tensor"]]
-PrepareFn = Callable[[MergeInputs, Any], Any]
-FinalizeFn = Callable[[Any], list[Patch]]
-
-
-@dataclass
-class Solved:
-    """What a whole-model (data-informed) method returns: the merged float tensors and what it decided."""
-
-    state: dict[str, torch.Tensor]
-    details: dict[str, Any]
-    # parameters the method settled (AdaMerging's learned coefficients): the run records the recipe with them,
-    # so `reproduce` rebuilds the same bytes without learning again
-    parameters: dict[str, Any] | None = None
-
-
-# (inputs, params, objective, progress) → Solved; the objective is built by the caller from the params
-SolveFn = Callable[[MergeInputs, Any, Any, Any], Solved]
-
-
-@dataclass(frozen=True)
 class MergeMethod:
     name: str
     params: type[MethodParams]
     paper: str
     summary: str
-    merge: MergeFn
+    merge: Merge
     requires_base: bool = True
-    prepare: PrepareFn | None = None
-    finalize: FinalizeFn | None = None
+    prepare: Prepare | None = None
+    finalize: Finalize | None = None
     # True when any NaN/inf in an input reaches the output (0·NaN and 0·inf are NaN): the engine
     # then checks only the output, and looks for the culprit input only when that check fails.
     propagates_non_finite: bool = False
     # A data-informed method works on the whole model at once with an objective (a loss and its
     # gradient, see merging.objective) instead of streaming tensor by tensor.
-    solve: SolveFn | None = None
+    solve: Solve | None = None
     # ---- wiring: what the flows call, for every method alike ----
-    # the data it learns from, as requests built from its parameters (a request, or a tuple of them)
-    data: Callable[[Any], Any] | None = None
+    data: Requests | None = None
     # where its parameters name a suite and its tasks ("suite", "calibration.suite"): a pipeline fills in its own
     suite_param: str | None = None
     tasks_param: str | None = None
-    # what its decisions (the engine's `details`) add to lineage, and a one-line summary of them for the console
-    lineage: Callable[[dict], MethodLineage] | None = None
-    describe: Callable[[dict], str] | None = None
-    # digests of the data it read, from its details: `reproduce` says when a rebuild read other bytes
-    data_digests: Callable[[dict], dict[str, str]] | None = None
+    lineage: Lineage | None = None
+    describe: Summary | None = None
+    data_digests: DataDigests | None = None
     # parameters that show it at work on the demo's small zoo; None leaves it out of the demo (a method for
     # exactly two models or for stacked slices, or one its own tests cover, so the demo stays a few minutes)
     example: dict[str, Any] | None = None
@@ -100,15 +69,22 @@ class MergeMethod:
     model_params: tuple[str, ...] = ()
     # whether (as configured) each tensor may get its own parameters and weights (gradients, filters): a
     # method that decides over the whole model at once (global TIES thresholds, a data-informed solve) cannot
-    per_tensor: Callable[[Any], bool] | None = None
+    per_tensor: PerTensor | None = None
     # takes the one model stacked from the recipe's layer `slices:` (passthrough) instead of the models
     stacks_slices: bool = False
     # the parameter scaling what the method adds to its base (λ, α): a recipe may set it to `auto`, searched on a
-    # suite's calibration split (merging.search) over `scale_grid` unless the recipe's `search:` names a grid;
+    # suite's calibration split (merging.algorithms.search) over `scale_grid` unless the recipe's `search:` names a grid;
     # `scale_affine`: the output is A + s·B in it, so the search merges twice, not once per value
     scale_param: str | None = None
     scale_grid: tuple[float, ...] = ()
     scale_affine: bool = True
+
+    def __post_init__(self):
+        for hook, protocol in HOOKS.items():  # a plugin's hook that lacks what its protocol asks for fails here
+            value = getattr(self, hook)
+            if value is not None and not isinstance(value, protocol):
+                raise TypeError(f"merge method {self.name!r}: its {hook} is not a {protocol.__name__} "
+                                f"(merging.methods.hooks): {value!r}")
 
     def varies_per_tensor(self, params: Any) -> bool:
         if self.solve is not None:
@@ -179,13 +155,13 @@ ENTRY_POINT_GROUP = "mergeyard.methods"
 _plugins_loaded = False
 
 
-def merge_method(name: str, *, params: type[MethodParams], paper: str, **options: Any) -> Callable[[MergeFn], MergeFn]:
+def merge_method(name: str, *, params: type[MethodParams], paper: str, **options: Any) -> Callable[[Merge], Merge]:
     """Register `fn` as the merge method `name`; `options` are `MergeMethod`'s fields (requires_base, prepare,
     finalize, propagates_non_finite, solve, and the wiring: data, suite_param, tasks_param, lineage, describe,
     data_digests, example). Third parties do the same in a module named in the entry-point group
     `mergeyard.methods`."""
 
-    def register(fn: MergeFn) -> MergeFn:
+    def register(fn: Merge) -> Merge:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merging.determinism import SingleThread
+from merging.runtime.determinism import SingleThread
 from merging.errors import RecipeError
 from merging.methods.hooks import MethodLineage
 from merging.methods.registry import Solved, merge_method

@@ -24,10 +24,10 @@ import torch
 from pydantic import Field
 
 from merging.errors import RecipeError
-from merging.inputs import TensorInputs
-from merging.methods.consensus import merge_agreeing
+from merging.checkpoints.inputs import TensorInputs
+from merging.algorithms.consensus import merge_agreeing
 from merging.methods.registry import CONSENSUS_GRID, MethodParams, merge_method
-from merging.random_mask import stream_key, uniform
+from merging.algorithms.random_mask import stream_key, uniform
 
 
 class _SparseParams(MethodParams):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from merging.checkpoint import Checkpoint
+from merging.checkpoints.checkpoint import Checkpoint
 from merging.errors import RecipeError
-from merging.inputs import MergeInputs
+from merging.checkpoints.inputs import MergeInputs
 from merging.methods.registry import MethodParams, path_field
 from merging.objective import StatisticsRequest
 

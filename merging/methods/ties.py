@@ -15,7 +15,7 @@ Two trim scopes:
     sum of agreeing weights.
 
 Both stream. Global thresholds come from two histogram passes over every
-tensor (`merging.selection`) instead of an N×d sort. The global majority
+tensor (`merging.algorithms.selection`) instead of an N×d sort. The global majority
 sign is known only after the last tensor; parameters whose elected sign was
 zero are written assuming a positive majority and corrected afterwards
 (`finalize`) if the majority turns out negative.
@@ -29,10 +29,10 @@ from typing import Iterator, Literal
 import torch
 from pydantic import Field
 
-from merging.inputs import MergeInputs, TensorInputs
-from merging.methods.consensus import disjoint_merge_weighted, merge_agreeing
+from merging.checkpoints.inputs import MergeInputs, TensorInputs
+from merging.algorithms.consensus import disjoint_merge_weighted, merge_agreeing
 from merging.methods.registry import CONSENSUS_GRID, MethodParams, Patch, merge_method
-from merging.selection import RankSelector
+from merging.algorithms.selection import RankSelector
 
 
 class TiesParams(MethodParams):
@@ -52,35 +52,70 @@ class GlobalTiesState:
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-def _global_thresholds(inputs: MergeInputs, density: float) -> list[float] | None:
-    d = inputs.total_elems
-    rank = d - int(d * density)
-    if rank == 0:
-        return None
-    selectors = [RankSelector(rank, d, inputs.device) for _ in inputs.models]
-    for stage, feed, settle in (("ties: thresholds 1/2", "feed_coarse", "settle_coarse"),
-                                ("ties: thresholds 2/2", "feed_fine", "settle_fine")):
-        for n, name in enumerate(inputs.names):
-            for chunk in inputs.tensor(name).chunks():
-                for sel, m in zip(selectors, chunk.models):
-                    getattr(sel, feed)((m - chunk.base).abs_())
-            inputs.report(stage, n + 1, len(inputs.names))
-        for sel in selectors:
-            getattr(sel, settle)()
-    return [sel.value for sel in selectors]
+class GlobalThresholds:
+    """Global TIES's per-model thresholds, the k-th smallest |τ_i| over the whole model (an exact radix select,
+    merging.algorithms.selection), as a map over tensors and an exact reduce in two passes: each tensor maps to one
+    histogram per model of its |τ_i|'s float32 bit patterns (high 16 bits; then the low 16 bits of those in the
+    bin the first pass settled on), and the histograms are summed. The sums are integers, so the order and the
+    place the maps run do not change a bit of the result."""
+
+    passes = 2
+
+    def describe(self, params: TiesParams) -> list[dict]:
+        if params.trim_scope != "global":
+            return []
+        return [{"step": "ties.global_thresholds", "passes": self.passes,
+                 "map": "per tensor, per model: a histogram of |τ_i|'s float32 bits (high 16, then low 16 in the "
+                        "selected bin)",
+                 "reduce": f"histograms summed; per model the value of rank d − int(d·{params.density:g})"}]
+
+    def begin(self, inputs: MergeInputs, params: TiesParams) -> list[RankSelector] | None:
+        d = inputs.total_elems
+        rank = d - int(d * params.density)
+        return [RankSelector(rank, d, inputs.device) for _ in inputs.models] if rank else None
+
+    @staticmethod
+    def map(stage: int, selectors: list[RankSelector], tensor: TensorInputs) -> list[torch.Tensor]:
+        partial = None
+        for chunk in tensor.chunks():
+            hists = [sel.histogram(stage, (m - chunk.base).abs_()) for sel, m in zip(selectors, chunk.models)]
+            partial = hists if partial is None else [a.add_(b) for a, b in zip(partial, hists)]
+        return partial
+
+    @staticmethod
+    def reduce(stage: int, selectors: list[RankSelector], partial: list[torch.Tensor]) -> None:
+        for sel, hist in zip(selectors, partial):
+            sel.add(stage, hist)
+
+    def __call__(self, inputs: MergeInputs, params: TiesParams) -> GlobalTiesState | None:
+        if params.trim_scope != "global":
+            return None
+        selectors = self.begin(inputs, params)
+        if selectors is None:  # density 1: nothing trimmed
+            return GlobalTiesState(thresholds=None)
+        for stage in range(self.passes):
+            for n, name in enumerate(inputs.names):
+                self.reduce(stage, selectors, self.map(stage, selectors, inputs.tensor(name)))
+                inputs.report(f"ties: thresholds {stage + 1}/{self.passes}", n + 1, len(inputs.names))
+            for sel in selectors:
+                sel.settle(stage)
+        return GlobalTiesState(thresholds=[sel.value for sel in selectors])
 
 
-def prepare_ties(inputs: MergeInputs, params: TiesParams) -> GlobalTiesState | None:
-    if params.trim_scope != "global":
-        return None
-    return GlobalTiesState(thresholds=_global_thresholds(inputs, params.density))
+class MajoritySign:
+    """Global TIES's zero-sum parameters: their elected sign is the majority's, known only after the last tensor;
+    they are written as if it were positive and patched here if it is not."""
+
+    describe = "ties.majority_sign: Σ over tensors of each tensor's elected-sign sum; if ≤ 0, zero-sum entries patched"
+
+    def __call__(self, state: GlobalTiesState | None) -> list[Patch]:
+        if state is None or state.sign_total > 0:
+            return []
+        # Majority ≤ 0: the paper keeps negative entries where the elected sign was zero.
+        return [Patch(name, idx, values) for name, idx, values in state.pending]
 
 
-def finalize_ties(state: GlobalTiesState | None) -> list[Patch]:
-    if state is None or state.sign_total > 0:
-        return []
-    # Majority ≤ 0: the paper keeps negative entries where the elected sign was zero.
-    return [Patch(name, idx, values) for name, idx, values in state.pending]
+prepare_ties, finalize_ties = GlobalThresholds(), MajoritySign()
 
 
 def _merge_global(tensor: TensorInputs, params: TiesParams, state: GlobalTiesState) -> Iterator[torch.Tensor]:

@@ -17,9 +17,9 @@ from typing import Iterator
 import torch
 from pydantic import Field
 
-from merging.inputs import TensorInputs
+from merging.checkpoints.inputs import TensorInputs
 from merging.methods.registry import MethodParams, merge_method
-from merging.spectral import decomposes, mean_task_vector, task_singular_vectors, weighted_tasks
+from merging.algorithms.spectral import decomposes, mean_task_vector, task_singular_vectors, weighted_tasks
 
 
 class TsvParams(MethodParams):
