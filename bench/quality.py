@@ -73,6 +73,11 @@ def benches(names: list[str]) -> list[Bench]:
     return [made[n]() for n in names]
 
 
+# the rows run on the pools with irrelevant candidates too (FW-Merging's regime); the rest, data-informed
+# baselines that take long on 2 cores, on the targets' pool only unless --all-methods
+CORE = ("task arithmetic", "TIES", "FW", "TSV", "Iso", "CART")
+
+
 def methods(suite: str, fw_soft: str) -> list[tuple[str, str, dict, bool]]:
     """(label, method, parameters, auto): the defaults of each method (and of the papers where mergeyard's differ
     in a way the table should show), each scale also chosen by `auto`."""
@@ -174,6 +179,8 @@ def main() -> None:
     ap.add_argument("--fw-soft", choices=("quick", "paper"), default="quick",
                     help="FW-soft at FusionBench's settings (10 iterations × 500 Adam steps: hours on 2 cores) or 3 × 60")
     ap.add_argument("--fresh", action="store_true", help="recompute rows already in the cache")
+    ap.add_argument("--all-methods", action="store_true",
+                    help="every row on the pools with irrelevant candidates too (default: the CORE rows there)")
     args = ap.parse_args()
 
     from evaluation.evaluator import evaluate_checkpoint
@@ -206,6 +213,8 @@ def main() -> None:
                     for auto in (False, True) if with_auto else (False,):
                         shown = f"{label}, auto" if auto else label
                         if wanted and not any(w in shown for w in wanted):
+                            continue
+                        if pool != "relevant" and not args.all_methods and not shown.startswith(CORE):
                             continue
                         key = hashlib.sha256(json.dumps([bench.name, bench.suite, [str(m) for m in models], method,
                                                          params, auto], sort_keys=True).encode()).hexdigest()

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from flows.cli_app import app
+from merging.errors import MergeyardError
 from flows.cli_common import DEVICE, JSON, outside_home, print_json, show_progress, stdout, table, user_errors
 from flows.progress import progress_bars
 
@@ -34,13 +35,16 @@ def merge(
     from merging.recipes.recipe import load_recipe
 
     settings = get_settings()
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise MergeyardError(f"--max-shard-bytes {max_shard_bytes}: a shard holds a positive number of bytes")
     outside_home(out, settings)
     parsed = load_recipe(recipe)
     registry = open_registry(settings)
     with progress_bars(enabled=show_progress(as_json)) as progress:
         recorded = merge_and_record(
             parsed, registry, out=out, name=name, device=device or settings.device,
-            max_shard_bytes=max_shard_bytes or settings.max_shard_bytes, overwrite=overwrite, progress=progress,
+            max_shard_bytes=settings.max_shard_bytes if max_shard_bytes is None else max_shard_bytes,
+            overwrite=overwrite, progress=progress,
             by_reference=by_reference,
         )
     result = recorded.result

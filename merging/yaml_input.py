@@ -8,6 +8,7 @@ alias bomb) is refused before anything is built from it.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,18 @@ def parse_yaml(text: str, error: type[MergeyardError], where: str, path: Path | 
     return YamlDoc(path, data, builder.lines)
 
 
+MAX_YAML_BYTES = 16 << 20  # recipes, suites, gates and pipelines are hand-written: far smaller
+
+
 def read_yaml(path: str | Path, error: type[MergeyardError], what: str) -> YamlDoc:
     """Parse the YAML file at `path` (a `what`: recipe, suite, ...), or raise `error` in one line."""
     path = Path(path)
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a device or a pipe would be read for ever
+            raise error(f"{path}: not a regular file; a {what} is a YAML file")
+        if info.st_size > MAX_YAML_BYTES:
+            raise error(f"{path}: {info.st_size} bytes; a {what} is a YAML file of at most {MAX_YAML_BYTES >> 20} MiB")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)

@@ -84,6 +84,13 @@ class Gate(BaseModel):
     def requirements(self) -> list[SuiteRequirement]:
         return [r if isinstance(r, SuiteRequirement) else SuiteRequirement(suite=r) for r in self.required_suites]
 
+    @property
+    def checks_something(self) -> bool:
+        """Whether the gate has a rule: a required suite with a threshold or regression bound, or a lineage rule."""
+        thresholds = (self.min_average, self.min_per_task, self.max_average, self.max_per_task, self.max_regression)
+        return bool(self.required_suites) or any(t is not None for t in thresholds) or \
+            self.lineage.allowed_sources is not None or self.lineage.require_reproduced
+
     def rebased(self, root: Path) -> "Gate":
         """Relative suite-file paths taken from `root` (the gate file's or pipeline's folder)."""
         def rebase(ref: str) -> str:
@@ -254,6 +261,10 @@ def promote(registry: Registry, model_ref: str, alias: str, gate: Gate | None, a
     """Run the gate and record the event, chained into the audit log; on success move the alias (DB event +
     MLflow alias). A protected alias (production) is refused without a gate unless `no_gate` says so, which the
     event records."""
+    if gate is not None and alias in protected and not gate.checks_something:
+        # an empty gate file would promote with no check and be recorded as gated
+        raise RegistryError(f"the gate {gate.name!r} checks nothing (no required suite, threshold or lineage rule); "
+                            f"moving {alias} takes a gate that does, or an explicit --no-gate, which is recorded")
     model = registry.resolve(model_ref)
     with registry.Session() as s:
         holder = registry.alias_holder(s, model.name, alias)

@@ -19,7 +19,7 @@ from pathlib import Path
 from merging.checkpoints.digest_cache import file_stamp
 from merging.runtime.atomic import OLD_MARK, move_into_place, temp_beside
 from merging.checkpoints.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from merging.checkpoints.companions import MODEL_FILES
+from merging.checkpoints.companions import MODEL_FILES, companion_files
 from merging.runtime.crashpoints import crashpoint
 from merging.runtime.processes import owner_token
 
@@ -198,8 +198,8 @@ class ModelStore:
             single = len(ckpt.files) == 1 and not (ckpt.files[0].parent / INDEX_NAME).is_file()
             source_dir = ckpt.files[0].parent
             wanted = [(src, SINGLE_NAME if single else src.name) for src in ckpt.files]
-            wanted += [(source_dir / extra, extra) for extra in COMPANIONS
-                       if (source_dir / extra).is_file() and not (single and extra == INDEX_NAME)]
+            wanted += [(path, path.name) for path in companion_files(source_dir, COMPANIONS)
+                       if not (single and path.name == INDEX_NAME)]
             for src, name in wanted:
                 known = (written_sha256 or {}).get(src.name)
                 files.append({"path": name, **(_move_hashing(src, tmp / name, known) if move
@@ -224,8 +224,7 @@ class ModelStore:
         if self.has(digest):
             return final, self.files(digest), False
         source_dir = ckpt.files[0].parent
-        paths = list(ckpt.files) + [source_dir / extra for extra in COMPANIONS
-                                    if (source_dir / extra).is_file() and (source_dir / extra) not in ckpt.files]
+        paths = list(ckpt.files) + [path for path in companion_files(source_dir, COMPANIONS) if path not in ckpt.files]
         files = []
         for path in paths:
             st = path.resolve().stat()

@@ -31,8 +31,8 @@ def log(cli, tmp_path, database_url, monkeypatch):
         save_checkpoint(sd, tmp_path / f"{name}.safetensors")
     for name in ("a", "b"):
         cli("ingest", tmp_path / f"{name}.safetensors", "--name", "product")
-    empty = tmp_path / "gate.yaml"
-    empty.write_text("min_average: null\n")
+    empty = tmp_path / "gate.yaml"  # a gate with one rule every file-ingested model passes
+    empty.write_text("lineage: {allowed_sources: [file]}\n")
     first = cli("models", "list", "--json")
     ids = [m["digest"] for m in json.loads(first.stdout)]
     cli("promote", ids[0], "--to", "staging")

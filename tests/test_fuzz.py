@@ -8,6 +8,7 @@ A fixed example budget runs in CI; `-m slow` runs the same properties with a lar
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -95,7 +96,12 @@ def recipes(draw):
             "base": draw(st.one_of(st.none(), st.text(max_size=10), st.integers())),
             "models": draw(st.one_of(st.lists(st.one_of(st.text(max_size=10), json_values), max_size=3), json_values)),
             "parameters": draw(st.one_of(st.dictionaries(st.sampled_from(["density", "lambda", "suite", "steps",
-                                                                          "trim_scope", "x"]), scalars), json_values))}
+                                                                          "trim_scope", "alpha", "x"]), scalars),
+                                         json_values)),
+            "seed": draw(st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True), scalars))}
+    if draw(st.booleans()):  # weighted entries, their weights anything a number can be
+        base["models"] = [{"model": f"m{i}", "weight": draw(st.one_of(st.floats(allow_nan=True), scalars))}
+                          for i in range(draw(st.integers(1, 3)))]
     return {k: v for k, v in base.items() if draw(st.booleans())} if draw(st.booleans()) else base
 
 
@@ -103,9 +109,14 @@ def _recipe_property(data):
     from merging.recipes.recipe import parse_recipe
 
     try:
-        parse_recipe(data)
+        recipe = parse_recipe(data)
     except MergeyardError as exc:
         assert "\n" not in str(exc)
+        return
+    # what parses holds only numbers a merge can use: a 64-bit seed, finite weights and parameters
+    assert 0 <= recipe.seed < 2**63
+    assert all(math.isfinite(m.weight) for m in recipe.models)
+    assert all(math.isfinite(v) for v in recipe.params().model_dump().values() if isinstance(v, float))
 
 
 @CI
@@ -228,3 +239,59 @@ def test_a_sharded_index_cannot_lead_outside_its_directory(tmp_path):
 def test_the_parsers_hold_under_a_larger_budget(tmp_path, header, payload, delta, recipe):
     _safetensors_property(tmp_path, header, payload, delta)
     _recipe_property(recipe)
+
+
+@st.composite
+def checkpoint_layouts(draw):
+    """A checkpoint directory's entries: the shard, and companions that are files, links (inside the directory,
+    to a file outside it, dangling), pipes or directories."""
+    kinds = st.sampled_from(["file", "link-inside", "link-outside", "dangling", "fifo", "directory"])
+    return {name: draw(kinds) for name in draw(st.sets(st.sampled_from(
+        ["config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "chat_template.jinja"]), max_size=4))}
+
+
+def _layout_property(tmp_path, layout):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from merging.checkpoints.checkpoint import Checkpoint
+    from merging.checkpoints.companions import companion_files
+
+    root = tmp_path / "layout"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "model").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(root / "model" / "model.safetensors"))
+    (root / "secret.key").write_text("-----BEGIN PRIVATE KEY-----")
+    (root / "model" / "own.json").write_text("{}")
+    for name, kind in layout.items():
+        path = root / "model" / name
+        if kind == "file":
+            path.write_text("{}")
+        elif kind == "link-inside":
+            path.symlink_to(root / "model" / "own.json")
+        elif kind == "link-outside":
+            path.symlink_to(root / "secret.key")
+        elif kind == "dangling":
+            path.symlink_to(root / "nowhere")
+        elif kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.mkdir()
+    try:
+        Checkpoint(root / "model")
+        found = companion_files(root / "model")
+    except MergeyardError as exc:
+        assert "\n" not in str(exc)
+        bad = {"link-outside", "dangling", "fifo", "directory"}
+        assert bad & set(layout.values()), exc
+        return
+    assert all(p.resolve().parent == (root / "model").resolve() for p in found)  # nothing from outside
+    assert not {"link-outside", "dangling", "fifo", "directory"} & set(layout.values())
+
+
+@CI
+@given(checkpoint_layouts())
+def test_a_checkpoint_directory_gives_only_its_own_regular_files(tmp_path, layout):
+    _layout_property(tmp_path, layout)

@@ -347,6 +347,9 @@ def test_relevance_scores_and_evaluations_round_trip(registry, tmp_path):
         assert s.query(Evaluation).count() == 3  # history is kept; "latest" is a view of it
 
 
+FROM_FILES = Gate(lineage={"allowed_sources": ["file"]})  # one rule: every root ancestor came from a file
+
+
 def test_a_failed_alias_move_records_no_promotion(registry, tmp_path, monkeypatch):
     merged, _, _ = recorded_merge(registry, tmp_path, seed=16)
 
@@ -355,12 +358,12 @@ def test_a_failed_alias_move_records_no_promotion(registry, tmp_path, monkeypatc
 
     monkeypatch.setattr(registry.mirror, "set_alias", refuse)
     with pytest.raises(ConnectionError):
-        promote(registry, "product", "production", Gate(), actor="ci")
+        promote(registry, "product", "production", FROM_FILES, actor="ci")
     assert audit(registry) == []
     with pytest.raises(ModelNotFoundError):
         registry.resolve("product@production")
     monkeypatch.undo()
-    assert promote(registry, "product", "production", Gate(), actor="ci").passed
+    assert promote(registry, "product", "production", FROM_FILES, actor="ci").passed
     assert registry.mirror.alias_version("product", "production") == merged.model.mlflow_version
 
 

@@ -8,7 +8,10 @@ not part of the content digest, which covers tensors only.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
+
+from merging.errors import CheckpointError
 
 CONFIG_FILES = ("config.json", "generation_config.json", "open_clip_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -18,6 +21,39 @@ PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "imag
 MODEL_FILES = CONFIG_FILES + TOKENIZER_FILES + PREPROCESSOR_FILES
 
 
+# a tokenizer.json of a 256k vocabulary is ~30 MB; anything past this is not a config or a tokenizer
+MAX_COMPANION_BYTES = 256 << 20
+
+
 def companion_files(directory: Path, names: tuple[str, ...] = MODEL_FILES) -> list[Path]:
-    """The loadability files `directory` holds, in a fixed order."""
-    return [directory / n for n in names if (directory / n).is_file()]
+    """The loadability files `directory` holds, in a fixed order. Each must be a regular file of at most
+    MAX_COMPANION_BYTES inside the checkpoint: a link out of it (to a key, a file the user never named) or a
+    pipe or device is refused in one line naming it, before anything is copied."""
+    return [directory / n for n in names if _checked(directory, n)]
+
+
+def _checked(directory: Path, name: str) -> bool:
+    path = directory / name
+    if not path.exists() and not path.is_symlink():
+        return False
+    if path.is_symlink():
+        target = path.resolve()
+        if not (_inside(target, directory) or _hub_blob(directory, target)):
+            raise CheckpointError(f"{path}: a link to {target}, outside the checkpoint's directory; copy the file "
+                                  "in if it belongs to the model")
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a pipe, a device or a directory)")
+    if info.st_size > MAX_COMPANION_BYTES:
+        raise CheckpointError(f"{path}: {info.st_size} bytes, more than a config or tokenizer file holds "
+                              f"({MAX_COMPANION_BYTES >> 20} MiB at most)")
+    return True
+
+
+def _inside(target: Path, directory: Path) -> bool:
+    return target == directory.resolve() or directory.resolve() in target.parents
+
+
+def _hub_blob(directory: Path, target: Path) -> bool:
+    """A Hugging Face hub cache snapshot (models--ORG--NAME/snapshots/COMMIT/) links its files to ../../blobs/."""
+    return directory.resolve().parent.name == "snapshots" and target.parent == directory.resolve().parent.parent / "blobs"

@@ -34,7 +34,9 @@ class MethodParams(BaseModel):
     `per_model` names the parameters a model entry may set for itself (mergekit's per-model `density`);
     a method reads them per tensor with `TensorInputs.per_model`."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # NaN and infinity are refused where they are written: a merge would otherwise run to the end and fail its
+    # output's finite check
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
     per_model: ClassVar[tuple[str, ...]] = ()
 
 

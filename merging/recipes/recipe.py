@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import json
 from functools import cached_property
 from pathlib import Path
@@ -40,7 +41,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1)
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
     # this model's own parameters (mergekit's per-model `parameters:`): a value, a gradient over layers or
     # filters (`merging.recipes.settings`), taking precedence over the recipe's; `weight` here may vary by tensor
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -61,7 +62,7 @@ class MergeStep(BaseModel):
     method: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     out_dtype: OutDtype | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="DARE's and DELLA's masks derive from it (a 64-bit key)")
     # where the output's tokenizer files come from, as mergekit's key: `base` (the default: the base's, or the
     # first model's without one) or a model; the config always comes from the base
     tokenizer_source: str | None = None
@@ -284,8 +285,8 @@ class Recipe(MergeStep):
             for key, setting in m.parameters.items():
                 for value in leaves(setting):
                     if key == "weight":
-                        if isinstance(value, bool) or not isinstance(value, (int, float)):
-                            raise RecipeError(f"models[{n}] ({m.model}): weight {value!r} is not a number")
+                        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                            raise RecipeError(f"models[{n}] ({m.model}): weight {value!r} is not a finite number")
                     else:
                         spec.parse_params({**plain, key: value})
         if self.varying and not spec.varies_per_tensor(params):

@@ -1,0 +1,108 @@
+"""Bad input refused in one line before any work, with nothing recorded: out-of-range seeds, non-finite weights
+and parameters, shard sizes that are not positive, a special file as a recipe, a pipe to ingest, a companion file
+that links out of its checkpoint, a production gate that checks nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+from conftest import random_family, save_checkpoint
+
+
+@pytest.fixture
+def pair(tmp_path):
+    base, (model,) = random_family(1, seed=5)
+    return save_checkpoint(base, tmp_path / "base.safetensors"), save_checkpoint(model, tmp_path / "m.safetensors")
+
+
+def _nothing_recorded(home) -> None:
+    from flows.registry_access import open_registry
+
+    if not (home / "lineage.db").exists():
+        return
+    registry = open_registry()
+    from registry.schema import MergeRun, Model
+    from sqlalchemy import func, select
+
+    with registry.Session() as s:
+        assert s.scalar(select(func.count()).select_from(MergeRun)) == 0
+        assert s.scalar(select(func.count()).select_from(Model)) == 0
+    registry.close()
+    leftovers = [p for p in (home / "store").glob(".*")] if (home / "store").exists() else []
+    assert not leftovers
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"seed": 2**70}, "Input should be less than or equal to 9223372036854775807"),
+    ({"seed": -1}, "Input should be greater than or equal to 0"),
+    ({"parameters": {"lambda": float("inf")}}, "lambda: Input should be a finite number"),
+    ({"models_weight": float("nan")}, "Input should be a finite number"),
+], ids=["huge-seed", "negative-seed", "infinite-lambda", "nan-weight"])
+def test_bad_numbers_in_a_recipe_are_refused_before_any_work(cli, tmp_path, pair, isolated_home, change, message):
+    base, model = pair
+    data = {"method": "dare_linear", "base": str(base), "models": [{"model": str(model), "weight": 1.0}]}
+    if "models_weight" in change:
+        data["models"][0]["weight"] = change.pop("models_weight")
+    data.update(change)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    refused = cli("merge", recipe, ok=False)
+    assert refused.exit_code == 1 and message in refused.stderr and refused.stderr.count("\n") == 1
+    _nothing_recorded(isolated_home)
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_shard_size_that_is_not_positive_is_refused_before_any_work(cli, tmp_path, pair, isolated_home, size):
+    base, model = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base), "models": [str(model)]}))
+    refused = cli("merge", recipe, "--max-shard-bytes", size, ok=False)
+    assert refused.exit_code == 1 and "a shard holds a positive number of bytes" in refused.stderr
+    _nothing_recorded(isolated_home)
+
+
+def test_a_special_file_as_a_recipe_and_a_pipe_to_ingest_are_refused_at_once(cli, tmp_path, isolated_home):
+    started = time.perf_counter()
+    refused = cli("merge", "/dev/zero", ok=False)
+    assert refused.exit_code == 1 and "/dev/zero: not a regular file" in refused.stderr
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    refused = cli("ingest", fifo, ok=False)
+    assert refused.exit_code == 1 and "not a regular file" in refused.stderr
+    assert time.perf_counter() - started < 60  # neither blocks reading
+    _nothing_recorded(isolated_home)
+
+
+def test_a_companion_that_links_out_of_its_checkpoint_is_refused_and_nothing_is_copied(cli, tmp_path, isolated_home):
+    base, _ = random_family(0, seed=6)
+    model = save_checkpoint(base, tmp_path / "model", "dir")
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot for the store\n")
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").symlink_to(secret)
+    refused = cli("ingest", model, ok=False)
+    assert refused.exit_code == 1 and "tokenizer.json: a link to" in refused.stderr and "outside" in refused.stderr
+    _nothing_recorded(isolated_home)
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in isolated_home.rglob("*") if p.is_file())
+    # a link inside the checkpoint's own directory is the checkpoint's file: taken
+    (model / "tokenizer.json").unlink()
+    (model / "tok.json").write_text("{}")
+    (model / "tokenizer.json").symlink_to(model / "tok.json")
+    assert json.loads(cli("ingest", model, "--json").stdout)["created"]
+
+
+def test_a_production_gate_that_checks_nothing_is_refused_and_records_nothing(cli, tmp_path, pair):
+    base, _ = pair
+    cli("ingest", base, "--name", "product")
+    for text in ("", "name: release\n", "min_average: null\n"):
+        gate = tmp_path / "gate.yaml"
+        gate.write_text(text)
+        refused = cli("promote", "product", "--to", "production", "--gate", gate, ok=False)
+        assert refused.exit_code == 1 and "checks nothing" in refused.stderr
+    assert json.loads(cli("audit", "--json").stdout) == []
+    assert cli("promote", "product", "--to", "production", "--no-gate", "--reason", "first release").exit_code == 0
