@@ -33,6 +33,7 @@ from merging.methods import get_method
 from merging.recipes.recipe import MergeStep
 from merging.references import parse_ref
 from merging.yaml_input import YamlDoc, read_yaml, validation_problems
+from registry.names import NAME
 from registry.promotion import Gate, load_gate
 
 
@@ -54,7 +55,7 @@ class ScoreConfig(_Strict):
 class MergeSpec(MergeStep):
     """One of a pipeline's merges: a recipe's method part (its inputs are the pipeline's), and a registry name."""
 
-    name: str | None = Field(None, description="registry name (default: the pipeline's name)")
+    name: str | None = Field(None, pattern=NAME.pattern, description="registry name (default: the pipeline's name)")
 
 
 class PromotionConfig(_Strict):
@@ -83,7 +84,7 @@ class ScheduleConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, pattern=NAME.pattern, description="the registry name of its merges")
     suite: str
     tasks: list[str] | None = None
     base: str

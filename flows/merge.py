@@ -26,6 +26,7 @@ from merging.recipes.recipe import Recipe
 from merging.version import __version__
 from flows.provenance import code_revision
 from flows.resolve import check_adapter_bases, local_source, resolve_input, store_resolver
+from registry.names import check_name
 from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
 from registry.serving import ServedHead
 
@@ -204,6 +205,8 @@ def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = N
                      device: str = "cpu", max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
                      progress: ProgressFn | None = None, details: dict | None = None,
                      by_reference: bool = False) -> RecordedMerge:
+    if name is not None:
+        check_name(name)  # before any input is ingested or any tensor merged
     staged = stage_merge(recipe, registry, out=out, device=device, max_shard_bytes=max_shard_bytes,
                          overwrite=overwrite, progress=progress, by_reference=by_reference)
     model = commit_merge(registry, staged, name or f"merged-{staged.recipe.method}", keep_output=out is not None,

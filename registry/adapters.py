@@ -6,6 +6,7 @@ from __future__ import annotations
 from merging.checkpoints.checkpoint import Checkpoint
 from merging.checkpoints.lora import ADAPTER_ARCHITECTURE, check_against_base, read_peft
 from registry.errors import RegistryError
+from registry.names import derived_name
 from registry.model_info import ModelInfo
 
 
@@ -26,6 +27,6 @@ class LoraAdapters:
             existing = self.find_digest(digest)
             if existing is not None:
                 return self.declare_base(existing, base_info), False
-            return self.register(ckpt, digest, kind="ingested", name=name or src.default_name, source_uri=src.uri,
+            return self.register(ckpt, digest, kind="ingested", name=name or derived_name(src.default_name), source_uri=src.uri,
                                  revision=src.revision, architecture=ADAPTER_ARCHITECTURE, base_model_id=base_info.id,
                                  tensor_checksums=checksums)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from merging.runtime.crashpoints import crashpoint
+from registry.names import NAME
 from registry.errors import MirrorLostError, RegistryError
 from merging.runtime.processes import owner_token
 
@@ -27,7 +28,10 @@ EXPERIMENT = "mergeyard"
 
 
 def registered_name(name: str) -> str:
-    """MLflow registered-model names: keep them to characters every store and URI accepts."""
+    """The MLflow registered model mirroring the registry's `name`: the name itself (registry.names admits only what
+    MLflow takes), so two names never share one. A row from before names were checked keeps the form it had."""
+    if NAME.fullmatch(name):
+        return name
     return re.sub(r"[^A-Za-z0-9_.-]+", "--", name).strip("-") or "model"
 
 

@@ -33,6 +33,7 @@ from registry.audit_chain import intact
 from merging.runtime.crashpoints import crashpoint
 from registry.db import ensure_schema, make_engine, retry_when_locked
 from registry.errors import AmbiguousModelError, ModelNotFoundError, RegistryError
+from registry.names import check_name, derived_name
 from registry.recovery import Heartbeat, owner_columns, reap_interrupted
 from registry.measurements import Measurements, SuiteEvaluation
 from registry.model_info import ModelInfo, Parent
@@ -168,6 +169,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
         With a declared base, a task model that wraps it (`bert.encoder…` around `encoder…`) is accepted, and
         its head (the tensors outside the base) is registered too, linked to it in lineage. `by_reference`: a
         local checkpoint is recorded where it is, not copied; every later read checks it is unchanged."""
+        if name is not None:
+            check_name(name)  # before anything is read
         base_info = None
         if base:  # a registered model, or a path or URI (ingested first)
             base_info = self.ingest(base)[0] if parse_ref(base).is_source else self.resolve(base)
@@ -180,7 +183,7 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             ckpt = Checkpoint(src.path)
             if is_statistics(ckpt):  # a model's published Fisher or Grams, not a model
                 validate_checkpoint(ckpt)
-                return self.register_statistics(ckpt, name or src.default_name, src.uri)
+                return self.register_statistics(ckpt, name or derived_name(src.default_name), src.uri)
             label = src.uri.removeprefix("file://")
             digest, checksums = self.scan(ckpt)
             alignment = check_base(ckpt, Checkpoint(base_info.store_path) if base_info else None, label=label,
@@ -189,7 +192,7 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             if existing is not None:  # the same bytes: a no-op, but a base now declared is recorded
                 self.restore_if_damaged(existing, ckpt)  # (a model registered by reference stays so)
                 return (self.declare_base(existing, base_info) if base_info else existing), False
-            model, created = self.register(ckpt, digest, kind="ingested", name=name or src.default_name,
+            model, created = self.register(ckpt, digest, kind="ingested", name=name or derived_name(src.default_name),
                                            source_uri=src.uri, revision=src.revision, architecture=src.architecture,
                                            base_model_id=base_info.id if base_info else None,
                                            tensor_checksums=checksums, reference=by_reference)
@@ -256,6 +259,7 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
         pyfunc model where transformers can load it (serving each of `serving_heads`' tasks). `move`: the files are
         the registry's own scratch output, renamed into the store rather than copied; `written_sha256` then holds
         the sha256 the engine took of each file as it wrote it (`ModelStore.put`)."""
+        check_name(name)  # before a byte is stored: one name, one MLflow registered model
         origin = {"name": name, "kind": kind, "source_uri": source_uri, "revision": revision, "architecture": architecture}
         if reference:
             path, files, created = self.store.put_reference(ckpt, digest, origin=origin)

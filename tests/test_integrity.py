@@ -106,3 +106,36 @@ def test_a_production_gate_that_checks_nothing_is_refused_and_records_nothing(cl
         assert refused.exit_code == 1 and "checks nothing" in refused.stderr
     assert json.loads(cli("audit", "--json").stdout) == []
     assert cli("promote", "product", "--to", "production", "--no-gate", "--reason", "first release").exit_code == 0
+
+
+def test_names_map_one_to_one_onto_mlflow_and_are_checked_before_any_work(cli, tmp_path, pair):
+    base, model = pair
+    for name in ("team/model", "team model", "release.2", "-lead"):
+        refused = cli("ingest", base, "--name", name, ok=False)
+        assert refused.exit_code == 1 and "is not allowed" in refused.stderr and refused.stderr.count("\n") == 1
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base), "models": [str(model)]}))
+    refused = cli("merge", recipe, "--name", "team/model", ok=False)
+    assert refused.exit_code == 1 and "is not allowed" in refused.stderr
+    _nothing_recorded_but_what_was_ingested = json.loads(cli("models", "list", "--json").stdout)
+    assert _nothing_recorded_but_what_was_ingested == []
+    cli("ingest", base, "--name", "team--model")
+    cli("ingest", model, "--name", "team_model")
+    from flows.registry_access import open_registry
+
+    registry = open_registry()
+    names = {m.name for m in registry.mirror.client.search_registered_models()}
+    assert {"team--model", "team_model"} <= names  # two names, two MLflow models
+
+
+def test_a_name_that_is_not_utf8_ends_in_one_line(tmp_path, pair):
+    import subprocess
+    import sys
+
+    base, _ = pair
+    env = {**os.environ, "MERGEYARD_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(base), "--name", b"caf\xe9".decode(
+        "utf-8", "surrogateescape")], capture_output=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stderr
+    err = done.stderr.decode("utf-8", "replace").strip()
+    assert err.count("\n") == 0 and "is not allowed" in err

@@ -283,7 +283,7 @@ def test_hf_source_from_a_hand_built_offline_cache(registry, tmp_path):
     commit = write_hub_cache(registry.config.hf_cache, "acme/tiny", files)
     model, created = registry.ingest("hf://acme/tiny")
     assert created and model.digest == checkpoint_digest(src) and model.resolved_revision == commit
-    assert model.source_uri == f"hf://acme/tiny@{commit}" and model.architecture == "TinyHub" and model.name == "acme/tiny"
+    assert model.source_uri == f"hf://acme/tiny@{commit}" and model.architecture == "TinyHub" and model.name == "acme-tiny"  # the repository, as a name MLflow takes
     assert registry.ingest(f"hf://acme/tiny@{commit}")[0].id == model.id
     with pytest.raises(SourceError, match="not in the local hub cache"):
         registry.ingest("hf://acme/missing")
