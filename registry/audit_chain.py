@@ -110,7 +110,7 @@ def intact(session: Session, event: PromotionEvent) -> bool:
 class Problem:
     event_id: int
     seq: int | None
-    kind: str  # edited | inserted | removed | reordered | witness
+    kind: str  # edited | inserted | removed | reordered | witness | unchained
     detail: str
 
 
@@ -125,6 +125,11 @@ class ChainReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def chain_broken(self) -> bool:
+        """A break in the chain itself (a row outside it is reported, but the chain still stands)."""
+        return any(p.kind != "unchained" for p in self.problems)
+
     def as_dict(self) -> dict:
         return {"ok": self.ok, "events": self.events, "head": self.head, "head_seq": self.head_seq,
                 "problems": [vars(p) for p in self.problems]}
@@ -137,12 +142,13 @@ def verify(session: Session, witness: tuple[int, str] | None = None) -> ChainRep
     by_hash = {e.event_hash: e for e in events if e.event_hash}
     previous_hash, previous_seq = GENESIS, 0
     report = ChainReport(len(events), GENESIS, 0)
+    unchained = [e for e in events if e.event_hash is None or e.prev_hash is None or e.seq is None]
+    for e in unchained:  # reported, and passed over: a row outside the chain cannot break (or wedge) it
+        report.problems.append(Problem(e.id, e.seq, "unchained", "it carries no place in the chain: it was written "
+                                       "into the table directly, not appended by mergeyard; nothing reads it"))
+    events = [e for e in events if e not in unchained]
     for position, e in enumerate(events):
         content = canonical(e, digests.get(e.model_id, ""), digests.get(e.previous_model_id))
-        if e.event_hash is None or e.prev_hash is None or e.seq is None:
-            report.problems.append(Problem(e.id, e.seq, "inserted", "it carries no place in the chain: it was "
-                                           "written into the table directly, not appended by mergeyard"))
-            break
         if e.event_hash != event_hash(e.prev_hash, content):
             report.problems.append(Problem(e.id, e.seq, "edited", "its content no longer matches its hash: it was "
                                            "changed after it was written"))
@@ -161,7 +167,7 @@ def verify(session: Session, witness: tuple[int, str] | None = None) -> ChainRep
             break
         previous_hash, previous_seq = e.event_hash, e.seq
     report.head, report.head_seq = previous_hash, previous_seq
-    if not report.problems and witness is not None:
+    if not report.chain_broken and witness is not None:
         seq, head = witness
         at = next((e for e in events if e.seq == seq), None)
         if seq > report.head_seq:
@@ -177,3 +183,39 @@ def verify(session: Session, witness: tuple[int, str] | None = None) -> ChainRep
             report.problems.append(Problem(at.id if at else 0, seq, "witness",
                                            f"event {seq} is not the one the witness saw: the chain was rewritten"))
     return report
+
+
+def effective_witness(session: Session, mirror, chain: str) -> tuple[int, str] | None:
+    """MLflow's witness of the chain's head. A pending head (a promote killed between its commit and moving the
+    witness, or one in flight) counts when the log's last event is exactly it: the commit happened."""
+    witness, pending = mirror.audit_head(chain), mirror.audit_pending(chain)
+    if pending is not None:
+        last = session.scalar(select(PromotionEvent).where(PromotionEvent.seq.is_not(None))
+                              .order_by(PromotionEvent.seq.desc()).limit(1))
+        if last is not None and (last.seq, last.event_hash) == pending:
+            return pending
+    return witness
+
+
+def walk(session: Session, since: tuple[int, str] | None = None) -> tuple[int, str, Problem | None]:
+    """The chain's head (seq, hash) walked from `since` (an event verified before: only what came after it is read,
+    so checking the head stays cheap however long the log grows), or the first break after it."""
+    start_seq, start_hash = since or (0, GENESIS)
+    if start_seq:
+        anchor = session.scalar(select(PromotionEvent).where(PromotionEvent.seq == start_seq))
+        if anchor is None or anchor.event_hash != start_hash or not intact(session, anchor):
+            return start_seq, start_hash, Problem(anchor.id if anchor else 0, start_seq, "edited",
+                                                  "the event verified last was changed or removed")
+    events = session.scalars(select(PromotionEvent).where(PromotionEvent.seq > start_seq)
+                             .order_by(PromotionEvent.seq)).all()
+    digests = _digests(session, {e.model_id for e in events} | {e.previous_model_id for e in events})
+    seq, head = start_seq, start_hash
+    for e in events:
+        if e.event_hash is None or e.prev_hash is None or e.prev_hash != head or e.seq != seq + 1:
+            return seq, head, Problem(e.id, e.seq, "removed" if e.seq != seq + 1 else "inserted",
+                                      f"event {e.seq} does not follow event {seq}")
+        if e.event_hash != event_hash(e.prev_hash, canonical(e, digests.get(e.model_id, ""),
+                                                             digests.get(e.previous_model_id))):
+            return seq, head, Problem(e.id, e.seq, "edited", "its content no longer matches its hash")
+        seq, head = e.seq, e.event_hash
+    return seq, head, None

@@ -156,11 +156,16 @@ class MirrorRepair:
         names = {registered_name(r.name): r.name for r in rows.values()}
         shown = {(names[m.name], alias) for m in _pages(self.client.search_registered_models)
                  if m.name in names for alias in (m.aliases or {})}
+        from registry.audit_chain import log_name, verify
+
         with self.registry.Session() as s:
             logged = set(s.execute(select(PromotionEvent.model_name, PromotionEvent.alias).distinct()).all())
+            # MLflow lost its witness (a lost store) and the chain verifies in itself: the witness is published
+            # again from it (audit_witness), so the aliases follow it too; a chain that does not verify moves none
+            unwitnessed = self.mirror.audit_head(log_name(self.registry)) is None and not verify(s).chain_broken
             for name, alias in sorted(logged | shown):
                 try:
-                    holder = self.registry.alias_holder(s, name, alias)
+                    holder = self.registry.alias_holder(s, name, alias, unwitnessed)
                 except Exception as exc:  # noqa: BLE001  (a tampered event: `audit --verify` says which)
                     self.doctor.found(Finding("alias", f"{name}@{alias}", " ".join(str(exc).splitlines()), ""))
                     continue
@@ -202,7 +207,7 @@ class MirrorRepair:
             report = verify(s)
         if report.events == 0:
             return
-        if not report.ok:
+        if report.chain_broken:
             self.doctor.found(Finding("audit-witness", "the audit log", "MLflow keeps no witness and the chain "
                                       "fails verification: see `mergeyard audit --verify`", ""))
             return

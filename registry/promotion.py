@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from merging.yaml_input import read_yaml, validation_problems
 
 from merging.runtime.crashpoints import crashpoint
-from registry.audit_chain import ChainReport, Problem, log_name, seal, verify
+from registry.audit_chain import effective_witness, ChainReport, Problem, log_name, seal, verify
 from registry.errors import RegistryError
 from registry.lineage import lineage
 from registry.registry import ModelInfo, Registry
@@ -331,18 +331,11 @@ def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None
 
 
 def audit_witness(registry: Registry) -> tuple[int, str] | None:
-    """MLflow's witness of the chain's head. A pending head (a promote killed between its commit and moving the
-    witness) counts when the log's last event is exactly it: the commit happened."""
+    """MLflow's witness of the chain's head (a pending head that committed counts: `effective_witness`)."""
     if registry.mirror is None:
         return None
-    chain = log_name(registry)
-    witness, pending = registry.mirror.audit_head(chain), registry.mirror.audit_pending(chain)
-    if pending is not None:
-        with registry.Session() as s:
-            last = s.scalar(select(PromotionEvent).order_by(PromotionEvent.seq.desc().nulls_last()).limit(1))
-        if last is not None and (last.seq, last.event_hash) == pending:
-            return pending
-    return witness
+    with registry.Session() as s:
+        return effective_witness(s, registry.mirror, log_name(registry))
 
 
 def verify_audit(registry: Registry) -> ChainReport:

@@ -8,6 +8,8 @@ model's bytes live in the content-addressed store.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -143,22 +145,77 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
         with self.Session() as s:
             return [self._info(r) for r in s.scalars(select(Model).order_by(Model.id))]
 
-    @staticmethod
-    def alias_holder(s: Session, name: str, alias: str) -> int | None:
-        """The model NAME@ALIAS names: the latest `promoted` event's, once that event's hash still matches its
-        content and it names a model of that name (a row written into the log by hand moves no alias)."""
+    def alias_holder(self, s: Session, name: str, alias: str, unwitnessed: bool = False) -> int | None:
+        """The model NAME@ALIAS names: the latest `promoted` event's in the audit chain, once the chain verifies to
+        MLflow's witness of its head (`verified_head`) and that event names a model of that name. A row outside
+        the chain (written into the table by hand, with no place in it) is not read. `unwitnessed`: MLflow lost
+        its witness and the chain verifies in itself (what `doctor --fix` republishes the witness from)."""
         event = s.scalar(
             select(PromotionEvent)
-            .where(PromotionEvent.model_name == name, PromotionEvent.alias == alias, PromotionEvent.decision == "promoted")
-            .order_by(PromotionEvent.seq.desc().nulls_first(), PromotionEvent.id.desc()).limit(1)
+            .where(PromotionEvent.model_name == name, PromotionEvent.alias == alias, PromotionEvent.decision == "promoted",
+                   PromotionEvent.seq.is_not(None))
+            .order_by(PromotionEvent.seq.desc()).limit(1)
         )
         if event is None:
             return None
+        self.verified_head(s, f"{name}@{alias}", unwitnessed)
         model = s.get(Model, event.model_id)
         if model is None or model.name != name or not intact(s, event):
             raise RegistryError(f"the audit event that moved {name}@{alias} (event {event.id}) does not check out "
                                 "(its hash or its model do not match): run `mergeyard audit --verify`")
         return event.model_id
+
+    def verified_head(self, s: Session, what: str = "an alias", unwitnessed: bool = False) -> tuple[int, str]:
+        """The audit chain's head, walked from the head verified last (kept beside the digest cache, so the walk
+        stays short however long the log grows) and compared with MLflow's witness. A log that does not verify —
+        an event edited, removed, inserted in the chain, a cut tail, a rewrite — resolves no alias: RegistryError."""
+        from registry.audit_chain import effective_witness, log_name, walk
+
+        chain = log_name(self) if self.mirror is not None else ""
+        since = self._verified_checkpoint(chain)
+        seq, head, problem = walk(s, since)
+        if problem is not None and since is not None:  # the checkpoint itself is gone or changed: walk it all
+            seq, head, problem = walk(s, None)
+        if problem is None and self.mirror is not None:
+            witness = effective_witness(s, self.mirror, chain)
+            if witness is None and seq and not unwitnessed:
+                problem = f"MLflow keeps no witness of its head (`mergeyard doctor --fix` publishes it if it verifies)"
+            elif witness is not None and witness != (seq, head):
+                problem = (f"its head is event {seq}, MLflow's witness saw event {witness[0]} "
+                           f"{'with another hash' if witness[0] == seq else ''}: it was cut, extended or rewritten "
+                           "without mergeyard")
+        if problem is not None:
+            detail = problem if isinstance(problem, str) else f"event {problem.seq}: {problem.kind}, {problem.detail}"
+            raise RegistryError(f"{what} is not resolved from an audit log that does not verify ({detail}); "
+                                "run `mergeyard audit --verify`")
+        self._save_checkpoint(chain, seq, head)
+        return seq, head
+
+    def _checkpoint_file(self) -> Path | None:
+        return self.config.digest_cache.parent / "audit-verified.json" if self.config.digest_cache else None
+
+    def _verified_checkpoint(self, chain: str) -> tuple[int, str] | None:
+        path = self._checkpoint_file()
+        try:
+            seq, head = json.loads(path.read_text())[chain] if path is not None else (None, None)
+            return (int(seq), str(head)) if seq else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_checkpoint(self, chain: str, seq: int, head: str) -> None:
+        path = self._checkpoint_file()
+        if path is None or not seq:
+            return
+        try:
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            if not isinstance(known, dict):
+                known = {}
+            known[chain] = [seq, head]
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, path)  # whole or not at all
+        except (OSError, ValueError):
+            pass  # only the next walk's length depends on it
 
     # ---- writes -----------------------------------------------------------------------------
 

@@ -12,9 +12,12 @@ from sqlalchemy import text
 
 from conftest import random_family, save_checkpoint
 
-APPEND_ONLY_TRIGGERS = {
-    "sqlite": ["DROP TRIGGER promotion_events_no_update", "DROP TRIGGER promotion_events_no_delete"],
-    "postgresql": ["DROP TRIGGER promotion_events_append_only ON promotion_events"],
+APPEND_ONLY_TRIGGERS = {  # what an owner of the database can drop: the append-only guards, the sealing rule
+    "sqlite": ["DROP TRIGGER promotion_events_no_update", "DROP TRIGGER promotion_events_no_delete",
+               "DROP TRIGGER promotion_events_sealed"],
+    "postgresql": ["DROP TRIGGER promotion_events_append_only ON promotion_events",
+                   *(f"ALTER TABLE promotion_events ALTER COLUMN {c} DROP NOT NULL" for c in ("seq", "prev_hash",
+                                                                                              "event_hash"))],
 }
 
 
@@ -91,20 +94,33 @@ def test_an_edited_event_is_named(log, cli):
     assert code == 5 and "seq 2" in message and "edited" in message
 
 
-@pytest.mark.tampers
-def test_a_hand_written_promotion_is_named_and_moves_no_alias(log, cli):
-    """The defect as reported: an INSERT with invented gate checks (the triggers allow inserts) moved production."""
+HAND_WRITTEN = ("INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, created_at) "
+                "VALUES (:m, 'product', 'production', 'promoted', :g, 'mallory', CURRENT_TIMESTAMP)")
+
+
+def test_the_database_refuses_an_event_outside_the_chain(log):
     registry, ids = log
+    with pytest.raises(Exception, match="audit chain|null value|NOT NULL"):
+        with registry.engine.begin() as conn:
+            other = conn.execute(text("SELECT id FROM models WHERE digest = :d"), {"d": ids[1]}).scalar()
+            conn.execute(text(HAND_WRITTEN), {"m": other, "g": "{}"})
+
+
+@pytest.mark.tampers
+def test_a_hand_written_promotion_is_named_moves_no_alias_and_wedges_nothing(log, cli):
+    """The defects as reported: an INSERT with invented gate checks moved production; one with NULL seq and hash
+    then locked the alias for good. Written past the database's own refusal (by its owner), it is reported by
+    `audit --verify`, read by nothing, and promotions go on."""
+    registry, ids = log
+    tamper(registry)
     with registry.engine.begin() as conn:
         other = conn.execute(text("SELECT id FROM models WHERE digest = :d"), {"d": ids[1]}).scalar()
-        conn.execute(text(
-            "INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, created_at) "
-            "VALUES (:m, 'product', 'production', 'promoted', :g, 'mallory', CURRENT_TIMESTAMP)"),
-            {"m": other, "g": json.dumps({"checks": [{"rule": "made up", "passed": True}]})})
+        conn.execute(text(HAND_WRITTEN), {"m": other, "g": json.dumps({"checks": [{"rule": "made up", "passed": True}]})})
     code, message = verify(cli)
-    assert code == 5 and "inserted" in message
-    refused = cli("lineage", "product@production", ok=False)
-    assert refused.exit_code == 1 and "does not check out" in refused.stderr
+    assert code == 5 and "unchained" in message
+    assert json.loads(cli("lineage", "product@production", "--format", "json").stdout)["model"] == ids[0]
+    cli("promote", ids[1], "--to", "production", "--no-gate", "--reason", "after the forgery")
+    assert registry.resolve("product@production").digest == ids[1]
 
 
 @pytest.mark.tampers
@@ -121,6 +137,9 @@ def test_a_deleted_last_event_is_caught_by_the_witness(log, cli):
     tamper(registry, "DELETE FROM promotion_events WHERE seq = 4")
     code, message = verify(cli)
     assert code == 5 and "removed" in message and "cut from its end" in message
+    # nor does an alias resolve from it (it would name the holder before the deleted event)
+    refused = cli("export", "product@staging", "--out", registry.config.scratch.parent.parent / "out", ok=False)
+    assert refused.exit_code == 1 and "does not verify" in refused.stderr and "witness" in refused.stderr
 
 
 @pytest.mark.tampers
@@ -142,6 +161,35 @@ def test_a_chain_rewritten_end_to_end_is_caught_by_the_witness(log, cli):
         assert rechain(conn) == 4  # every hash recomputed over the edited content
     code, message = verify(cli)
     assert code == 5 and "witness" in message and "rewritten" in message
+    refused = cli("lineage", "product@production", ok=False)
+    assert refused.exit_code == 1 and "does not verify" in refused.stderr
+
+
+@pytest.mark.tampers
+def test_a_forged_event_chained_onto_the_log_resolves_nothing_and_doctor_will_not_follow_it(log, cli):
+    """A correctly chained INSERT (whoever can write the database can compute the hashes) points production at
+    another model, and MLflow's alias is moved to match: the witness still holds the old head, so the alias is not
+    resolved and `doctor --fix` does not move MLflow's alias on the log's word."""
+    from sqlalchemy.orm import Session
+
+    from registry.audit_chain import seal
+    from registry.schema import PromotionEvent
+
+    registry, ids = log
+    tamper(registry)
+    with Session(registry.engine) as s, s.begin():
+        forged = PromotionEvent(model_id=registry.resolve(ids[1]).id, model_name="product", alias="production",
+                                decision="promoted", gate={"checks": []}, actor="mallory", reason="forged")
+        seal(s, forged)
+        s.add(forged)
+    refused = cli("lineage", "product@production", ok=False)
+    assert refused.exit_code == 1 and "does not verify" in refused.stderr
+    report = json.loads(cli("doctor", "--json", ok=False).stdout)
+    aliases = [f for f in report["findings"] if f["kind"] == "alias"]
+    assert aliases and all("does not verify" in f["detail"] and not f["action"] for f in aliases)
+    fixed = cli("doctor", "--fix", ok=False)
+    assert fixed.exit_code == 6
+    assert registry.mirror.alias_version("product", "production") == registry.resolve(ids[0]).mlflow_version
 
 
 def test_on_postgresql_the_application_role_cannot_change_the_log(pg_cluster, tmp_path):
@@ -164,10 +212,15 @@ def test_on_postgresql_the_application_role_cannot_change_the_log(pg_cluster, tm
                           "store_path, created_at) VALUES ('sha256:x', 'm', 'ingested', 'file://x', '[]', 1, 'F32', 4, "
                           "'store/x', now())"))
     app = create_engine(pg_cluster.url(database, user=user))
-    with app.begin() as conn:
-        conn.execute(text("INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, created_at) "
-                          "SELECT id, 'm', 'staging', 'refused', '{}', current_user, now() FROM models"))
+    with app.begin() as conn:  # it may append (what mergeyard does), with a place in the chain
+        conn.execute(text("INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, created_at, "
+                          "seq, prev_hash, event_hash) SELECT id, 'm', 'staging', 'refused', '{}', current_user, now(), "
+                          "1, repeat('0', 64), repeat('1', 64) FROM models"))
         assert conn.execute(text("SELECT count(*) FROM promotion_events")).scalar() == 1
+    with pytest.raises(Exception, match="not-null"):  # a row outside the chain: refused by the database itself
+        with app.begin() as conn:
+            conn.execute(text("INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, "
+                              "created_at) SELECT id, 'm', 'staging', 'refused', '{}', current_user, now() FROM models"))
     for statement in ("UPDATE promotion_events SET actor = 'mallory'", "DELETE FROM promotion_events",
                       "DROP TRIGGER promotion_events_append_only ON promotion_events",
                       "UPDATE alembic_version SET version_num = '0001'"):

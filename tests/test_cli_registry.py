@@ -71,8 +71,8 @@ def test_a_model_s_life_from_ingest_to_production(cli, tmp_path):
 
 def test_db_commands(cli):
     assert cli("db", "current").stdout.strip() == "empty"
-    assert "at schema 0006" in cli("db", "upgrade").stdout
-    assert cli("db", "current").stdout.strip() == "0006"
+    assert "at schema 0007" in cli("db", "upgrade").stdout
+    assert cli("db", "current").stdout.strip() == "0007"
     bad = cli("lineage", "x", "--format", "svg", ok=False)
     assert bad.exit_code == 1 and "tree, json or mermaid" in bad.stderr
 
@@ -89,7 +89,7 @@ def test_database_url_setting_and_shared_database_upgrades(cli, database_url, mo
         assert stale.exit_code == 1 and "run `mergeyard db upgrade`" in stale.stderr
         cli("db", "upgrade")
     assert json.loads(cli("ingest", bp, "--json").stdout)["created"]
-    assert cli("db", "current").stdout.strip() == "0006"
+    assert cli("db", "current").stdout.strip() == "0007"
     from registry.db import make_engine
     from sqlalchemy import text
 
