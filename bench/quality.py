@@ -78,7 +78,7 @@ def benches(names: list[str]) -> list[Bench]:
 CORE = ("task arithmetic", "TIES", "FW", "TSV", "Iso", "CART")
 
 
-def methods(suite: str, fw_soft: str) -> list[tuple[str, str, dict, bool]]:
+def methods(suite: str, fw_soft: str, targets: int = 8) -> list[tuple[str, str, dict, bool]]:
     """(label, method, parameters, auto): the defaults of each method (and of the papers where mergeyard's differ
     in a way the table should show), each scale also chosen by `auto`."""
     data = {"suite": suite}
@@ -96,6 +96,12 @@ def methods(suite: str, fw_soft: str) -> list[tuple[str, str, dict, bool]]:
         ("FW-hard, task oracle (FusionBench)", "fw_hard", {**data, "granularity": "task"}, False),
         ("FW-hard from the base (before #38)", "fw_hard", {**data, "init": "base", "initial_candidate": False,
                                                             "oracle": "direction", "no_descent": "stay"}, False),
+        ("FW-hard, step 1 (TA init)", "fw_hard", {**data, "step_size": 1.0}, False),
+        # mergeyard's tuned setting before #38: from the base, each candidate's task vector scaled so the atoms'
+        # centre is task arithmetic at λ 0.3, full steps, the direction oracle, no move where nothing descends
+        (f"FW-hard, base init, step 1, scale {0.3 * targets:g}, direction", "fw_hard",
+         {**data, "init": "base", "initial_candidate": False, "oracle": "direction", "no_descent": "stay",
+          "step_size": 1.0, "scale": 0.3 * targets}, False),
         (f"FW-soft ({'paper' if fw_soft == 'paper' else '3 it, 60 Adam steps'})", "fw_soft", {**data, **soft}, False),
         ("FW per-task selection (authors' ViT)", "fw_soft", {**data, "iterations": 1, "merge": "task_arithmetic"},
          False),
@@ -179,6 +185,8 @@ def main() -> None:
     ap.add_argument("--fw-soft", choices=("quick", "paper"), default="quick",
                     help="FW-soft at FusionBench's settings (10 iterations × 500 Adam steps: hours on 2 cores) or 3 × 60")
     ap.add_argument("--fresh", action="store_true", help="recompute rows already in the cache")
+    ap.add_argument("--cache", default="rows", help="the row cache's name under bench/.work/quality (two runs at once "
+                    "each need their own)")
     ap.add_argument("--all-methods", action="store_true",
                     help="every row on the pools with irrelevant candidates too (default: the CORE rows there)")
     args = ap.parse_args()
@@ -187,7 +195,7 @@ def main() -> None:
     from evaluation.suites import load_suite
 
     WORK.mkdir(parents=True, exist_ok=True)
-    cache_file = WORK / "rows.json"
+    cache_file = WORK / f"{args.cache}.json"
     cache = {} if args.fresh or not cache_file.is_file() else json.loads(cache_file.read_text())
     work = Path(tempfile.mkdtemp(prefix="quality-", dir=WORK))
     wanted = [w for w in args.methods.split(",") if w]
@@ -209,7 +217,7 @@ def main() -> None:
             for pool in args.pools.split(","):
                 models = list(bench.targets.values()) + pools[pool]
                 rows = []
-                for label, method, params, with_auto in methods(bench.suite, args.fw_soft):
+                for label, method, params, with_auto in methods(bench.suite, args.fw_soft, len(bench.targets)):
                     for auto in (False, True) if with_auto else (False,):
                         shown = f"{label}, auto" if auto else label
                         if wanted and not any(w in shown for w in wanted):
@@ -228,8 +236,8 @@ def main() -> None:
                 print(output[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (WORK / "table.md").write_text("\n".join(output) + "\n")
-    print(f"\nwritten to {WORK / 'table.md'}")
+    (WORK / f"table-{args.cache}.md").write_text("\n".join(output) + "\n")
+    print(f"\nwritten to {WORK / f'table-{args.cache}.md'}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from merging.checkpoints.inputs import ProgressFn
 from merging.recipes.recipe import Recipe
 from merging.version import __version__
 from flows.provenance import code_revision
-from flows.resolve import check_adapter_bases, local_source, resolve_input, store_resolver
+from flows.resolve import VerifiedInputs, check_adapter_bases, local_source, resolve_input
 from registry.names import check_name
 from registry.registry import ModelInfo, Parent, Registry, SuiteEvaluation
 from registry.serving import ServedHead
@@ -151,11 +151,12 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     )
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
     try:
-        result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                           progress=progress, resolve=store_resolver(registry), validated_inputs=True,
-                           data=data_builder(device, registry, base),
-                           input_digests={m.digest: m.digest for m in ([base] if base else []) + models},
-                           labels={m.digest: f"{m.name} ({m.digest[:19]})" for m in ([base] if base else []) + models})
+        with VerifiedInputs(registry) as verified:  # every input byte read is the byte stored, or nothing lands
+            result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                               progress=progress, resolve=verified, validated_inputs=True,
+                               data=data_builder(device, registry, base), before_commit=verified.check,
+                               input_digests={m.digest: m.digest for m in ([base] if base else []) + models},
+                               labels={m.digest: f"{m.name} ({m.digest[:19]})" for m in ([base] if base else []) + models})
     except BaseException as exc:
         registry.fail_merge_run(run_id, f"{type(exc).__name__}: {exc}")
         raise

@@ -25,7 +25,7 @@ from merging.checkpoints.inputs import ProgressFn
 from merging.recipes.recipe import parse_recipe
 from merging.version import __version__
 from flows.merge import data_builder
-from flows.resolve import store_resolver
+from flows.resolve import VerifiedInputs
 from registry.errors import StoreDamagedError
 from registry.registry import ModelInfo, Registry
 from merging.runtime.processes import owner_token
@@ -84,11 +84,11 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
             base = registry.find_digest(recipe.base) if recipe.base else None
             recorded_plan = MergePlan.from_json(run.plan_json) if run.plan_json else None
             shard_bytes = recorded_plan.max_shard_bytes if recorded_plan else DEFAULT_MAX_SHARD_BYTES
-            result = run_merge(recipe, work / "rebuilt", device=device, resolve=store_resolver(registry),
-                               max_shard_bytes=shard_bytes,
-                               validated_inputs=True,
-                               data=data_builder(device, registry, base),
-                               progress=progress, input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
+            with VerifiedInputs(registry) as verified:  # a rotten input is named, never blamed on the merge
+                result = run_merge(recipe, work / "rebuilt", device=device, resolve=verified,
+                                   max_shard_bytes=shard_bytes, before_commit=verified.check, validated_inputs=True,
+                                   data=data_builder(device, registry, base), progress=progress,
+                                   input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})
             ok = result.digest == model.digest
             differing = [] if ok else differing_tensors(work / "rebuilt", Path(model.store_path))
             outcome = Reproduction(model, ok, result.digest, differing, run.id)

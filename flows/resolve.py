@@ -56,16 +56,46 @@ def refuse_adapter(model: ModelInfo, doing: str) -> None:
 
 
 def store_resolver(registry: Registry):
+    """Each input digest → its stored copy, checked by a stat (or, where the stat differs, its bytes)."""
     def resolve(digest: str) -> Path:
         info = registry.find_digest(digest)
         if info is None:
             raise ModelNotFoundError(f"input {digest} is not in the registry")
-        if registry.store.is_reference(digest):  # the user's own files: unchanged, or re-verified by their digest
-            registry.verify_reference(info)
-        elif not registry.store.looks_intact(digest):  # a stat per file: never merge from lost or changed bytes
-            raise StoreDamagedError(f"the stored copy of input {info.name} ({digest[:19]}) is missing or changed "
-                                    "since it was stored; ingest the original again to restore it "
-                                    "(`mergeyard doctor` lists every such model)")
-        return Path(info.store_path)
+        try:
+            return registry.checked_input(info)
+        except StoreDamagedError as exc:
+            raise StoreDamagedError(f"input: {exc}") from None
 
     return resolve
+
+
+class VerifiedInputs:
+    """A merge's (or a rebuild's) stored inputs: each handed out after `store_resolver`'s check and hashed in full
+    on a thread of its own while the engine reads it; `check` — which the engine calls before it commits anything —
+    raises StoreDamagedError naming the input whose bytes changed in place (bit rot keeps a file's size and time).
+    Use as a context manager: the hashing stops with it."""
+
+    def __init__(self, registry: Registry):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.registry, self._resolve = registry, store_resolver(registry)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergeyard-verify")
+        self._pending: dict[str, object] = {}
+
+    def __call__(self, digest: str) -> Path:
+        path = self._resolve(digest)
+        if digest not in self._pending:
+            self._pending[digest] = self._pool.submit(self.registry.verify_bytes, self.registry.find_digest(digest))
+        return path
+
+    def check(self) -> None:
+        for future in self._pending.values():
+            future.result()
+
+    def __enter__(self) -> "VerifiedInputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)

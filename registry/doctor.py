@@ -162,7 +162,13 @@ class Doctor:
             if self.registry.store.has(model.digest):
                 bad = self.registry.store.damaged(model.digest, model.files)
                 if not bad:
+                    if not self.registry.store.looks_intact(model.digest):  # same bytes, other times: restored
+                        self.found(Finding("stale-stamp", model.digest, f"{model.name}: its files' bytes are as "
+                                           "recorded, their times are not (a home restored from an archive)",
+                                           "record their times"),
+                                   lambda m=model: self.registry.store.refresh_times(m.digest))
                     continue
+                self.registry.store.mark_damaged(model.digest, bad)  # what a stat would miss: bytes changed in place
                 detail = f"{', '.join(bad)} differ from the recorded sha256"
             else:
                 detail = "its stored copy is missing"

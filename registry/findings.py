@@ -38,6 +38,7 @@ FINDING_KINDS = {
     "alias": "an alias MLflow shows elsewhere than the audit log says",
     "open-mlflow-run": "an MLflow run left RUNNING by a process that is gone",
     "audit-witness": "the audit chain's witness left pending by a promotion killed mid-commit",
+    "stale-stamp": "a stored copy whose bytes match their sha256 but whose times do not (a home restored)",
 }
 
 

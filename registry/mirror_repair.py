@@ -134,7 +134,8 @@ class MirrorRepair:
         tags = {"mergeyard.digest": info.digest, "mergeyard.source": info.source_uri, "mergeyard.kind": info.kind,
                 "mergeyard.parents": ",".join(p.digest for e, p in parents if e.role in ("base", "candidate"))}
         mirrored = self.mirror.register_model(info.name, path, tags, serving=serving_spec(path, self._heads(parents)),
-                                              files=[f["path"] for f in info.files])
+                                              files=[f["path"] for f in info.files],
+                                              sha256={f["path"]: f["sha256"] for f in info.files if f.get("sha256")})
         with self.registry.Session.begin() as s:
             model = s.get(Model, row.id)
             model.mlflow_model_id, model.mlflow_version = mirrored.model_id, mirrored.version

@@ -103,7 +103,8 @@ class MlflowMirror:
             return self.client.get_experiment_by_name(EXPERIMENT).experiment_id
 
     def register_model(self, name: str, model_dir: Path, tags: dict[str, str], source_run_id: str | None = None,
-                       serving=None, files: list[str] | None = None, reference: str | None = None) -> MirroredModel:
+                       serving=None, files: list[str] | None = None, reference: str | None = None,
+                       sha256: dict[str, str] | None = None) -> MirroredModel:
         """A logged model + registered version. With a `serving` spec its artifacts are an MLflow pyfunc model
         (registry.serving) holding the checkpoint's `files`, else the checkpoint directory as it is. In a local
         MLflow store the files are the store entry's own (hard links): the bytes are on disk once. A model registered
@@ -127,7 +128,7 @@ class MlflowMirror:
                 from registry.serving import package, share_files
 
                 if serving is not None:
-                    package(Path(model_dir), serving, local, files or [], by_reference=True)
+                    package(Path(model_dir), serving, local, files or [], by_reference=True, sha256=sha256)
                 else:
                     share_files(Path(model_dir), local, files or [p.name for p in Path(model_dir).iterdir()])
             elif serving is not None:  # a tracking server: it must hold the bytes
@@ -136,7 +137,7 @@ class MlflowMirror:
                 if self.scratch is not None:
                     Path(self.scratch).mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(prefix=f"mlflow-model-{owner_token()}-", dir=self.scratch) as tmp:
-                    package(Path(model_dir), serving, Path(tmp) / "model", files or [])
+                    package(Path(model_dir), serving, Path(tmp) / "model", files or [], sha256=sha256)
                     self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
             else:
                 self.client.log_model_artifacts(logged.model_id, str(model_dir))

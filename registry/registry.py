@@ -369,6 +369,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
                     mirrored = self.mirror.register_model(name, model_dir, tags, source_run_id=mlflow_run_id,
                                                           serving=serving_spec(model_dir, list(serving_heads)),
                                                           files=[Path(f["path"]).name for f in files],
+                                                          sha256={Path(f["path"]).name: f["sha256"] for f in files
+                                                                  if f.get("sha256")},
                                                           reference=str(Path(ckpt.path).resolve()) if reference
                                                           else None)
                     row.mlflow_model_id, row.mlflow_version = mirrored.model_id, mirrored.version

@@ -65,10 +65,12 @@ def serving_spec(model_dir: Path, heads: list[ServedHead] = ()) -> ServingSpec |
     return ServingSpec("features")
 
 
-def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, by_reference: bool = False) -> None:
+def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, by_reference: bool = False,
+            sha256: dict[str, str] | None = None) -> None:
     """An MLflow pyfunc model at `out` (absent or empty) serving the checkpoint in `model_dir`. `by_reference`: the
     checkpoint's files are hard links to `model_dir`'s (the store entry's), not copies, so a local MLflow store
-    holds no second copy of the bytes (`share_files`)."""
+    holds no second copy of the bytes (`share_files`). `sha256`: each file's, as the store recorded it: loading
+    the model checks them, so changed bytes are never served."""
     import mlflow.pyfunc
 
     data = out.parent / (out.name + ".data")
@@ -83,7 +85,7 @@ def package(model_dir: Path, spec: ServingSpec, out: Path, files: list[str], *, 
         (data / HEADS_DIR).mkdir(exist_ok=True)
         (data / HEADS_DIR / head.task).symlink_to(Path(head.directory).resolve(), target_is_directory=True)
         heads.append({"task": head.task, "prefix": head.prefix})
-    (data / SPEC).write_text(json.dumps({"kind": spec.kind, "heads": heads}, indent=2))
+    (data / SPEC).write_text(json.dumps({"kind": spec.kind, "heads": heads, "sha256": sha256 or {}}, indent=2))
     try:
         mlflow.pyfunc.save_model(str(out), loader_module="registry.serving", data_path=str(data),
                                  signature=_signature(spec.kind),
@@ -149,9 +151,26 @@ class MergeyardPyfunc:
         self.root = root
         self.spec = json.loads((root / SPEC).read_text())
         self.model_dir = root / MODEL_DIR
+        self._check_bytes()
         self._tasks: dict[str, Any] = {}
         self._model = None
         self._preprocess = None
+
+    def _check_bytes(self) -> None:
+        """Every checkpoint file's sha256 against the store's record before anything is loaded from it (a hard link
+        shares the store entry's inode, so bit rot there is bit rot here)."""
+        import hashlib
+
+        from merging.errors import MergeyardError
+
+        for name, recorded in (self.spec.get("sha256") or {}).items():
+            h = hashlib.sha256()
+            with open(self.model_dir / name, "rb") as fh:
+                while block := fh.read(8 << 20):
+                    h.update(block)
+            if h.hexdigest() != recorded:
+                raise MergeyardError(f"{self.model_dir / name}: its bytes are not the ones registered (sha256 "
+                                     f"{h.hexdigest()[:16]}…, recorded {recorded[:16]}…); not served")
 
     @property
     def kind(self) -> str:

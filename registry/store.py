@@ -130,14 +130,27 @@ class ModelStore:
     def _manifest(self, digest: str) -> list[dict]:
         return json.loads((self.path_for(digest) / MANIFEST).read_text())
 
+    DAMAGED = ".damaged"  # inside an entry: a full read found its bytes changed (cleared when they are put back)
+
+    def mark_damaged(self, digest: str, files: list[str]) -> None:
+        """Remember that a read of every byte found `files` changed: the stat check no longer passes it, so a
+        re-ingest of the original or `doctor --fix` puts it back."""
+        try:
+            (self.path_for(digest) / self.DAMAGED).write_text(json.dumps(files))
+        except OSError:
+            pass
+
     def looks_intact(self, digest: str) -> bool:
-        """Every file there with the size and modification time it was stored with (no read: a changed or lost
-        file shows here; bytes changed in place without a new mtime take `damaged`, which `doctor` runs)."""
+        """Every file there with the size and modification time it was stored with, and not marked damaged (no
+        read: a changed or lost file shows here; bytes changed in place without a new mtime take `damaged`, which
+        `doctor` and every merge's verified read run)."""
         try:
             manifest = self._manifest(digest)
         except (OSError, ValueError):
             return False
         root = self.path_for(digest)
+        if (root / self.DAMAGED).exists():
+            return False
         for f in manifest:
             try:
                 st = (root / f["path"]).stat()
@@ -148,8 +161,10 @@ class ModelStore:
         return True
 
     def refresh_times(self, digest: str) -> None:
-        """Record the files' current modification times once their bytes were verified."""
+        """Record the files' current modification times once their bytes were verified (a home restored from an
+        archive keeps its bytes but not their nanosecond times)."""
         root = self.path_for(digest)
+        (root / self.DAMAGED).unlink(missing_ok=True)
         manifest = [{**f, "mtime_ns": (root / f["path"]).stat().st_mtime_ns} for f in self._manifest(digest)]
         tmp = root / f".{MANIFEST}.{owner_token()}"
         tmp.write_text(json.dumps(manifest, indent=2))

@@ -47,6 +47,34 @@ class StoredBytes:
                                     f"({model.digest[:19]}); ingest it again to register its new bytes")
         self.store.refresh_times(model.digest)
 
+    def checked_input(self, model: ModelInfo) -> Path:
+        """The stored copy of a model about to be read (a merge input, an export, a served model): by reference,
+        the user's files unchanged (or re-verified by their digest); a stored copy whose sizes and times are as
+        recorded (a stat per file), or — where they are not (a home restored from an archive) — whose bytes still
+        match their recorded sha256, its times then stamped again. Anything else: StoreDamagedError naming it."""
+        if self.store.is_reference(model.digest):
+            self.verify_reference(model)
+        elif not self.store.looks_intact(model.digest):
+            bad = self.store.damaged(model.digest, model.files) if self.store.has(model.digest) else ["all of it"]
+            if bad:
+                raise StoreDamagedError(f"the stored copy of {model.name} ({model.digest[:19]}) is missing or "
+                                        f"changed ({', '.join(bad)}); ingest the original again to restore it "
+                                        "(`mergeyard doctor` lists every such model)")
+            self.store.refresh_times(model.digest)
+        return Path(model.store_path)
+
+    def verify_bytes(self, model: ModelInfo) -> None:
+        """Every stored file's sha256 against the record (a read of every byte): bit rot that kept the file's size
+        and time shows here. A mismatch marks the entry damaged and raises StoreDamagedError naming the file."""
+        if self.store.is_reference(model.digest):
+            return  # the user's own files: their digest is checked where they look changed (verify_reference)
+        bad = self.store.damaged(model.digest, model.files)
+        if bad:
+            self.store.mark_damaged(model.digest, bad)
+            raise StoreDamagedError(f"the stored copy of {model.name} ({model.digest[:19]}) has changed: {', '.join(bad)} "
+                                    "no longer match the sha256 recorded when it was stored; nothing was written; "
+                                    "ingest the original again (or `mergeyard reproduce` a merged model) to restore it")
+
     def restore_if_damaged(self, model: ModelInfo, ckpt: Checkpoint) -> bool:
         """Put back a stored copy that is missing or damaged from `ckpt`, whose digest the caller computed equal to
         the model's. Returns whether it did (recorded in `self.restored`)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -139,3 +140,77 @@ def test_a_name_that_is_not_utf8_ends_in_one_line(tmp_path, pair):
     assert done.returncode == 1, done.stderr
     err = done.stderr.decode("utf-8", "replace").strip()
     assert err.count("\n") == 0 and "is not allowed" in err
+
+
+# ---- bytes that changed in the store: every path out checks them ---------------------------------------------------
+
+
+def _rot(path, offset_from_end: int = 4) -> None:
+    """Flip a bit inside the last tensor's bytes, keeping the file's size and modification time (bit rot)."""
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[-offset_from_end] ^= 0x80
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def merged_pair(cli, tmp_path, pair):
+    base, model = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base), "models": [str(model)],
+                                      "parameters": {"lambda": 0.5}}))
+    merged = json.loads(cli("merge", recipe, "--name", "product", "--json").stdout)
+    from flows.registry_access import open_registry
+
+    registry = open_registry()
+    stored = {m.name: m for m in registry.list_models()}
+    return recipe, merged, stored, registry
+
+
+def test_a_rotten_input_is_refused_named_and_restored_by_ingesting_the_original(cli, tmp_path, pair, merged_pair):
+    base, model = pair
+    recipe, merged, stored, registry = merged_pair
+    rotten = stored["m"]
+    _rot(Path(rotten.store_path) / "model.safetensors")
+    cli("models", "list")  # a stat sees nothing
+    recipe2 = tmp_path / "r2.yaml"
+    recipe2.write_text(recipe.read_text().replace("0.5", "0.6"))
+    before = {m.digest for m in registry.list_models()}
+    refused = cli("merge", recipe2, "--name", "again", ok=False)
+    assert refused.exit_code == 1 and "the stored copy of m" in refused.stderr and "has changed" in refused.stderr
+    assert {m.digest for m in registry.list_models()} == before  # no model, no lineage
+    assert not list(Path(registry.config.scratch).glob("merge-run-*"))
+    cli("ingest", model)  # the original, again: the damage it found is put back
+    again = json.loads(cli("merge", recipe, "--name", "product", "--json").stdout)
+    assert again["digest"] == merged["digest"]
+
+
+def test_bit_rot_is_found_fixed_and_never_exported_or_blamed_on_a_merge(cli, tmp_path, pair, merged_pair):
+    recipe, merged, stored, registry = merged_pair
+    rotten = stored["m"]
+    _rot(Path(rotten.store_path) / "model.safetensors")
+    refused = cli("export", "m", "--out", tmp_path / "exported", ok=False)
+    assert refused.exit_code == 1 and "has changed" in refused.stderr and not (tmp_path / "exported").exists()
+    refused = cli("reproduce", "product", ok=False)  # the input is named; the merge is not blamed (exit 4)
+    assert refused.exit_code == 1 and "the stored copy of m" in refused.stderr
+    found = json.loads(cli("doctor", "--json", ok=False).stdout)
+    assert [f["kind"] for f in found["findings"]] == ["damaged-entry"]
+    cli("doctor", "--fix")
+    assert cli("doctor").exit_code == 0
+    cli("export", "m", "--out", tmp_path / "exported")
+    assert json.loads(cli("reproduce", "product", "--json").stdout)["ok"]
+
+
+def test_a_home_restored_with_coarse_times_merges_and_doctor_restamps_it(cli, tmp_path, merged_pair):
+    recipe, merged, stored, registry = merged_pair
+    store = Path(registry.config.store_root)
+    for path in store.rglob("*.safetensors"):  # a tar archive keeps whole seconds
+        st = path.stat()
+        os.utime(path, (int(st.st_atime), int(st.st_mtime)))
+    found = json.loads(cli("doctor", "--json", ok=False).stdout)
+    assert {f["kind"] for f in found["findings"]} == {"stale-stamp"}
+    assert json.loads(cli("merge", recipe, "--name", "product", "--json").stdout)["digest"] == merged["digest"]
+    assert json.loads(cli("reproduce", "product", "--json").stdout)["ok"]
+    cli("doctor", "--fix")
+    assert cli("doctor").exit_code == 0

@@ -102,6 +102,17 @@ def test_the_promoted_version_is_a_pyfunc_model(merged_text, cli, tmp_path, mlfl
     predicted = model.predict(pd.DataFrame({"text": TEXTS}))
     assert {c: predicted[c].tolist() for c in predicted.columns} == expected
     assert model.predict(pd.DataFrame({"text": TEXTS}), params={"task": "ft-topic"}).columns.tolist() == ["ft-topic"]
+    # bytes that changed in the store (the artifacts are hard links to it) are never served
+    from flows.registry_access import open_registry
+
+    stored = Path(open_registry().resolve("tickets").store_path) / "model.safetensors"
+    st = stored.stat()
+    raw = bytearray(stored.read_bytes())
+    raw[-2] ^= 0x40
+    stored.write_bytes(bytes(raw))
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(Exception, match="not the ones registered"):
+        mlflow.pyfunc.load_model("models:/tickets@staging")
 
 
 def test_ingest_mlflow_alias_works_against_the_default_home_with_no_environment(tmp_path):

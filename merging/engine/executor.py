@@ -44,7 +44,8 @@ class LocalExecutor:
     progress: Callable[[str, int, int], None] | None = None
 
     def run(self, plan: MergePlan, writer: CheckpointWriter, solved: Solved | None,
-            card: Callable[[str], dict[str, str]], companions: list[Path]) -> Executed:
+            card: Callable[[str], dict[str, str]], companions: list[Path],
+            before_commit: Callable[[], None] | None = None) -> Executed:
         phases = {}
         try:
             t0 = time.perf_counter()
@@ -63,6 +64,8 @@ class LocalExecutor:
                 writer.patch(patch.name, patch.indices, patch.values)
             phases["merge"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            if before_commit is not None:
+                before_commit()
             # The digest is known only once the shards are complete; the card is written after it.
             digest, files = writer.commit_with(card, companions)
             phases["commit"] = time.perf_counter() - t0

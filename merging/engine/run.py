@@ -99,6 +99,7 @@ def run_merge(
     data: Callable[[Any], Any] | None = None,
     labels: dict[str, str] | None = None,
     validated_inputs: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> MergeResult:
     """Merge as the recipe says and write the result to `out_dir`. All or nothing.
 
@@ -106,7 +107,9 @@ def run_merge(
     builds each into an objective or calibration set (the caller knows the suites; `merging/` does not).
     `labels` names inputs in messages (a registry passes model names where the recipe holds digests).
     `validated_inputs`: the resolver hands out only checkpoints already checked finite (a registry's), so their
-    elements are not checked again (a non-finite output still is, and then blames an input).
+    elements are not checked again (a non-finite output still is, and then blames an input). `before_commit` runs
+    once every tensor is written and before the output is renamed in (a registry's check that every input byte it
+    read was the byte it stored): raising there leaves nothing behind.
     """
     started, phases = time.perf_counter(), {}
     dev, out_dir, spec = resolve_device(device), Path(out_dir), recipe.method_spec
@@ -131,7 +134,7 @@ def run_merge(
                                                              "mergeyard.method": spec.name})
     views = [opened.base] * (opened.base is not None) + list(opened.models)
     executed = LocalExecutor(spec, inputs, opened.reference, views, progress).run(
-        plan, writer, solved, _card(settled, opened, digests, dev), opened.companions)
+        plan, writer, solved, _card(settled, opened, digests, dev), opened.companions, before_commit)
     return MergeResult(
         out_dir=out_dir, digest=executed.digest, files=executed.files, method=spec.name,
         recipe_hash=recipe.recipe_hash, input_digests=digests,
