@@ -17,6 +17,7 @@ names instead of cutting them, and `--wide` prints full digests.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from functools import wraps
@@ -69,17 +70,29 @@ def outside_home(out, settings):
 def user_errors(fn: Callable) -> Callable:
     """Turn MergeyardError into one line on stderr (with the flag that helps, where one does) and exit status 1."""
 
+    def fail(text: str):
+        text = " ".join(text.splitlines())  # one line, whatever a message quotes
+        # escaped: a message may hold brackets (`hf://ORG/NAME[@REVISION]`, a shape `[16, 32]`)
+        stderr.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MergeyardError as exc:
             hint = next((h for kind, h in HINTS.items() if isinstance(exc, kind)), None)
-            text = f"{exc} ({hint})" if hint else str(exc)
-            text = " ".join(text.splitlines())  # one line, whatever a message quotes
-            # escaped: a message may hold brackets (`hf://ORG/NAME[@REVISION]`, a shape `[16, 32]`)
-            stderr.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            fail(f"{exc} ({hint})" if hint else str(exc))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            fail(f"no space left on the device holding {exc.filename or 'a file being written'}; nothing half-written "
+                 "was kept (`mergeyard doctor` lists anything a crash left): free space and run it again")
+        except Exception as exc:  # noqa: BLE001  (only a database lock that outlasted every wait becomes one line)
+            if "database is locked" not in str(exc) and "lock timeout" not in str(exc).lower():
+                raise
+            fail("a database stayed locked by another process longer than mergeyard waits (120 s): nothing was "
+                 f"recorded; run it again once the other job is done ({type(exc).__name__})")
         except KeyboardInterrupt:
             stderr.print("interrupted; nothing was written")
             raise typer.Exit(130) from None

@@ -150,10 +150,20 @@ def extract_lora(
 ) -> None:
     """Write MODEL's difference from BASE as a PEFT LoRA adapter of rank R (a truncated SVD of each linear weight's
     change), loadable with peft.PeftModel.from_pretrained(base, OUT); prints each weight's approximation error."""
+    from contextlib import nullcontext
+
     from flows.export import open_model
+    from flows.registry_access import open_registry
+    from flows.settings import get_settings
     from merging.algorithms.extract_lora import extract_lora as extract
 
-    with progress_bars(enabled=show_progress(as_json)) as progress:
+    settings = get_settings()
+    outside_home(out, settings)
+    registry = open_registry(settings) if (settings.home / "lineage.db").exists() or settings.database_url else None
+    if registry is not None:
+        registry.refuse_managed(out)
+    with progress_bars(enabled=show_progress(as_json)) as progress, \
+            (registry.tracked_output(out) if registry is not None else nullcontext()):
         (model_ckpt, model_label), (base_ckpt, base_label) = open_model(model), open_model(base)
         result = extract(model_ckpt, base_ckpt, rank, out, base_name=base_label, overwrite=overwrite, progress=progress)
     if as_json:

@@ -36,7 +36,7 @@ def export_model(registry: Registry, ref: str, out: Path, head: str | None = Non
     registry.checked_input(model)
     if head_info is not None:
         registry.checked_input(head_info)
-    with atomic_directory(out, replace=overwrite) as tmp:
+    with registry.tracked_output(out), atomic_directory(out, replace=overwrite) as tmp:
         if head_info is not None:
             registry.verify_bytes(model)  # read from the store into a new model, not copied: checked first
             registry.verify_bytes(head_info)

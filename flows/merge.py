@@ -151,7 +151,7 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     )
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
     try:
-        with VerifiedInputs(registry) as verified:  # every input byte read is the byte stored, or nothing lands
+        with registry.tracked_output(out), VerifiedInputs(registry) as verified:  # every byte read is the byte stored
             result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                                progress=progress, resolve=verified, validated_inputs=True,
                                data=data_builder(device, registry, base), before_commit=verified.check,

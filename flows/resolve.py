@@ -64,7 +64,7 @@ def store_resolver(registry: Registry):
         try:
             return registry.checked_input(info)
         except StoreDamagedError as exc:
-            raise StoreDamagedError(f"input: {exc}") from None
+            raise StoreDamagedError(str(exc).replace("the stored copy of ", "the stored copy of input ", 1)) from None
 
     return resolve
 
@@ -90,7 +90,11 @@ class VerifiedInputs:
 
     def check(self) -> None:
         for future in self._pending.values():
-            future.result()
+            try:
+                future.result()
+            except StoreDamagedError as exc:
+                raise StoreDamagedError(str(exc).replace("the stored copy of ", "the stored copy of input ", 1)) \
+                    from None
 
     def __enter__(self) -> "VerifiedInputs":
         return self

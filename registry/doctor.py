@@ -9,6 +9,8 @@ witness). Nothing a live process owns is touched: owners are told by host and pi
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -43,6 +45,7 @@ class Doctor:
                                          "finishing it", "marked failed (interrupted)", fixed=True))
         self.orphaned_servers()
         self.temporary_directories()
+        self.outside_outputs()
         self.store_entries()
         self.stored_copies()
         if self.registry.mirror is not None:
@@ -103,6 +106,30 @@ class Doctor:
                     size = _size(path)
                     self.found(Finding("temp-dir", str(path), f"{size / 1e6:.1f} MB left by a process that "
                                        "is gone", "remove", bytes=size), lambda p=path: self._remove(p))
+
+    def outside_outputs(self) -> None:
+        """Outputs written outside the home (`merge --out`, `export`, `extract-lora`) by a process that is gone: its
+        note (Registry.tracked_output) names the output, and its `.NAME.tmp-OWNER-*` sibling is what it left."""
+        from registry.registry import OUTPUT_NOTES
+
+        notes = Path(self.registry.config.scratch).parent / OUTPUT_NOTES
+        for note in sorted(notes.glob("*.json")) if notes.is_dir() else []:
+            try:
+                record = json.loads(note.read_text())
+                out, owner = Path(record["out"]), record["owner"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not owner_gone(owner, note.stat().st_mtime):
+                continue
+            left = [p for mark in (TEMP_MARK, OLD_MARK) for p in out.parent.glob(f".{out.name}{mark}{owner}-*")]
+            if not left:
+                self.found(Finding("temp-dir", str(note), f"a note of an output to {out} by a process that is gone, "
+                                   "which left nothing", "remove the note"), lambda n=note: n.unlink(missing_ok=True))
+            for path in left:
+                size = _size(path)
+                self.found(Finding("temp-dir", str(path), f"{size / 1e6:.1f} MB of an output to {out} left by a "
+                                   "process that is gone", "remove", bytes=size),
+                           lambda p=path, n=note: (self._remove(p), n.unlink(missing_ok=True)))
 
     def _merge_run_status(self, name: str) -> str | None:
         """A merge's scratch output (`merge-run-N`, or its temporary sibling) belongs to run N while it is

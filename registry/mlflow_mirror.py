@@ -25,6 +25,7 @@ OWNER_TAG = "mergeyard.owner"  # <host tag>-<pid> of the process that created a 
 REFERENCE_TAG = "mergeyard.reference"  # the path of a model registered by reference (its version holds no artifacts)
 
 EXPERIMENT = "mergeyard"
+MLFLOW_SCHEMA_LOCK = 0x6D6C666C  # "mlfl": MLflow's first use of a PostgreSQL database, one process at a time
 
 
 def registered_name(name: str) -> str:
@@ -72,6 +73,8 @@ class MlflowMirror:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         local = self.tracking_uri.removeprefix("sqlite:///") if self.tracking_uri.startswith("sqlite:///") else None
+        if self.tracking_uri.startswith(("postgresql", "mysql")):
+            return self._first_use_on_a_database(mlflow)
         if not local:
             return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         # MLflow creates its SQLite schema on first use (the client's constructor does, and its model registry's
@@ -81,6 +84,27 @@ class MlflowMirror:
         with FileLock(local + ".lock", timeout=600):
             client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             client.search_registered_models(max_results=1)
+        return client
+
+    def _first_use_on_a_database(self, mlflow):
+        """MLflow creates its schema on first use of a database too: first-use jobs at once would each run its
+        migrations, and all but one fail. They take turns under an advisory lock of that database (PostgreSQL)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.tracking_uri)
+        try:
+            with engine.connect() as conn:
+                postgres = engine.dialect.name == "postgresql"
+                if postgres:
+                    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MLFLOW_SCHEMA_LOCK})
+                try:
+                    client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                    client.search_registered_models(max_results=1)
+                finally:
+                    if postgres:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MLFLOW_SCHEMA_LOCK})
+        finally:
+            engine.dispose()
         return client
 
     @cached_property

@@ -29,7 +29,7 @@ from typing import Any
 import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from merging.yaml_input import read_yaml, validation_problems
@@ -266,31 +266,50 @@ def promote(registry: Registry, model_ref: str, alias: str, gate: Gate | None, a
         raise RegistryError(f"the gate {gate.name!r} checks nothing (no required suite, threshold or lineage rule); "
                             f"moving {alias} takes a gate that does, or an explicit --no-gate, which is recorded")
     model = registry.resolve(model_ref)
-    with registry.Session() as s:
-        holder = registry.alias_holder(s, model.name, alias)
-    previous = registry.get(holder) if holder is not None else None
-    ungated = gate is None and no_gate  # said explicitly: recorded in the event
-    if gate is None and alias in protected and not no_gate:
-        checks = [Check(f"a gate for {alias}", False, None, "a gate",
-                        f"moving {alias} takes a gate (or an explicit no-gate promotion, which is recorded)")]
-        suites = []
-    else:
-        gate = gate or Gate()
-        if suites is None:
-            suites = [RequiredSuite.by_digest(r) for r in gate.requirements()]
-        checks = evaluate_gate(registry, model, gate, previous, suites)
-    passed = all(c.passed for c in checks)
-    record = {"gate": gate.model_dump() if gate else None, "no_gate": ungated,
-              "suites": [asdict(r) for r in suites], "checks": [asdict(c) for c in checks]}
-    move_alias = passed and registry.mirror is not None and model.mlflow_version
-    for attempt in range(5):  # a concurrent promotion took the chain's next place: append after it
+    for _ in range(PROMOTION_ATTEMPTS):  # another promotion moved the alias meanwhile: judge against its holder
+        with registry.Session() as s:
+            holder = registry.alias_holder(s, model.name, alias)
+        previous = registry.get(holder) if holder is not None else None
+        checks, suites_used, gate_used = _judge(registry, model, alias, gate, previous, suites, protected, no_gate)
+        passed = all(c.passed for c in checks)
+        record = {"gate": gate_used.model_dump() if gate_used else None, "no_gate": gate is None and no_gate,
+                  "suites": [asdict(r) for r in suites_used], "checks": [asdict(c) for c in checks]}
+        move_alias = passed and registry.mirror is not None and model.mlflow_version
         try:
             event_id = _append(registry, model, alias, holder, previous, passed, record, actor, reason, move_alias)
-            break
-        except IntegrityError:
-            if attempt == 4:
-                raise
-    return Decision(model, alias, passed, checks, previous, event_id)
+        except (_HolderMoved, IntegrityError):  # (IntegrityError: a writer that took the place without the lock)
+            continue
+        return Decision(model, alias, passed, checks, previous, event_id)
+    raise RegistryError(f"{model.name}@{alias} kept moving under {PROMOTION_ATTEMPTS} other promotions; try again")
+
+
+PROMOTION_ATTEMPTS = 64
+CHAIN_LOCK = 0x6D657267  # "merg": the audit chain's advisory lock on PostgreSQL
+
+
+class _HolderMoved(Exception):
+    """The alias moved between judging the gate and appending the event: the gate is judged again."""
+
+
+def _judge(registry: Registry, model: ModelInfo, alias: str, gate: Gate | None, previous: ModelInfo | None,
+           suites: list[RequiredSuite] | None, protected: tuple[str, ...], no_gate: bool):
+    """(checks, suites, gate) for promoting `model` over `previous`."""
+    if gate is None and alias in protected and not no_gate:
+        return [Check(f"a gate for {alias}", False, None, "a gate",
+                      f"moving {alias} takes a gate (or an explicit no-gate promotion, which is recorded)")], [], None
+    gate = gate or Gate()
+    suites = suites if suites is not None else [RequiredSuite.by_digest(r) for r in gate.requirements()]
+    return evaluate_gate(registry, model, gate, previous, suites), suites, gate
+
+
+def _lock_chain(s) -> None:
+    """One appender at a time: on PostgreSQL an advisory lock held to the commit; on SQLite the write lock, taken
+    now by a write that changes nothing (others wait on the busy timeout), so the chain's next place and the
+    alias's holder read below stay what they are until this event commits."""
+    if s.bind.dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK})
+    else:
+        s.execute(text("UPDATE models SET id = id WHERE 0"))
 
 
 def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None, previous: ModelInfo | None,
@@ -301,6 +320,9 @@ def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None
     moved, chain = False, ""
     try:
         with registry.Session.begin() as s:
+            _lock_chain(s)
+            if registry.alias_holder(s, model.name, alias) != holder:
+                raise _HolderMoved()
             event = PromotionEvent(model_id=model.id, model_name=model.name, alias=alias, previous_model_id=holder,
                                    decision="promoted" if passed else "refused", gate=record, actor=actor, reason=reason)
             seal(s, event)

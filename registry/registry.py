@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ from registry.validation import check_base, validate_checkpoint
 from merging.runtime.processes import owner_token
 
 _HEX_PREFIX = re.compile(r"^(sha256:)?([0-9a-f]{8,64})$")
+
+OUTPUT_NOTES = "outputs"  # beside scratch: notes of outputs being written outside the home (`tracked_output`)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             return s.scalar(select(Model.id).where(Model.mlflow_model_id.is_not(None)).limit(1)) is not None
 
     def refuse_managed(self, path: Path) -> None:
-        """The store and MLflow's artifacts are written only by the registry itself (temporary, then renamed)."""
+        """The store and MLflow's artifacts are written only by the registry itself (temporary, then renamed), and a
+        model registered by reference is its user's files, the registry's only copy: no output goes over them."""
         target = Path(path).resolve()
         for root, what in ((self.config.store_root, "the model store"), (self.config.mlflow_artifact_root,
                                                                           "MLflow's artifact store")):
@@ -99,6 +104,30 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             if target == root or root in target.parents:
                 raise RegistryError(f"{path} is inside {what} ({root}), which only the registry writes; "
                                     "write elsewhere")
+        with self.Session() as s:
+            references = s.execute(select(Model.name, Model.store_path).where(Model.store_path.like("/%"))).all()
+        for name, stored in references:
+            ref = Path(stored)
+            ref_dir = ref if ref.is_dir() else ref.parent
+            if target in (ref, ref_dir) or ref_dir in target.parents or target in ref_dir.parents:
+                raise RegistryError(f"{path} would write over {ref}, the files of {name}, registered by reference "
+                                    "(the registry holds no other copy); write elsewhere")
+
+    @contextmanager
+    def tracked_output(self, out: Path | None):
+        """While a command writes `out` outside the home, a note of it in the home: a process killed mid-write
+        leaves `.NAME.tmp-OWNER-*` beside `out`, which `mergeyard doctor` then finds by the note and removes."""
+        if out is None:
+            yield
+            return
+        notes = Path(self.config.scratch).parent / OUTPUT_NOTES
+        notes.mkdir(parents=True, exist_ok=True)
+        note = notes / f"{owner_token()}-{uuid.uuid4().hex[:8]}.json"
+        note.write_text(json.dumps({"out": str(Path(out).resolve()), "owner": owner_token()}))
+        try:
+            yield
+        finally:
+            note.unlink(missing_ok=True)
 
     def _info(self, row: Model) -> ModelInfo:
         return ModelInfo.of(row, self.store.root)
@@ -330,13 +359,16 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
             if created and self.find_digest(digest) is None:
                 self.store.remove(digest)
 
-        return retry_when_locked(
-            lambda: self._record(ckpt, digest, path, files, created, kind=kind, name=name, source_uri=source_uri,
-                                 revision=revision, architecture=architecture, base_model_id=base_model_id,
-                                 parents=parents, merge_run_id=merge_run_id, in_transaction=in_transaction,
-                                 mlflow_run_id=mlflow_run_id, mirror=mirror, serving_heads=serving_heads,
-                                 tensor_checksums=tensor_checksums),
-            on_give_up=forget_entry)
+        try:
+            return retry_when_locked(
+                lambda: self._record(ckpt, digest, path, files, created, kind=kind, name=name, source_uri=source_uri,
+                                     revision=revision, architecture=architecture, base_model_id=base_model_id,
+                                     parents=parents, merge_run_id=merge_run_id, in_transaction=in_transaction,
+                                     mlflow_run_id=mlflow_run_id, mirror=mirror, serving_heads=serving_heads,
+                                     tensor_checksums=tensor_checksums))
+        except BaseException:  # whatever failed (MLflow, the database, the disk): no entry stays that no row names
+            forget_entry()
+            raise
 
     def _record(self, ckpt: Checkpoint, digest: str, path: Path, files: list[dict], created: bool, *, kind: str,
                 name: str, source_uri: str, revision: str | None, architecture: str | None,

@@ -194,7 +194,7 @@ def test_a_forged_event_chained_onto_the_log_resolves_nothing_and_doctor_will_no
 
 def test_on_postgresql_the_application_role_cannot_change_the_log(pg_cluster, tmp_path):
     """The migration creates mergeyard_app: INSERT and SELECT on the log, never UPDATE or DELETE (even with the
-    triggers gone, which only the owner can drop)."""
+    triggers gone, which only the owner can drop); never a model's digest or where its bytes are."""
     import uuid
 
     from sqlalchemy import create_engine
@@ -212,6 +212,8 @@ def test_on_postgresql_the_application_role_cannot_change_the_log(pg_cluster, tm
                           "store_path, created_at) VALUES ('sha256:x', 'm', 'ingested', 'file://x', '[]', 1, 'F32', 4, "
                           "'store/x', now())"))
     app = create_engine(pg_cluster.url(database, user=user))
+    with app.begin() as conn:  # what the registry itself changes of a model stays open to it
+        conn.execute(text("UPDATE models SET mlflow_version = '2', files = '[]'"))
     with app.begin() as conn:  # it may append (what mergeyard does), with a place in the chain
         conn.execute(text("INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, created_at, "
                           "seq, prev_hash, event_hash) SELECT id, 'm', 'staging', 'refused', '{}', current_user, now(), "
@@ -222,6 +224,7 @@ def test_on_postgresql_the_application_role_cannot_change_the_log(pg_cluster, tm
             conn.execute(text("INSERT INTO promotion_events (model_id, model_name, alias, decision, gate, actor, "
                               "created_at) SELECT id, 'm', 'staging', 'refused', '{}', current_user, now() FROM models"))
     for statement in ("UPDATE promotion_events SET actor = 'mallory'", "DELETE FROM promotion_events",
+                      "UPDATE models SET store_path = 'elsewhere'", "UPDATE models SET digest = 'sha256:y'",
                       "DROP TRIGGER promotion_events_append_only ON promotion_events",
                       "UPDATE alembic_version SET version_num = '0001'"):
         with pytest.raises(Exception, match="permission denied|must be owner"):

@@ -178,7 +178,7 @@ def test_a_rotten_input_is_refused_named_and_restored_by_ingesting_the_original(
     recipe2.write_text(recipe.read_text().replace("0.5", "0.6"))
     before = {m.digest for m in registry.list_models()}
     refused = cli("merge", recipe2, "--name", "again", ok=False)
-    assert refused.exit_code == 1 and "the stored copy of m" in refused.stderr and "has changed" in refused.stderr
+    assert refused.exit_code == 1 and "the stored copy of input m" in refused.stderr and "has changed" in refused.stderr
     assert {m.digest for m in registry.list_models()} == before  # no model, no lineage
     assert not list(Path(registry.config.scratch).glob("merge-run-*"))
     cli("ingest", model)  # the original, again: the damage it found is put back
@@ -193,7 +193,7 @@ def test_bit_rot_is_found_fixed_and_never_exported_or_blamed_on_a_merge(cli, tmp
     refused = cli("export", "m", "--out", tmp_path / "exported", ok=False)
     assert refused.exit_code == 1 and "has changed" in refused.stderr and not (tmp_path / "exported").exists()
     refused = cli("reproduce", "product", ok=False)  # the input is named; the merge is not blamed (exit 4)
-    assert refused.exit_code == 1 and "the stored copy of m" in refused.stderr
+    assert refused.exit_code == 1 and "the stored copy of input m" in refused.stderr
     found = json.loads(cli("doctor", "--json", ok=False).stdout)
     assert [f["kind"] for f in found["findings"]] == ["damaged-entry"]
     cli("doctor", "--fix")
@@ -214,3 +214,79 @@ def test_a_home_restored_with_coarse_times_merges_and_doctor_restamps_it(cli, tm
     assert json.loads(cli("reproduce", "product", "--json").stdout)["ok"]
     cli("doctor", "--fix")
     assert cli("doctor").exit_code == 0
+
+
+# ---- no output goes over a registered model's bytes; an output a crash cut short is found --------------------------
+
+
+def test_no_out_goes_over_a_by_reference_model_or_a_store_entry(cli, tmp_path, pair):
+    base, model = pair
+    ref_dir = save_checkpoint(random_family(0, seed=12)[0], tmp_path / "mine", "dir")
+    before = (ref_dir / "model.safetensors").read_bytes()
+    cli("ingest", ref_dir, "--name", "mine", "--by-reference")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base), "models": [str(model)]}))
+    for out in (ref_dir, tmp_path):  # the model's own directory, or one holding it
+        refused = cli("merge", recipe, "--out", out, "--overwrite", ok=False)
+        assert refused.exit_code == 1 and "registered by reference" in refused.stderr
+    assert (ref_dir / "model.safetensors").read_bytes() == before
+    from flows.registry_access import open_registry
+
+    cli("ingest", model)
+    entry = Path(open_registry().resolve("m").store_path)
+    refused = cli("extract-lora", base, "--base", base, "--rank", 2, "--out", entry, "--overwrite", ok=False)
+    assert refused.exit_code == 1 and ("MERGEYARD_HOME" in refused.stderr or "model store" in refused.stderr)
+    assert (entry / "model.safetensors").is_file()
+
+
+def test_an_output_cut_short_by_a_kill_is_found_and_removed_by_doctor(cli, tmp_path, pair, isolated_home):
+    import signal
+    import subprocess
+    import sys
+
+    base, model = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base), "models": [str(model)]}))
+    out = tmp_path / "outputs" / "merged"
+    env = {**os.environ, "MERGEYARD_TEST_CRASH_AT": "merge.writing", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "merge", str(recipe), "--out", str(out)],
+                          capture_output=True, env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = [p for p in out.parent.iterdir() if p.name.startswith(".merged.tmp-")]
+    assert left and not out.exists()
+    report = json.loads(cli("doctor", "--json", ok=False).stdout)
+    assert any(f["kind"] == "temp-dir" and f["subject"] == str(left[0]) for f in report["findings"])
+    cli("doctor", "--fix", ok=False)
+    assert not any(p.name.startswith(".merged.tmp-") for p in out.parent.iterdir())
+    assert cli("doctor").exit_code == 0
+
+
+def test_a_full_disk_and_a_lock_that_outlasts_every_wait_end_in_one_line(cli, tmp_path, pair, isolated_home,
+                                                                           monkeypatch):
+    import errno
+
+    import registry.store as store_module
+
+    base, model = pair
+
+    def full(src, dst):  # the kernel's answer when the device is full (fault injection, the one way to get it here)
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(store_module, "clone_file", full)
+    refused = cli("ingest", base, ok=False)
+    assert refused.exit_code == 1 and "no space left" in refused.stderr and refused.stderr.count("\n") == 1
+    monkeypatch.undo()
+    _nothing_recorded(isolated_home)
+
+    from sqlalchemy.exc import OperationalError
+
+    import registry.mlflow_mirror as mirror_module
+
+    def locked(*args, **kwargs):
+        raise OperationalError("INSERT INTO registered_models ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(mirror_module.MlflowMirror, "register_model", locked)
+    refused = cli("ingest", base, ok=False)
+    assert refused.exit_code == 1 and "stayed locked" in refused.stderr and refused.stderr.count("\n") == 1
+    monkeypatch.undo()
+    _nothing_recorded(isolated_home)

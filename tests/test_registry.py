@@ -197,10 +197,11 @@ def test_reproduce_rebuilds_and_names_differing_tensors(registry, tmp_path):
     with pytest.raises(StoreDamagedError, match="stored copy of input"):  # a changed file is never merged from
         reproduce(registry, "product")
     os.utime(stored, ns=(before.st_atime_ns, before.st_mtime_ns))  # bit rot in place: only the bytes tell
-    bad = reproduce(registry, "product")
+    with pytest.raises(StoreDamagedError, match=f"stored copy of input {parent.name} .* has changed"):
+        reproduce(registry, "product")  # the damaged input is named, the merge not blamed
+    bad = reproduce(registry, parent.digest)  # an ingested model: its stored bytes are re-hashed, tensors named
     assert not bad.ok and bad.differing == ["scale"]
-    assert not reproduce(registry, parent.digest).ok  # an ingested model: its stored bytes are re-hashed
-    assert registry.latest_reproduction(merged.model.id).ok is False
+    assert registry.latest_reproduction(parent.id).ok is False
 
 
 SUITE_A = "sha256:" + "a" * 64  # a suite's digest: what a gate checks evaluations against
