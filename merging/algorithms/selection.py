@@ -82,13 +82,23 @@ class RankSelector:
 
     # ---- the same two passes as a map (a histogram per tensor, anywhere) and an exact reduce (their sum) ----
 
+    @property
+    def bin(self) -> int | None:
+        """The high-16-bit bin the first pass settled on (None before it settles)."""
+        return self._bin
+
     def histogram(self, stage: int, abs_values: torch.Tensor) -> torch.Tensor:
         """Stage 0: the histogram of the values' high 16 bits; stage 1: of the low 16 bits of those in the bin
         stage 0 settled on. Summing a stream's histograms gives what feeding it would have."""
-        bits = self._bits(abs_values)
+        return self.histogram_of(stage, self._bin, abs_values)
+
+    @classmethod
+    def histogram_of(cls, stage: int, bin: int | None, abs_values: torch.Tensor) -> torch.Tensor:
+        """`histogram` given only the settled bin: what a map elsewhere needs of a selector."""
+        bits = cls._bits(abs_values)
         if stage == 0:
             return torch.bincount(bits >> 16, minlength=_HI_BINS)
-        return torch.bincount(bits[(bits >> 16) == self._bin] & 0xFFFF, minlength=_LO_BINS)
+        return torch.bincount(bits[(bits >> 16) == bin] & 0xFFFF, minlength=_LO_BINS)
 
     def add(self, stage: int, histogram: torch.Tensor) -> None:
         (self._coarse if stage == 0 else self._fine).add_(histogram.to(self._coarse.device))

@@ -131,6 +131,10 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.entries)} tensors)"
 
+    def __getstate__(self) -> dict:
+        # sent to another process (a Dask worker): the open files stay here, the other side opens its own
+        return {**self.__dict__, "_handles": {}}
+
     @property
     def names(self) -> list[str]:
         return sorted(self.entries)

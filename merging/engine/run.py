@@ -25,7 +25,7 @@ from merging.checkpoints.checkpoint import Checkpoint
 from merging.checkpoints.digest import checkpoint_digest
 from merging.checkpoints.inputs import DEFAULT_CHUNK_ELEMS, MergeInputs, ProgressFn
 from merging.checkpoints.names import layer_positions
-from merging.engine.executor import LocalExecutor
+from merging.engine.executor import Executor, LocalExecutor
 from merging.engine.model_card import InputRecord, provenance, provenance_json, render_model_card
 from merging.engine.opening import (  # noqa: F401  (local_path, loadability_files, with_adapters_applied: public here)
     OpenedInputs, Resolver, loadability_files, local_path, open_inputs, with_adapters_applied,
@@ -100,6 +100,7 @@ def run_merge(
     labels: dict[str, str] | None = None,
     validated_inputs: bool = False,
     before_commit: Callable[[], None] | None = None,
+    executor_factory: Callable[..., Executor] | None = None,
 ) -> MergeResult:
     """Merge as the recipe says and write the result to `out_dir`. All or nothing.
 
@@ -109,7 +110,9 @@ def run_merge(
     `validated_inputs`: the resolver hands out only checkpoints already checked finite (a registry's), so their
     elements are not checked again (a non-finite output still is, and then blames an input). `before_commit` runs
     once every tensor is written and before the output is renamed in (a registry's check that every input byte it
-    read was the byte it stored): raising there leaves nothing behind.
+    read was the byte it stored): raising there leaves nothing behind. `executor_factory` builds the executor from
+    (method, inputs, reference, progress): a `merging.engine.dask_executor.DaskExecutor` runs the units on a
+    cluster; default: this process.
     """
     started, phases = time.perf_counter(), {}
     dev, out_dir, spec = resolve_device(device), Path(out_dir), recipe.method_spec
@@ -132,15 +135,15 @@ def run_merge(
     writer = CheckpointWriter(out_dir, layout_of(opened.reference, settled.out_dtype), max_shard_bytes,
                               overwrite=overwrite, metadata={"mergeyard.version": __version__,
                                                              "mergeyard.method": spec.name})
-    views = [opened.base] * (opened.base is not None) + list(opened.models)
-    executed = LocalExecutor(spec, inputs, opened.reference, views, progress).run(
-        plan, writer, solved, _card(settled, opened, digests, dev), opened.companions, before_commit)
+    executor = (executor_factory or LocalExecutor)(spec, inputs, opened.reference, progress)
+    executed = executor.run(plan, writer, solved, _card(settled, opened, digests, dev), opened.companions,
+                            before_commit)
     return MergeResult(
         out_dir=out_dir, digest=executed.digest, files=executed.files, method=spec.name,
         recipe_hash=recipe.recipe_hash, input_digests=digests,
         num_params=sum(e.numel for e in opened.reference.entries.values()),
         seconds=time.perf_counter() - started, phases={**phases, **executed.phases},
-        details={**details, **({"wrapped_inputs": opened.wrapped} if opened.wrapped else {})},
+        details={**details, **({"wrapped_inputs": opened.wrapped} if opened.wrapped else {}), **executed.details},
         resolved=settled if settled is not recipe else None, file_sha256=executed.file_sha256, plan=plan)
 
 

@@ -71,7 +71,15 @@ class Merge(Protocol):
 @runtime_checkable
 class Prepare(Protocol):
     """A model-wide step before any tensor is merged (global TIES's thresholds), as a map over tensors and an
-    exact reduce, so an executor may run the map anywhere (merging.engine.plan records `describe`'s steps)."""
+    exact reduce, so an executor may run the map anywhere (merging.engine.plan records `describe`'s steps).
+
+    In this process `__call__` runs it all. An executor elsewhere runs it pass by pass: `begin` (the reducer's
+    carry, or the finished state when there is nothing to map), then for each of `passes`: `context(stage, carry)`
+    (the small, picklable part of the carry a map needs), `map(stage, context, tensor)` over tensors anywhere,
+    `combine(stage, a, b)` of two maps' partials (exact: any grouping gives the same), `reduce(stage, carry,
+    partial)` and `settle(stage, carry)`; then `finish(carry)` is the state."""
+
+    passes: int
 
     def describe(self, params: Any) -> list[dict]:
         """The steps for the plan, [{step, map, reduce, passes}]; [] when these parameters need none."""
@@ -79,14 +87,37 @@ class Prepare(Protocol):
     def __call__(self, inputs: "MergeInputs", params: Any) -> Any:
         """The state `Merge` reads (None when there is nothing to prepare), computed over every tensor."""
 
+    def begin(self, inputs: "MergeInputs", params: Any) -> tuple[bool, Any]:
+        """(True, carry) when there is a map to run; (False, state) when the state needs none."""
+
+    def context(self, stage: int, carry: Any) -> Any: ...
+
+    def map(self, stage: int, context: Any, tensor: "TensorInputs") -> Any: ...
+
+    def combine(self, stage: int, a: Any, b: Any) -> Any: ...
+
+    def reduce(self, stage: int, carry: Any, partial: Any) -> None: ...
+
+    def settle(self, stage: int, carry: Any) -> None: ...
+
+    def finish(self, carry: Any) -> Any: ...
+
 
 @runtime_checkable
 class Finalize(Protocol):
-    """A correction after every tensor is written (global TIES's majority sign, known only at the end)."""
+    """A correction after every tensor is written (global TIES's majority sign, known only at the end).
+
+    What it corrects accumulates in the prepared state as tensors merge. Where units merge in other processes,
+    each starts from `fresh(state)` and the executor folds what each gathered back with `absorb(state, part)`, in
+    the plan's order, before calling it."""
 
     describe: str  # for the plan
 
     def __call__(self, state: Any) -> list[Patch]: ...
+
+    def fresh(self, state: Any) -> Any: ...
+
+    def absorb(self, state: Any, part: Any) -> None: ...
 
 
 @runtime_checkable

@@ -69,37 +69,57 @@ class GlobalThresholds:
                         "selected bin)",
                  "reduce": f"histograms summed; per model the value of rank d − int(d·{params.density:g})"}]
 
-    def begin(self, inputs: MergeInputs, params: TiesParams) -> list[RankSelector] | None:
+    def begin(self, inputs: MergeInputs, params: TiesParams) -> tuple[bool, object]:
+        if params.trim_scope != "global":
+            return False, None
         d = inputs.total_elems
         rank = d - int(d * params.density)
-        return [RankSelector(rank, d, inputs.device) for _ in inputs.models] if rank else None
+        if not rank:  # density 1: nothing trimmed
+            return False, GlobalTiesState(thresholds=None)
+        return True, [RankSelector(rank, d, inputs.device) for _ in inputs.models]
 
     @staticmethod
-    def map(stage: int, selectors: list[RankSelector], tensor: TensorInputs) -> list[torch.Tensor]:
+    def context(stage: int, selectors: list[RankSelector]) -> list[int | None]:
+        """What a map needs of the selectors: the bin each settled on (stage 1)."""
+        return [sel.bin for sel in selectors]
+
+    @staticmethod
+    def map(stage: int, bins: list[int | None], tensor: TensorInputs) -> list[torch.Tensor]:
         partial = None
         for chunk in tensor.chunks():
-            hists = [sel.histogram(stage, (m - chunk.base).abs_()) for sel, m in zip(selectors, chunk.models)]
+            hists = [RankSelector.histogram_of(stage, b, (m - chunk.base).abs_()) for b, m in zip(bins, chunk.models)]
             partial = hists if partial is None else [a.add_(b) for a, b in zip(partial, hists)]
         return partial
+
+    @staticmethod
+    def combine(stage: int, a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.add_(y) for x, y in zip(a, b)]
 
     @staticmethod
     def reduce(stage: int, selectors: list[RankSelector], partial: list[torch.Tensor]) -> None:
         for sel, hist in zip(selectors, partial):
             sel.add(stage, hist)
 
-    def __call__(self, inputs: MergeInputs, params: TiesParams) -> GlobalTiesState | None:
-        if params.trim_scope != "global":
-            return None
-        selectors = self.begin(inputs, params)
-        if selectors is None:  # density 1: nothing trimmed
-            return GlobalTiesState(thresholds=None)
-        for stage in range(self.passes):
-            for n, name in enumerate(inputs.names):
-                self.reduce(stage, selectors, self.map(stage, selectors, inputs.tensor(name)))
-                inputs.report(f"ties: thresholds {stage + 1}/{self.passes}", n + 1, len(inputs.names))
-            for sel in selectors:
-                sel.settle(stage)
+    @staticmethod
+    def settle(stage: int, selectors: list[RankSelector]) -> None:
+        for sel in selectors:
+            sel.settle(stage)
+
+    @staticmethod
+    def finish(selectors: list[RankSelector]) -> GlobalTiesState:
         return GlobalTiesState(thresholds=[sel.value for sel in selectors])
+
+    def __call__(self, inputs: MergeInputs, params: TiesParams) -> GlobalTiesState | None:
+        mapped, carry = self.begin(inputs, params)
+        if not mapped:
+            return carry
+        for stage in range(self.passes):
+            context = self.context(stage, carry)
+            for n, name in enumerate(inputs.names):
+                self.reduce(stage, carry, self.map(stage, context, inputs.tensor(name)))
+                inputs.report(f"ties: thresholds {stage + 1}/{self.passes}", n + 1, len(inputs.names))
+            self.settle(stage, carry)
+        return self.finish(carry)
 
 
 class MajoritySign:
@@ -113,6 +133,16 @@ class MajoritySign:
             return []
         # Majority ≤ 0: the paper keeps negative entries where the elected sign was zero.
         return [Patch(name, idx, values) for name, idx, values in state.pending]
+
+    @staticmethod
+    def fresh(state: GlobalTiesState | None) -> GlobalTiesState | None:
+        return None if state is None else GlobalTiesState(thresholds=state.thresholds)
+
+    @staticmethod
+    def absorb(state: GlobalTiesState | None, part: GlobalTiesState | None) -> None:
+        if state is not None and part is not None:
+            state.sign_total += part.sign_total  # integers: the order of the sum does not matter
+            state.pending.extend(part.pending)
 
 
 prepare_ties, finalize_ties = GlobalThresholds(), MajoritySign()
