@@ -108,6 +108,8 @@ SUITE_HELP = f"a suite file (.yaml) or a built-in suite: {built_in_names()}"
 TASKS = typer.Option(None, "--tasks", help="only these tasks of the suite (repeatable, or comma-separated)")
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: MERGEYARD_DEVICE or cpu)")
 DASK_HELP = "run mapped tasks on Dask: an ADDRESS (tcp://host:8786), or no value for a local cluster"
+MERGE_DASK_HELP = ("run the merge plan's units on Dask: an ADDRESS (tcp://host:8786; workers must see the inputs' "
+                   "files), or no value for a local cluster of 2 processes; the digest is the one process's")
 
 
 def split_tasks(values: Optional[list[str]]) -> list[str] | None:

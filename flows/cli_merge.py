@@ -9,7 +9,7 @@ import typer
 
 from flows.cli_app import app
 from merging.errors import MergeyardError
-from flows.cli_common import DEVICE, JSON, outside_home, print_json, show_progress, stdout, table, user_errors
+from flows.cli_common import DEVICE, JSON, MERGE_DASK_HELP, outside_home, print_json, show_progress, stdout, table, user_errors
 from flows.progress import progress_bars
 
 
@@ -23,6 +23,7 @@ def merge(
     max_shard_bytes: Optional[int] = typer.Option(None, help="largest output shard in bytes (default 5e9)"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory once the merge succeeded"),
     by_reference: bool = typer.Option(False, "--by-reference", help="inputs named by local path are registered where they are, not copied into the store (see `ingest --by-reference`)"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=MERGE_DASK_HELP),
     as_json: bool = JSON,
 ) -> None:
     """Merge checkpoints as RECIPE says, register the result with its lineage, print its digest.
@@ -45,7 +46,7 @@ def merge(
             parsed, registry, out=out, name=name, device=device or settings.device,
             max_shard_bytes=settings.max_shard_bytes if max_shard_bytes is None else max_shard_bytes,
             overwrite=overwrite, progress=progress,
-            by_reference=by_reference,
+            by_reference=by_reference, dask=dask,
         )
     result = recorded.result
     if as_json:

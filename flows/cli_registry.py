@@ -9,7 +9,7 @@ import typer
 
 from merging.errors import MergeyardError
 from flows.cli_app import app
-from flows.cli_common import (DEVICE, EXIT_GATE_REFUSED, EXIT_MISMATCH, EXIT_TAMPERED, JSON, WIDE, digest_text, make_app, print_json,
+from flows.cli_common import (DEVICE, EXIT_GATE_REFUSED, EXIT_MISMATCH, EXIT_TAMPERED, JSON, MERGE_DASK_HELP, WIDE, digest_text, make_app, print_json,
                               show_progress, stdout, table, user_errors)
 from flows.progress import progress_bars, stderr
 
@@ -171,10 +171,11 @@ def reproduce(
     device: Optional[str] = DEVICE,
     plan: bool = typer.Option(False, "--plan", help="show the merge plan its run executed (per tensor: shard, "
                               "inputs and bytes read, parameters) instead of rebuilding"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=MERGE_DASK_HELP),
     as_json: bool = JSON,
 ) -> None:
     """Rebuild a model from its lineage record and compare digests; exit 4 naming the differing tensors on a
-    mismatch."""
+    mismatch. With --dask the rebuild runs on a cluster: a model merged in one process rebuilds there, and back."""
     from flows.registry_access import open_registry
     from flows.reproduce import reproduce as run_reproduce
     from flows.settings import get_settings
@@ -183,7 +184,8 @@ def reproduce(
         _show_plan(model, as_json)
         return
     with progress_bars(enabled=show_progress(as_json)) as progress:
-        outcome = run_reproduce(open_registry(), model, device=device or get_settings().device, progress=progress)
+        outcome = run_reproduce(open_registry(), model, device=device or get_settings().device, progress=progress,
+                                    dask=dask)
     if as_json:
         print_json(outcome.as_dict())
     elif outcome.ok:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,19 @@ def prefetch_scans(registry: Registry, refs: list[str], workers: int = 2) -> Non
         list(pool.map(scan, paths))
 
 
+@contextmanager
+def executor_for(dask: str | None):
+    """`run_merge`'s executor factory: None (this process) without `dask`, else the Dask executor on that scheduler
+    ('local': a LocalCluster started for this merge and stopped after it)."""
+    if dask is None:
+        yield None
+        return
+    from merging.engine.dask_executor import on_dask
+
+    with on_dask(dask) as factory:
+        yield factory
+
+
 def pin_inputs(recipe: Recipe, registry: Registry,
                by_reference: bool = False) -> tuple[Recipe, ModelInfo | None, list[ModelInfo]]:
     """Resolve (ingesting where needed; `by_reference`: local paths recorded where they are) every input and name
@@ -135,8 +149,10 @@ def pin_inputs(recipe: Recipe, registry: Registry,
 
 def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, device: str = "cpu",
                 max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
-                progress: ProgressFn | None = None, by_reference: bool = False) -> StagedMerge:
-    """Run the merge into `out` (default: scratch) under a `running` run row; a failure marks the run failed."""
+                progress: ProgressFn | None = None, by_reference: bool = False,
+                dask: str | None = None) -> StagedMerge:
+    """Run the merge into `out` (default: scratch) under a `running` run row; a failure marks the run failed.
+    `dask`: the plan's units run on the Dask scheduler at this address ('local': a LocalCluster started here)."""
     if out is not None:
         registry.refuse_managed(out)
     pinned, base, models = pin_inputs(recipe, registry, by_reference)
@@ -151,9 +167,10 @@ def stage_merge(recipe: Recipe, registry: Registry, *, out: Path | None = None, 
     )
     target = out if out is not None else registry.config.scratch / f"merge-run-{run_id}"
     try:
-        with registry.tracked_output(out), VerifiedInputs(registry) as verified:  # every byte read is the byte stored
+        with registry.tracked_output(out), VerifiedInputs(registry) as verified, \
+                executor_for(dask) as executor:  # every byte read is the byte stored
             result = run_merge(pinned, target, device=device, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                               progress=progress, resolve=verified, validated_inputs=True,
+                               progress=progress, resolve=verified, validated_inputs=True, executor_factory=executor,
                                data=data_builder(device, registry, base), before_commit=verified.check,
                                input_digests={m.digest: m.digest for m in ([base] if base else []) + models},
                                labels={m.digest: f"{m.name} ({m.digest[:19]})" for m in ([base] if base else []) + models})
@@ -205,11 +222,11 @@ def abort_merge(registry: Registry, staged: StagedMerge, error: BaseException) -
 def merge_and_record(recipe: Recipe, registry: Registry, *, out: Path | None = None, name: str | None = None,
                      device: str = "cpu", max_shard_bytes: int = 5_000_000_000, overwrite: bool = False,
                      progress: ProgressFn | None = None, details: dict | None = None,
-                     by_reference: bool = False) -> RecordedMerge:
+                     by_reference: bool = False, dask: str | None = None) -> RecordedMerge:
     if name is not None:
         check_name(name)  # before any input is ingested or any tensor merged
     staged = stage_merge(recipe, registry, out=out, device=device, max_shard_bytes=max_shard_bytes,
-                         overwrite=overwrite, progress=progress, by_reference=by_reference)
+                         overwrite=overwrite, progress=progress, by_reference=by_reference, dask=dask)
     model = commit_merge(registry, staged, name or f"merged-{staged.recipe.method}", keep_output=out is not None,
                          details=details)
     return RecordedMerge(model, staged.result, staged.run_id, out)

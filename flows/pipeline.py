@@ -159,8 +159,12 @@ def merge_task(env: Settings, recipe_json: str, name: str, label: str, suite: st
     """Merge + evaluate + register atomically (see flows.steps.merge_evaluate_commit)."""
     from flows.steps import merge_evaluate_commit
 
+    from merging.engine.dask_executor import in_dask_worker
+
+    # on Dask (`--dask`), the merge's own units spread over the same cluster
     outcome = merge_evaluate_commit(registry_for(env), parse_recipe(json.loads(recipe_json)), name,
-                                    suite_of(env, suite, tasks), device=env.device)
+                                    suite_of(env, suite, tasks), device=env.device,
+                                    dask="current" if in_dask_worker() else None)
     return {"digest": outcome.model.digest, "merged": outcome.merged, "scores": vars(outcome.scores)}
 
 

@@ -24,7 +24,7 @@ from merging.methods import get_method
 from merging.checkpoints.inputs import ProgressFn
 from merging.recipes.recipe import parse_recipe
 from merging.version import __version__
-from flows.merge import data_builder
+from flows.merge import data_builder, executor_for
 from flows.resolve import VerifiedInputs
 from registry.errors import StoreDamagedError
 from registry.registry import ModelInfo, Registry
@@ -71,7 +71,8 @@ def differing_tensors(a: Path, b: Path) -> list[str]:
     return out
 
 
-def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: ProgressFn | None = None) -> Reproduction:
+def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: ProgressFn | None = None,
+              dask: str | None = None) -> Reproduction:
     model = registry.resolve(ref)
     run = registry.producing_run(model)
     if run is None:  # ingested: verify the stored bytes still are what was recorded
@@ -84,8 +85,9 @@ def reproduce(registry: Registry, ref: str, *, device: str = "cpu", progress: Pr
             base = registry.find_digest(recipe.base) if recipe.base else None
             recorded_plan = MergePlan.from_json(run.plan_json) if run.plan_json else None
             shard_bytes = recorded_plan.max_shard_bytes if recorded_plan else DEFAULT_MAX_SHARD_BYTES
-            with VerifiedInputs(registry) as verified:  # a rotten input is named, never blamed on the merge
-                result = run_merge(recipe, work / "rebuilt", device=device, resolve=verified,
+            # a rotten input is named, never blamed on the merge; `dask`: rebuilt on a cluster, compared the same
+            with VerifiedInputs(registry) as verified, executor_for(dask) as executor:
+                result = run_merge(recipe, work / "rebuilt", device=device, resolve=verified, executor_factory=executor,
                                    max_shard_bytes=shard_bytes, before_commit=verified.check, validated_inputs=True,
                                    data=data_builder(device, registry, base), progress=progress,
                                    input_digests={d: d for d in [recipe.base, *(m.model for m in recipe.models)] if d})

@@ -122,7 +122,7 @@ class MergeOutcome:
 
 
 def merge_evaluate_commit(registry: Registry, recipe: Recipe, name: str, suite: Suite, *, device: str = "cpu",
-                          progress=None) -> MergeOutcome:
+                          progress=None, dask: str | None = None) -> MergeOutcome:
     """Merge, evaluate the staged output, then register model + lineage + evaluations in one transaction.
 
     If evaluating or registering fails, the run is marked failed and nothing
@@ -131,7 +131,7 @@ def merge_evaluate_commit(registry: Registry, recipe: Recipe, name: str, suite: 
     previous = registry.reusable_merge(recipe.recipe_hash, __version__)
     if previous is not None:
         return MergeOutcome(previous, evaluate_or_reuse(registry, previous, suite, device), merged=False)
-    staged = stage_merge(recipe, registry, device=device, progress=progress)
+    staged = stage_merge(recipe, registry, device=device, progress=progress, dask=dask)
     try:
         result = evaluate_checkpoint(staged.path, bound_to(suite, registry, staged.base), device=device,
                                      progress=progress, label=name)

@@ -98,3 +98,44 @@ def test_a_worker_killed_mid_merge_changes_nothing(client, tmp_path):
                      executor_factory=partial(DaskExecutor, client=client, window=4))
     assert killed and dask.digest == local.digest
     client.wait_for_workers(2, timeout=60)  # the nanny brings it back for the next test
+
+
+def test_merge_and_reproduce_on_a_cluster_from_the_command_line(cli, tmp_path):
+    import json
+
+    import yaml
+
+    base, fts = random_family(2, seed=31)
+    paths = [save_checkpoint(sd, tmp_path / f"in/{n}.safetensors") for n, sd in [("base", base), ("a", fts[0]),
+                                                                                   ("b", fts[1])]]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(paths[0]), "models": [str(p) for p in paths[1:]],
+                                      "parameters": {"density": 0.5}}))
+    here = json.loads(cli("merge", recipe, "--name", "here", "--json").stdout)
+    there = json.loads(cli("merge", recipe, "--name", "there", "--dask", "local", "--json").stdout)
+    assert there["digest"] == here["digest"]
+    # a model merged in one process rebuilds on a cluster to the same digest
+    rebuilt = cli("reproduce", "here", "--dask", "local", "--json")
+    assert json.loads(rebuilt.stdout)["ok"] is True
+
+
+def test_the_driver_killed_leaves_what_doctor_clears(cli, isolated_home, tmp_path):
+    import json
+
+    import yaml
+    from test_crash_recovery import assert_healthy, doctor, killed, kinds
+
+    shapes = {f"model.layers.{i}.w": (64, 48) for i in range(12)}
+    base, fts = random_family(2, seed=8, shapes=shapes)
+    paths = [save_checkpoint(sd, tmp_path / f"in/{n}.safetensors") for n, sd in [("base", base), ("a", fts[0]),
+                                                                                   ("b", fts[1])]]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(paths[0]),
+                                      "models": [str(p) for p in paths[1:]], "parameters": {"lambda": 0.4}}))
+    expected = run_merge(parse_recipe(yaml.safe_load(recipe.read_text())), tmp_path / "reference").digest
+    killed("merge", recipe, "--name", "product", "--dask", "local", at="merge.writing#5")
+    found = doctor(cli)
+    assert kinds(found) >= {"interrupted-run", "temp-dir"}, found
+    assert_healthy(cli, isolated_home)
+    rerun = json.loads(cli("merge", recipe, "--name", "product", "--dask", "local", "--json").stdout)
+    assert rerun["digest"] == expected

@@ -241,6 +241,12 @@ def test_dask_local_cluster_makes_the_same_models(prefect_api, small_zoo, tmp_pa
         recipe = parse_recipe({"method": spec.method, "parameters": spec.parameters, "base": str(zoo / "base"),
                                "models": [str(zoo / "finetuned" / t) for t in TARGETS]})
         assert merge["digest"] == run_merge(recipe, tmp_path / spec.method).digest
+    from flows.registry_access import open_registry
+
+    registry = open_registry()
+    for merge in report["merges"]:  # each merge's own units ran on the cluster's workers
+        details = registry.producing_run(registry.resolve(merge["digest"])).details
+        assert details["executor"]["kind"] == "dask" and details["executor"]["workers"]
 
 
 def test_only_transient_errors_are_retried():

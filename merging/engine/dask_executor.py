@@ -24,8 +24,10 @@ import copy
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,6 +68,19 @@ def _worker_address() -> str:
         return get_worker().address
     except ValueError:  # run outside a worker (a test's synchronous scheduler)
         return "local"
+
+
+def in_dask_worker() -> bool:
+    """Whether this code runs in a task on a Dask worker (then `on_dask('current')` reaches its cluster)."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return False
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -183,3 +198,24 @@ def connect(address: str | None, workers: int = 2):
     except (OSError, TimeoutError) as exc:
         raise MergeyardError(f"no Dask scheduler answers at {address} ({exc}); start one (`dask scheduler`) or fix "
                              "the address") from None
+
+
+@contextmanager
+def on_dask(address: str | None, workers: int = 2) -> Iterator[Callable[..., DaskExecutor]]:
+    """An executor factory for `run_merge` on the scheduler at `address` ('local': a LocalCluster of `workers`
+    processes started here, and stopped after; 'current': the cluster this code runs on, from inside a task — a
+    pipeline's merge step on Dask); the client is closed after."""
+    if address == "current":
+        from distributed import worker_client
+
+        with worker_client() as client:  # the task steps out of the worker's thread pool while its units run
+            yield partial(DaskExecutor, client=client)
+        return
+    client = connect(address, workers)
+    try:
+        yield partial(DaskExecutor, client=client)
+    finally:
+        cluster = client.cluster if address in (None, "local") else None
+        client.close()
+        if cluster is not None:
+            cluster.close()
