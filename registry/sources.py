@@ -6,6 +6,8 @@
     open_clip://ARCH[/PRETRAINED]       open_clip.create_model; no PRETRAINED: random init, seed 0
     mlflow://NAME/VERSION, mlflow://NAME@ALIAS
                                         a registered model version's artifacts
+    s3://BUCKET/PREFIX (gs://, az://)   a checkpoint in a bucket, via fsspec (s3fs: AWS_* variables,
+                                        AWS_ENDPOINT_URL for MinIO)
 
 Identifiers are checked before anything is fetched: no '..', no absolute
 paths, only the characters each service allows.
@@ -103,12 +105,47 @@ def _resolve_mlflow_source(uri: str, context: SourceContext) -> Iterator[Resolve
         yield resolved
 
 
+@contextmanager
+def _resolve_object_store(uri: str, context: SourceContext) -> Iterator[ResolvedSource]:
+    """A checkpoint in a bucket (s3://BUCKET/PREFIX, gs://, az://): its safetensors (one file, or shards with their
+    index) and loadability files streamed to scratch; the revision is the objects' ETags, hashed."""
+    import hashlib
+
+    from merging.checkpoints.companions import companion_files
+    from merging.checkpoints.remote import remote_files, remote_path
+    from merging.errors import CheckpointError
+
+    _no_traversal(uri, uri.split("://", 1)[1])
+    root = remote_path(uri)
+    try:
+        files = remote_files(root)
+        folder = root if root.is_dir() else root.parent
+        extra = companion_files(folder) if root.is_dir() else []
+    except CheckpointError as exc:
+        raise SourceError(str(exc)) from None
+    index = [folder / "model.safetensors.index.json"] if len(files) > 1 else []
+    with _scratch_dir(context.scratch) as tmp:
+        tags = hashlib.sha256()
+        for remote in files + index + extra:
+            try:
+                remote.fs.get_file(remote.path, str(tmp / remote.name))  # streamed in blocks, never whole in memory
+                tags.update(f"{remote.name}:{remote.fs.info(remote.path).get('ETag', '')}".encode())
+            except Exception as exc:
+                raise SourceError(f"{remote}: cannot download ({type(exc).__name__}: {exc})") from None
+        path = tmp if root.is_dir() else tmp / files[0].name
+        name = root.name.removesuffix(".safetensors") if not root.is_dir() else root.name
+        yield ResolvedSource(uri.rstrip("/"), path, tags.hexdigest()[:16], _architecture_from_config(tmp), name)
+
+
 # scheme → resolver: (uri, context) → a context manager yielding local safetensors. A new scheme is one entry.
 RESOLVERS: dict[str, Callable[[str, SourceContext], ContextManager[ResolvedSource]]] = {
     "file": _resolve_file,
     "hf": _resolve_hf_source,
     "open_clip": _resolve_open_clip_source,
     "mlflow": _resolve_mlflow_source,
+    "s3": _resolve_object_store,
+    "gs": _resolve_object_store,
+    "az": _resolve_object_store,
 }
 
 

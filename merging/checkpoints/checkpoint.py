@@ -12,6 +12,7 @@ that tensor (or a row range of it) comes off the memory map.
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,7 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, files: list[Path] | None = None):
         """`files` overrides the layout detection (the writer hashes shards before its index exists)."""
-        self.path = Path(path)
+        self.path = Path(path) if isinstance(path, (str, os.PathLike)) else path  # a UPath (remote.py) stays one
         self.files = list(files) if files is not None else resolve_files(self.path)
         self.entries: dict[str, TensorEntry] = {}
         self._file_of: dict[str, Path] = {}
@@ -106,7 +107,7 @@ class Checkpoint:
 
     def renamed(self, mapping: dict[str, str]) -> "Checkpoint":
         """A view holding only `mapping`'s tensors, each under its new name (new name → stored name)."""
-        view = object.__new__(Checkpoint)
+        view = object.__new__(type(self))  # a remote checkpoint's view reads as it does
         view.path, view.files, view.metadata = self.path, self.files, self.metadata
         view.entries = {new: self.entries[old] for new, old in mapping.items()}
         view._file_of = {new: self._file_of[old] for new, old in mapping.items()}
@@ -117,8 +118,9 @@ class Checkpoint:
     @staticmethod
     def joined(mapping: dict[str, tuple["Checkpoint", str]]) -> "Checkpoint":
         """A view of tensors from several checkpoints, each under a new name (new name → (checkpoint, its name))."""
-        view = object.__new__(Checkpoint)
         first = next(iter(mapping.values()))[0] if mapping else None
+        kinds = {type(c) for c, _ in mapping.values()}
+        view = object.__new__(kinds.pop() if len(kinds) == 1 else Checkpoint)
         view.path = first.path if first else Path(".")
         view.files = sorted({f for c, _ in mapping.values() for f in c.files})
         view.metadata = {}

@@ -34,6 +34,11 @@ def companion_files(directory: Path, names: tuple[str, ...] = MODEL_FILES) -> li
 
 def _checked(directory: Path, name: str) -> bool:
     path = directory / name
+    if not isinstance(path, Path):  # on object storage (a UPath): no links, no devices; only the size to check
+        if not path.is_file():
+            return False
+        _check_size(path, path.stat().st_size)
+        return True
     if not path.exists() and not path.is_symlink():
         return False
     if path.is_symlink():
@@ -44,10 +49,14 @@ def _checked(directory: Path, name: str) -> bool:
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
         raise CheckpointError(f"{path}: not a regular file (a pipe, a device or a directory)")
-    if info.st_size > MAX_COMPANION_BYTES:
-        raise CheckpointError(f"{path}: {info.st_size} bytes, more than a config or tokenizer file holds "
-                              f"({MAX_COMPANION_BYTES >> 20} MiB at most)")
+    _check_size(path, info.st_size)
     return True
+
+
+def _check_size(path, size: int) -> None:
+    if size > MAX_COMPANION_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, more than a config or tokenizer file holds "
+                              f"({MAX_COMPANION_BYTES >> 20} MiB at most)")
 
 
 def _inside(target: Path, directory: Path) -> bool:

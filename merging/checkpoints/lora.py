@@ -33,7 +33,8 @@ _PEFT_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<whi
 
 def is_peft_adapter(path: Path) -> bool:
     """A PEFT adapter directory (`save_pretrained`'s layout)."""
-    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+    path = path if hasattr(path, "is_dir") else Path(path)  # a UPath on object storage stays one
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
 def is_adapter(ckpt: Checkpoint) -> bool:

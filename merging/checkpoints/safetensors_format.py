@@ -112,7 +112,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:  # a local Path, or a UPath on object storage (two ranged reads)
             raw_len = fh.read(8)
             if len(raw_len) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes); re-save it with safetensors")

@@ -14,6 +14,7 @@ from merging.checkpoints.alignment import align_all, check_buffers_equal
 from merging.checkpoints.checkpoint import SINGLE_NAME, Checkpoint
 from merging.checkpoints.companions import CONFIG_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, companion_files
 from merging.checkpoints.lora import LoraView, is_adapter, is_peft_adapter
+from merging.checkpoints.remote import is_remote_url, open_checkpoint, remote_path
 from merging.errors import CheckpointError, MergeyardError, RecipeError
 from merging.recipes.recipe import Recipe
 from merging.recipes.slices import layer_count, stack as stack_layers, stacked_config as stacked_model_config
@@ -23,10 +24,14 @@ Resolver = Callable[[str], Path]
 
 
 def local_path(ref: str) -> Path:
-    """The default resolver: local paths only (registry URIs need `mergeyard ingest` first)."""
+    """The default resolver: local paths, and checkpoints on object storage (s3://… read by ranged GETs,
+    `merging.checkpoints.remote`); other source URIs (hf://, mlflow://) need `mergeyard ingest` first."""
+    if is_remote_url(ref):
+        return remote_path(ref)
     parsed = parse_ref(ref)
     if parsed.scheme not in ("file", None):
-        raise CheckpointError(f"{ref}: only local paths can be merged directly; ingest it into the registry first")
+        raise CheckpointError(f"{ref}: only local paths and object storage URLs can be merged directly; ingest it "
+                              "into the registry first")
     return parsed.path or Path(ref)
 
 
@@ -53,14 +58,14 @@ def open_inputs(recipe: Recipe, out_dir: Path, resolve: Resolver = local_path,
     refs = list(dict.fromkeys(([recipe.base] if recipe.base else []) + [m.model for m in recipe.models]))
     paths = {ref: resolve(ref) for ref in refs}
     for ref, path in paths.items():
-        if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
+        if isinstance(path, Path) and (out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents):
             raise MergeyardError(f"the output directory {out_dir} would overwrite the input {ref}; write the merge "
                                  "elsewhere")
     for ref, path in paths.items():
         if is_peft_adapter(path):
             raise CheckpointError(f"{ref}: a PEFT adapter directory; register it on its base first (`mergeyard ingest "
                                   f"{ref} --base BASE`), or name it in a recipe `mergeyard merge` runs")
-    stored = {ref: Checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
+    stored = {ref: open_checkpoint(path) for ref, path in paths.items()}  # whole files: their digests
     label = {ref: (labels or {}).get(ref, ref) for ref in refs}
     checkpoints = with_adapters_applied(stored, recipe.base, label)  # what is merged
     reference_ref = recipe.base or recipe.models[recipe.slice_model(recipe.slices[0]) if recipe.slices else 0].model
@@ -116,7 +121,7 @@ def loadability_files(reference: Path, tokenizer_source: Path | None = None) -> 
     def folder(path: Path | None) -> Path | None:
         if path is None:
             return None
-        path = Path(path)
+        path = path if hasattr(path, "is_dir") else Path(path)  # a UPath on object storage stays one
         return path if path.is_dir() else path.parent if path.name == SINGLE_NAME else None
 
     config_dir, tokenizer_dir = folder(reference), folder(tokenizer_source) or folder(reference)

@@ -143,14 +143,19 @@ def _file_owners(opened: OpenedInputs) -> dict[Path, tuple[int, Path]]:
         ckpt = opened.stored[ref]
         root = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
         for f in ckpt.files:
-            owners.setdefault(Path(f), (i, root))
+            owners.setdefault(_as_path(f), (i, root))
     return owners
+
+
+def _as_path(file):
+    return file if hasattr(file, "relative_to") else Path(file)  # a UPath on object storage stays one
 
 
 def _ranges(view: Checkpoint, name: str, owner: dict[Path, tuple[int, Path]]) -> list[ByteRange]:
     out = []
     for file, offset, length, stored in view.locate(name):
-        i, root = owner[Path(file)]
-        out.append(ByteRange(input=i, file=str(Path(file).relative_to(root)), offset=offset, length=length,
+        file = _as_path(file)
+        i, root = owner[file]
+        out.append(ByteRange(input=i, file=str(file.relative_to(root)), offset=offset, length=length,
                              tensor=stored))
     return out

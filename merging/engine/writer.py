@@ -211,7 +211,10 @@ class CheckpointWriter:
             files.append(fname)
         for source in copies:
             if source.name not in files:
-                shutil.copyfile(source, self.tmp_dir / source.name)
+                if isinstance(source, Path):
+                    shutil.copyfile(source, self.tmp_dir / source.name)
+                else:  # on object storage (a UPath)
+                    (self.tmp_dir / source.name).write_bytes(source.read_bytes())
                 files.append(source.name)
         self._move_into_place()
         return digest, files
