@@ -239,7 +239,7 @@ def test_per_model_density_in_ties_per_tensor(tmp_path, write_family):
     ({"method": "slerp", "parameters": {"t": [0.0, "x"]}}, "t"),
     ({"method": "slerp", "parameters": {"t": [{"filter": "mlp"}]}}, "filter"),
     ({"method": "slerp", "parameters": {"t": [{"filter": 3, "value": 1.0}]}}, "substring"),
-    ({"method": "task_arithmetic", "parameters": {}, "model_params": {"weight": ["a", "b"]}}, "not a number"),
+    ({"method": "task_arithmetic", "parameters": {}, "model_params": {"weight": ["a", "b"]}}, "not a finite number"),
     ({"method": "slerp", "parameters": {}}, "t"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, write_family, recipe, message):
