@@ -51,6 +51,22 @@ def test_every_streaming_method_gives_the_one_process_digest(client, family, cas
     assert sum(w["bytes_read"] for w in workers.values()) == sum(r.length for u in result.plan.units for r in u.reads)
 
 
+def _allocator_tuned() -> bool:
+    from merging.runtime.allocator import tune_for_large_tensors
+
+    return tune_for_large_tensors.cache_info().currsize == 1 and tune_for_large_tensors()
+
+
+def test_workers_tune_the_allocator_dasks_nanny_detuned(client, family):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which turns every buffer over 128 kB into a fresh mmap (units 3×
+    slower, bench/distributed_merge.py); each worker fixes glibc's thresholds on its first unit."""
+    base, models, tmp = family
+    assert all(v == 65536 for v in client.run(lambda: int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 0))).values())
+    run_merge(parse_recipe(recipe_for("task_arithmetic", base, models)), tmp / "tuned",
+              executor_factory=partial(DaskExecutor, client=client))
+    assert all(client.run(_allocator_tuned).values())
+
+
 def _negative_majority(tmp):
     """Task vectors mostly negative, with exact cancellations: global TIES's zero-sum entries are patched."""
     g = torch.Generator().manual_seed(5)

@@ -35,6 +35,21 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+def index_shard_names(index) -> list[str]:
+    """The shard files an index (a Path or a UPath) names, each a plain name inside the checkpoint's folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: malformed index (no weight_map); re-save the checkpoint") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: malformed index (weight_map must map tensor names to shard files)")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint directory")
+    return names
+
+
 def resolve_files(path: Path) -> list[Path]:
     """The safetensors files that make up the checkpoint at `path`, in shard order."""
     path = Path(path)
@@ -50,17 +65,9 @@ def resolve_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{path}: not a regular file or a directory")
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: malformed index (no weight_map); re-save the checkpoint") from exc
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: malformed index (weight_map must map tensor names to shard files)")
-        shard_names = sorted(set(weight_map.values()))
+        shard_names = index_shard_names(index)
         root = path.resolve()
         for name in shard_names:
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint directory")
             if (path / name).is_symlink() and (path / name).resolve().parent != root:
                 # a link out of the directory would read a file the user never named
                 raise CheckpointError(f"{index}: shard {name!r} is a link to {(path / name).resolve()}, outside the "

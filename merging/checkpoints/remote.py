@@ -9,14 +9,13 @@ their index.
 
 from __future__ import annotations
 
-import json
 import math
 import socket
 from typing import Iterator
 
 import torch
 
-from merging.checkpoints.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME, Checkpoint
+from merging.checkpoints.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME, Checkpoint, index_shard_names
 from merging.checkpoints.safetensors_format import DTYPES, itemsize
 from merging.errors import CheckpointError
 
@@ -65,14 +64,7 @@ def remote_files(path) -> list:
             raise CheckpointError(f"{path}: no such object or prefix")
         index = path / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: malformed index (no weight_map); re-save the checkpoint") from exc
-            names = sorted(set(weight_map.values()))
-            bad = [n for n in names if not isinstance(n, str) or "/" in n or n in ("", ".", "..")]
-            if bad:
-                raise CheckpointError(f"{index}: shard name {bad[0]!r} points outside the checkpoint's prefix")
+            names = index_shard_names(index)
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise CheckpointError(f"{path}: index names shards that are missing: {', '.join(missing)}")

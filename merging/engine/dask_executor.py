@@ -39,6 +39,7 @@ from merging.engine.plan import TensorUnit
 from merging.engine.units import unit_chunks
 from merging.errors import MergeyardError
 from merging.methods.registry import MergeMethod
+from merging.runtime.allocator import tune_for_large_tensors
 
 
 def _map_group(prepare: Any, stage: int, context: Any, inputs: MergeInputs, names: list[str]) -> Any:
@@ -177,10 +178,12 @@ class DaskExecutor(Executor):
 
 
 def _map_inputs(prepare, stage, context, shipped, names):
+    tune_for_large_tensors()
     return _map_group(prepare, stage, context, shipped[0], names)
 
 
 def _unit_on(spec, unit, params, state, shipped):
+    tune_for_large_tensors()  # a worker restarted by its nanny tunes itself on its first unit
     inputs, reference = shipped
     return _unit_task(spec, unit, params, state, inputs, reference)
 
