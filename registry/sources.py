@@ -116,8 +116,8 @@ def _resolve_object_store(uri: str, context: SourceContext) -> Iterator[Resolved
     from merging.errors import CheckpointError
 
     _no_traversal(uri, uri.split("://", 1)[1])
-    root = remote_path(uri)
     try:
+        root = remote_path(uri)
         files = remote_files(root)
         folder = root if root.is_dir() else root.parent
         extra = companion_files(folder) if root.is_dir() else []

@@ -35,7 +35,14 @@ def is_remote_url(text: str) -> bool:
 def remote_path(url: str):
     from upath import UPath
 
-    return UPath(url)
+    # not fsspec's shared instance: it is keyed by the arguments only, so one made before AWS_ENDPOINT_URL or the
+    # credentials changed (an earlier ingest in a long-lived worker) would keep reaching the old endpoint. A path
+    # and the paths joined to it make their own client, once, in this process (a Dask worker: with its environment)
+    protocol, rest = url.split("://", 1)
+    try:
+        return UPath(f"{protocol.lower()}://{rest}", skip_instance_cache=True)
+    except (ValueError, ImportError) as exc:  # an unknown scheme, a malformed bucket, the backend not installed
+        raise CheckpointError(f"{url}: not a location object storage can reach ({exc})") from None
 
 
 def _where() -> str:
