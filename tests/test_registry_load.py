@@ -77,6 +77,8 @@ def jobs_at_once(n: int, database_url: str, tmp_path: Path) -> None:
     registry.close()
 
 
+@pytest.mark.slow  # 2 × ~2 min on a shared CI; the default suite keeps 8 first-use ingests on PostgreSQL with
+# MLflow (tests/test_team_concurrency.py) and concurrent ingests on both databases (tests/test_registry_concurrency.py)
 def test_eight_first_use_jobs_at_once(database_url, tmp_path):
     jobs_at_once(8, database_url, tmp_path)
 
