@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from registry.schema import Model, PromotionEvent
@@ -219,3 +219,16 @@ def walk(session: Session, since: tuple[int, str] | None = None) -> tuple[int, s
             return seq, head, Problem(e.id, e.seq, "edited", "its content no longer matches its hash")
         seq, head = e.seq, e.event_hash
     return seq, head, None
+
+
+CHAIN_LOCK = 0x6D657267  # "merg": the audit chain's advisory lock on PostgreSQL
+
+
+def lock_chain(s) -> None:
+    """One appender at a time: on PostgreSQL an advisory lock held to the commit; on SQLite the write lock, taken
+    now by a write that changes nothing (others wait on the busy timeout), so the chain's next place and the
+    alias's holder read below stay what they are until this event commits."""
+    if s.bind.dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK})
+    else:
+        s.execute(text("UPDATE models SET id = id WHERE 0"))

@@ -29,13 +29,13 @@ from typing import Any
 import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from merging.yaml_input import read_yaml, validation_problems
 
 from merging.runtime.crashpoints import crashpoint
-from registry.audit_chain import effective_witness, ChainReport, Problem, log_name, seal, verify
+from registry.audit_chain import effective_witness, ChainReport, Problem, lock_chain as _lock_chain, log_name, seal, verify
 from registry.errors import RegistryError
 from registry.lineage import lineage
 from registry.registry import ModelInfo, Registry
@@ -284,7 +284,6 @@ def promote(registry: Registry, model_ref: str, alias: str, gate: Gate | None, a
 
 
 PROMOTION_ATTEMPTS = 64
-CHAIN_LOCK = 0x6D657267  # "merg": the audit chain's advisory lock on PostgreSQL
 
 
 class _HolderMoved(Exception):
@@ -300,16 +299,6 @@ def _judge(registry: Registry, model: ModelInfo, alias: str, gate: Gate | None, 
     gate = gate or Gate()
     suites = suites if suites is not None else [RequiredSuite.by_digest(r) for r in gate.requirements()]
     return evaluate_gate(registry, model, gate, previous, suites), suites, gate
-
-
-def _lock_chain(s) -> None:
-    """One appender at a time: on PostgreSQL an advisory lock held to the commit; on SQLite the write lock, taken
-    now by a write that changes nothing (others wait on the busy timeout), so the chain's next place and the
-    alias's holder read below stay what they are until this event commits."""
-    if s.bind.dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK})
-    else:
-        s.execute(text("UPDATE models SET id = id WHERE 0"))
 
 
 def _append(registry: Registry, model: ModelInfo, alias: str, holder: int | None, previous: ModelInfo | None,

@@ -201,6 +201,19 @@ class Registry(StoredBytes, Measurements, StatisticsArtifacts, LoraAdapters):
         from registry.audit_chain import effective_witness, log_name, walk
 
         chain = log_name(self) if self.mirror is not None else ""
+        try:
+            return self._verified_head(s, chain, what, unwitnessed)
+        except RegistryError:
+            # a promotion commits its event and moves MLflow's witness as one step under the chain's lock; read
+            # between the two, a sound log looks cut or extended. Wait for that lock, then judge once more.
+            from registry.audit_chain import lock_chain
+
+            lock_chain(s)
+            return self._verified_head(s, chain, what, unwitnessed)
+
+    def _verified_head(self, s: Session, chain: str, what: str, unwitnessed: bool) -> tuple[int, str]:
+        from registry.audit_chain import effective_witness, walk
+
         since = self._verified_checkpoint(chain)
         seq, head, problem = walk(s, since)
         if problem is not None and since is not None:  # the checkpoint itself is gone or changed: walk it all
